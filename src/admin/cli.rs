@@ -1,0 +1,521 @@
+//! The operator CLI: subcommands of `duang-admin`. Each command validates everything it was
+//! given before it writes anything, and says what it did in one or two plain lines.
+
+use crate::conf::{Conf, DEFAULT_CONF_PATH};
+use crate::money::NanoUsd;
+use crate::store::{
+    AccountRef, AccountStatus, LedgerKind, LimitOverrides, NewAccount, NewKey, NewLedgerEntry,
+    Role, Store,
+};
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use std::io::BufRead;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "duang-admin",
+    version,
+    about = "Duang Duang relay: the admin server and the operator CLI"
+)]
+pub struct Cli {
+    /// The conf file.
+    #[arg(long, global = true, env = "DUANG_CONF", default_value = DEFAULT_CONF_PATH)]
+    pub conf: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the whole relay: migrate the store, run the admin server and the gateway.
+    Up,
+    /// Run the admin HTTP server only.
+    Serve,
+    /// Validate the conf file (and its secrets' environment variables) and exit.
+    CheckConf,
+    /// Apply the store's migrations and exit.
+    Migrate,
+    /// Create, verify, suspend, reactivate, terminate and show accounts.
+    #[command(subcommand)]
+    Account(AccountCmd),
+    /// Grant or adjust credits (a ledger entry with a reason).
+    #[command(subcommand)]
+    Credits(CreditsCmd),
+    /// Create, list and revoke API keys.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Show an account's balance with the proof that it equals the ledger sum.
+    Balance { account: String },
+    /// Check every account's cached balance against its ledger; non-zero exit on any mismatch.
+    Reconcile,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountCmd {
+    /// Create an account (zero balance).
+    Create {
+        #[arg(long)]
+        email: String,
+        /// Give it the operator role (dashboard operator pages).
+        #[arg(long)]
+        operator: bool,
+        /// Mark the e-mail verified at once.
+        #[arg(long)]
+        verified: bool,
+        /// Read a dashboard password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Mark an account's e-mail verified.
+    Verify { account: String },
+    /// Suspend an account: its keys stop working; the reason goes to the audit log.
+    Suspend {
+        account: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Reactivate a suspended account.
+    Reactivate {
+        account: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Terminate an account for good.
+    Terminate {
+        account: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Show one account.
+    Show { account: String },
+    /// List accounts, optionally those whose e-mail contains SEARCH.
+    List {
+        #[arg(long, default_value = "")]
+        search: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CreditsCmd {
+    /// Add (or, with a negative amount and a reason, remove) credits.
+    #[command(visible_alias = "adjust")]
+    Grant(GrantArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GrantArgs {
+    pub account: String,
+    /// Amount in USD, e.g. 10 or 2.50; negative removes credits and needs --reason.
+    #[arg(long, allow_hyphen_values = true)]
+    pub usd: String,
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// A unique reference; the same reference is never applied twice (safe to retry).
+    #[arg(long = "ref")]
+    pub reference: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Create a key; the key is printed once on standard output and stored only as a hash.
+    Create(KeyCreateArgs),
+    /// List an account's keys.
+    List { account: String },
+    /// Revoke a key by id (it stops working; this cannot be undone).
+    Revoke {
+        key_id: i64,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct KeyCreateArgs {
+    pub account: String,
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Expire the key after this many days.
+    #[arg(long)]
+    pub expires_in_days: Option<u32>,
+    #[arg(long)]
+    pub requests_per_minute: Option<i64>,
+    #[arg(long)]
+    pub tokens_per_minute: Option<i64>,
+    #[arg(long)]
+    pub in_flight: Option<i64>,
+    /// Stop the key once it has spent this much (USD).
+    #[arg(long)]
+    pub spend_cap_usd: Option<String>,
+    /// Comma-separated tiers the key may use (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+}
+
+/// Who the CLI acts as, for the ledger and the audit log.
+fn actor() -> String {
+    format!(
+        "cli:{}",
+        std::env::var("USER").unwrap_or_else(|_| "operator".into())
+    )
+}
+
+fn account_ref(s: &str) -> anyhow::Result<AccountRef> {
+    s.parse::<AccountRef>().map_err(anyhow::Error::msg)
+}
+
+fn time(ms: Option<i64>) -> String {
+    ms.map(crate::time::format_utc)
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Runs a store-backed command (everything but up/serve/check-conf).
+pub async fn run_store_command(conf: &Conf, command: Command) -> anyhow::Result<()> {
+    // Validate what can be validated before touching the store.
+    let command = precheck(conf, command)?;
+    let store = Store::open(&conf.store).await?;
+    let result = dispatch(&store, command).await;
+    store.close().await;
+    result
+}
+
+/// Checks arguments that need no store, so a bad call writes nothing and opens nothing.
+fn precheck(conf: &Conf, command: Command) -> anyhow::Result<Command> {
+    match &command {
+        Command::Account(AccountCmd::Create { email, .. }) if !crate::email::is_valid(email) => {
+            bail!("{email:?} is not a valid e-mail address")
+        }
+        Command::Credits(CreditsCmd::Grant(g)) => {
+            let amount: NanoUsd = g.usd.parse().with_context(|| format!("--usd {}", g.usd))?;
+            if amount == NanoUsd::ZERO {
+                bail!("--usd 0: a grant must change the balance");
+            }
+            if amount.is_negative() && g.reason.as_deref().is_none_or(|r| r.trim().is_empty()) {
+                bail!("a negative grant takes credits away: say why with --reason");
+            }
+            account_ref(&g.account)?;
+        }
+        Command::Key(KeyCmd::Create(k)) => {
+            account_ref(&k.account)?;
+            if let Some(models) = &k.models {
+                for m in models {
+                    if conf.tier(m).is_none() {
+                        let known: Vec<_> = conf.tiers.iter().map(|t| t.name.as_str()).collect();
+                        bail!(
+                            "--models: no tier named {m:?} (known: {})",
+                            known.join(", ")
+                        );
+                    }
+                }
+            }
+            if let Some(cap) = &k.spend_cap_usd {
+                let cap: NanoUsd = cap
+                    .parse()
+                    .with_context(|| format!("--spend-cap-usd {cap}"))?;
+                if !cap.is_positive() {
+                    bail!("--spend-cap-usd must be positive");
+                }
+            }
+            for (flag, v) in [
+                ("--requests-per-minute", k.requests_per_minute),
+                ("--tokens-per-minute", k.tokens_per_minute),
+                ("--in-flight", k.in_flight),
+            ] {
+                if v.is_some_and(|v| v <= 0) {
+                    bail!("{flag} must be positive");
+                }
+            }
+            if k.expires_in_days == Some(0) {
+                bail!("--expires-in-days must be at least 1");
+            }
+        }
+        Command::Account(
+            AccountCmd::Verify { account }
+            | AccountCmd::Suspend { account, .. }
+            | AccountCmd::Reactivate { account, .. }
+            | AccountCmd::Terminate { account, .. }
+            | AccountCmd::Show { account },
+        )
+        | Command::Key(KeyCmd::List { account })
+        | Command::Balance { account } => {
+            account_ref(account)?;
+        }
+        _ => {}
+    }
+    Ok(command)
+}
+
+async fn dispatch(store: &Store, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate => {
+            let applied = store.migrate().await?;
+            println!("store is up to date ({applied} migration(s) applied now)");
+        }
+        Command::Account(cmd) => account(store, cmd).await?,
+        Command::Credits(CreditsCmd::Grant(g)) => grant(store, g).await?,
+        Command::Key(cmd) => key(store, cmd).await?,
+        Command::Balance { account } => balance(store, &account).await?,
+        Command::Reconcile => {
+            let bad = store.reconcile().await?;
+            if !bad.is_empty() {
+                for p in &bad {
+                    eprintln!(
+                        "MISMATCH account {}: cached {} but the ledger sums to {} ({} entries)",
+                        p.account_id, p.cached, p.ledger_sum, p.entries
+                    );
+                }
+                bail!("{} account(s) do not match their ledger", bad.len());
+            }
+            println!("ok: every account's balance equals its ledger sum");
+        }
+        Command::Up | Command::Serve | Command::CheckConf => {
+            unreachable!("handled by the binary before the store is opened")
+        }
+    }
+    Ok(())
+}
+
+async fn account(store: &Store, cmd: AccountCmd) -> anyhow::Result<()> {
+    match cmd {
+        AccountCmd::Create {
+            email,
+            operator,
+            verified,
+            password_stdin,
+        } => {
+            let password_hash = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin()
+                    .lock()
+                    .read_line(&mut line)
+                    .context("reading the password from standard input")?;
+                let pw = line.trim_end_matches(['\r', '\n']);
+                crate::password::check_strength(pw)?;
+                Some(crate::password::hash(pw))
+            } else {
+                None
+            };
+            let a = store
+                .create_account(&NewAccount {
+                    email,
+                    password_hash,
+                    role: if operator {
+                        Role::Operator
+                    } else {
+                        Role::Customer
+                    },
+                    verified,
+                })
+                .await?;
+            println!(
+                "created account {} {} ({}, {})",
+                a.id,
+                a.email,
+                a.role.as_str(),
+                if a.is_verified() {
+                    "verified"
+                } else {
+                    "e-mail not verified"
+                }
+            );
+        }
+        AccountCmd::Verify { account } => {
+            let a = store.account(&account_ref(&account)?).await?;
+            let a = store.mark_verified(a.id).await?;
+            println!("account {} {} is verified", a.id, a.email);
+        }
+        AccountCmd::Suspend { account, reason } => {
+            set_status(store, &account, AccountStatus::Suspended, Some(&reason)).await?;
+        }
+        AccountCmd::Reactivate { account, reason } => {
+            set_status(store, &account, AccountStatus::Active, reason.as_deref()).await?;
+        }
+        AccountCmd::Terminate { account, reason } => {
+            set_status(store, &account, AccountStatus::Terminated, Some(&reason)).await?;
+        }
+        AccountCmd::Show { account } => {
+            let a = store.account(&account_ref(&account)?).await?;
+            println!("account   {}", a.id);
+            println!("email     {}", a.email);
+            println!("verified  {}", if a.is_verified() { "yes" } else { "no" });
+            println!("status    {}", a.status.as_str());
+            println!("role      {}", a.role.as_str());
+            println!("balance   {}", a.balance);
+            println!("created   {}", time(Some(a.created_at)));
+        }
+        AccountCmd::List { search } => {
+            let accounts = store.search_accounts(&search, 1000).await?;
+            println!(
+                "{:>6}  {:<40} {:<10} {:<9} {:<8} {:>16}",
+                "ID", "EMAIL", "STATUS", "ROLE", "VERIFIED", "BALANCE"
+            );
+            for a in accounts {
+                println!(
+                    "{:>6}  {:<40} {:<10} {:<9} {:<8} {:>16}",
+                    a.id,
+                    a.email,
+                    a.status.as_str(),
+                    a.role.as_str(),
+                    if a.is_verified() { "yes" } else { "no" },
+                    a.balance.to_string()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn set_status(
+    store: &Store,
+    account: &str,
+    status: AccountStatus,
+    reason: Option<&str>,
+) -> anyhow::Result<()> {
+    if reason.is_some_and(|r| r.trim().is_empty()) {
+        bail!("--reason must not be empty");
+    }
+    let a = store.account(&account_ref(account)?).await?;
+    let a = store
+        .set_account_status(a.id, status, &actor(), reason)
+        .await?;
+    println!("account {} {} is {}", a.id, a.email, a.status.as_str());
+    Ok(())
+}
+
+async fn grant(store: &Store, g: GrantArgs) -> anyhow::Result<()> {
+    let amount: NanoUsd = g.usd.parse()?;
+    let account = store.account(&account_ref(&g.account)?).await?;
+    let reference = g
+        .reference
+        .unwrap_or_else(|| format!("adjustment:{}", hex::encode(rand::random::<[u8; 12]>())));
+    let reason = g.reason.unwrap_or_else(|| "operator grant".into());
+    let entry = store
+        .append_ledger(&NewLedgerEntry {
+            account_id: account.id,
+            kind: LedgerKind::Adjustment,
+            amount,
+            external_ref: reference,
+            actor: Some(actor()),
+            reason: Some(reason),
+        })
+        .await?;
+    let proof = store.balance_proof(account.id).await?;
+    println!(
+        "{} {} for account {} {} (ledger entry {}, ref {}); balance now {}",
+        if amount.is_negative() {
+            "removed"
+        } else {
+            "granted"
+        },
+        if amount.is_negative() {
+            amount.checked_neg()?
+        } else {
+            amount
+        },
+        account.id,
+        account.email,
+        entry.id,
+        entry.external_ref,
+        proof.cached
+    );
+    Ok(())
+}
+
+async fn key(store: &Store, cmd: KeyCmd) -> anyhow::Result<()> {
+    match cmd {
+        KeyCmd::Create(k) => {
+            let account = store.account(&account_ref(&k.account)?).await?;
+            let material = crate::keys::generate();
+            let now = crate::time::now_ms();
+            let new = NewKey {
+                account_id: account.id,
+                name: k.name,
+                expires_at: k.expires_in_days.map(|d| now + i64::from(d) * 86_400_000),
+                limits: LimitOverrides {
+                    requests_per_minute: k.requests_per_minute,
+                    tokens_per_minute: k.tokens_per_minute,
+                    in_flight: k.in_flight,
+                },
+                spend_cap: k.spend_cap_usd.map(|s| s.parse()).transpose()?,
+                allowed_models: k.models,
+            };
+            let key = store
+                .create_key(&new, &material.hash, &material.display_prefix)
+                .await?;
+            eprintln!(
+                "created key {} {:?} for account {} {} (shown as {}…)",
+                key.id, key.name, account.id, account.email, key.display_prefix
+            );
+            if !account.is_verified() {
+                eprintln!(
+                    "note: the account's e-mail is not verified; the gateway refuses its keys until it is"
+                );
+            }
+            eprintln!("This is the only time the key is shown; only its hash is stored:");
+            println!("{}", material.plaintext.expose());
+        }
+        KeyCmd::List { account } => {
+            let account = store.account(&account_ref(&account)?).await?;
+            let keys = store.list_keys(account.id).await?;
+            println!(
+                "{:>6}  {:<20} {:<20} {:<9} {:<22} EXPIRES",
+                "ID", "PREFIX", "NAME", "STATUS", "LAST USED"
+            );
+            for k in keys {
+                println!(
+                    "{:>6}  {:<20} {:<20} {:<9} {:<22} {}",
+                    k.id,
+                    format!("{}…", k.display_prefix),
+                    k.name,
+                    k.status.as_str(),
+                    time(k.last_used_at),
+                    time(k.expires_at)
+                );
+            }
+        }
+        KeyCmd::Revoke { key_id, reason } => {
+            let key = store
+                .revoke_key(key_id, &actor(), reason.as_deref())
+                .await?;
+            println!("key {} ({}…) is revoked", key.id, key.display_prefix);
+        }
+    }
+    Ok(())
+}
+
+async fn balance(store: &Store, account: &str) -> anyhow::Result<()> {
+    let a = store.account(&account_ref(account)?).await?;
+    let p = store.balance_proof(a.id).await?;
+    println!("account     {} {}", a.id, a.email);
+    println!("balance     {}", p.cached);
+    println!("ledger sum  {} over {} entries", p.ledger_sum, p.entries);
+    if p.holds() {
+        println!("proof       ok: the balance equals the ledger sum");
+        Ok(())
+    } else {
+        bail!(
+            "the cached balance {} differs from the ledger sum {}",
+            p.cached,
+            p.ledger_sum
+        )
+    }
+}
+
+/// The process's shutdown signal: Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,85 @@
+//! The LOCAL DEMO upstream: an OpenAI-compatible chat-completions endpoint with a canned answer,
+//! so the quick start works without internet or provider keys. It is labelled as a demo in every
+//! answer and in the conf, and drops out of a tier as soon as a real provider there is enabled.
+
+use super::server::AppState;
+use axum::Router;
+use axum::body::Body;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+const ANSWER: &str = "Hello from the Duang Duang LOCAL DEMO upstream. Set a provider key in the \
+                      environment (see conf/duang.toml) to get real model answers.";
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/chat/completions", post(chat))
+        .route("/models", get(models))
+}
+
+async fn models() -> impl IntoResponse {
+    axum::Json(json!({"object": "list", "data": [
+        {"id": "demo-budget", "object": "model", "created": 0, "owned_by": "duang-demo"},
+        {"id": "demo-standard", "object": "model", "created": 0, "owned_by": "duang-demo"},
+        {"id": "demo-premium", "object": "model", "created": 0, "owned_by": "duang-demo"},
+    ]}))
+}
+
+/// A rough token count for the demo's usage figures: one token per four bytes of text.
+fn rough_tokens(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(4).max(1)
+}
+
+async fn chat(body: axum::body::Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        let err = json!({"error": {"message": "the body is not valid JSON", "type": "invalid_request_error", "param": null, "code": null}});
+        return (StatusCode::BAD_REQUEST, axum::Json(err)).into_response();
+    };
+    let model = req["model"].as_str().unwrap_or("demo").to_owned();
+    let prompt_tokens = rough_tokens(&req["messages"].to_string());
+    let words: Vec<&str> = ANSWER.split_inclusive(' ').collect();
+    let completion_tokens = words.len() as u64;
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    });
+    let id = format!("chatcmpl-demo{}", crate::time::now_ms());
+    if req["stream"].as_bool() != Some(true) {
+        return axum::Json(json!({
+            "id": id, "object": "chat.completion", "created": crate::time::now_ms() / 1000,
+            "model": model, "system_fingerprint": "duang-demo",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
+            "usage": usage,
+        }))
+        .into_response();
+    }
+    let include_usage = req["stream_options"]["include_usage"].as_bool() == Some(true);
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let mut out = String::new();
+    let mut event = |v: Value| out.push_str(&format!("data: {v}\n\n"));
+    event(chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    ));
+    for w in &words {
+        event(chunk(json!({"content": w}), Value::Null));
+    }
+    event(chunk(json!({}), json!("stop")));
+    if include_usage {
+        event(
+            json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage}),
+        );
+    }
+    out.push_str("data: [DONE]\n\n");
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from(out))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}

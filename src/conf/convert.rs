@@ -1,0 +1,727 @@
+//! From the raw file shape to the typed [`Conf`]: every judgement on a value happens here, and
+//! every problem is collected with its key path so the operator sees them all at once.
+
+use super::raw::{MoneyText, RawConf, RawKeyLimits, RawProvider, RawSmtp, RawStripe, RawTier};
+use super::*;
+use crate::money::{PricePerMtok, TokenPrices};
+use std::collections::HashSet;
+
+/// Longest timeout we accept anywhere: one hour.
+const MAX_TIMEOUT_MS: i64 = 3_600_000;
+/// Stripe's smallest and largest USD charge.
+const STRIPE_MIN_CENTS: i64 = 50;
+const STRIPE_MAX_CENTS: i64 = 99_999_999;
+
+pub(super) fn parse(
+    text: &str,
+    file: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Conf, ConfErrors> {
+    let raw = parse_raw(text, file)?;
+    let mut c = Checker {
+        file,
+        env,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let conf = c.conf(raw);
+    if c.errors.is_empty() {
+        conf.map(|mut conf| {
+            conf.warnings = c.warnings;
+            conf
+        })
+        .ok_or_else(|| ConfErrors(Vec::new()))
+    } else {
+        Err(ConfErrors(c.errors))
+    }
+}
+
+fn parse_raw(text: &str, file: &str) -> Result<RawConf, ConfErrors> {
+    let de = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize::<_, RawConf>(de).map_err(|e| {
+        let inner = e.inner();
+        let line = inner
+            .span()
+            .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        let mut key = e.path().to_string();
+        if key == "." {
+            key.clear();
+        }
+        let mut message = inner.message().trim().to_string();
+        if let Some(line) = line {
+            message.push_str(&format!(" (line {line})"));
+        }
+        ConfErrors(vec![ConfError {
+            file: file.to_owned(),
+            key,
+            message,
+        }])
+    })
+}
+
+struct Checker<'a> {
+    file: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    errors: Vec<ConfError>,
+    warnings: Vec<String>,
+}
+
+impl Checker<'_> {
+    fn err(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfError {
+            file: self.file.to_owned(),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Collects an error and yields `None`, so a conversion can go on and report more problems.
+    fn ok<T, E: fmt::Display>(&mut self, key: &str, r: Result<T, E>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.err(key, e.to_string());
+                None
+            }
+        }
+    }
+
+    fn env_var(&self, name: &str) -> Option<String> {
+        (self.env)(name).filter(|v| !v.is_empty())
+    }
+
+    fn conf(&mut self, raw: RawConf) -> Option<Conf> {
+        let gateway = self.gateway(&raw);
+        let admin = self.admin(&raw);
+        let store = self.store(&raw);
+        let redis = self.redis(&raw);
+        let default_key = self.key_limits("limits.default_key", &raw.limits.default_key);
+        let providers = self.providers(&raw);
+        let tiers = providers.as_ref().and_then(|p| self.tiers(&raw.tiers, p));
+        let stripe = self.stripe(&raw.stripe);
+        let mail = self.mail(&raw.smtp);
+        Some(Conf {
+            source: self.file.to_owned(),
+            gateway: gateway?,
+            admin: admin?,
+            store: store?,
+            redis: redis?,
+            limits: LimitsConf {
+                default_key: default_key?,
+            },
+            tiers: tiers?,
+            providers: providers?,
+            stripe: stripe?,
+            mail: mail?,
+            warnings: Vec::new(),
+        })
+    }
+
+    fn addr(&mut self, key: &str, value: &str) -> Option<SocketAddr> {
+        let r = value.parse::<SocketAddr>().map_err(|_| {
+            format!(
+                "{value:?} is not a socket address (expected host:port, e.g. \"127.0.0.1:8080\")"
+            )
+        });
+        self.ok(key, r)
+    }
+
+    fn http_url(&mut self, key: &str, value: &str) -> Option<Url> {
+        let r = Url::parse(value)
+            .map_err(|e| {
+                format!(
+                    "{value:?} is not a URL ({e}); expected e.g. \"https://api.example.com/v1\""
+                )
+            })
+            .and_then(|u| match u.scheme() {
+                "http" | "https" if u.host().is_some() => Ok(u),
+                _ => Err(format!("{value:?} is not an http:// or https:// URL")),
+            });
+        self.ok(key, r)
+    }
+
+    fn positive<T: TryFrom<i64>>(
+        &mut self,
+        key: &str,
+        value: i64,
+        max: i64,
+        unit: &str,
+    ) -> Option<T> {
+        if value <= 0 || value > max {
+            self.err(
+                key,
+                format!("{value} is out of range: expected 1 to {max} {unit}"),
+            );
+            return None;
+        }
+        T::try_from(value).ok()
+    }
+
+    fn duration_ms(&mut self, key: &str, value: i64) -> Option<Duration> {
+        let ms: u64 = self.positive(key, value, MAX_TIMEOUT_MS, "ms")?;
+        Some(Duration::from_millis(ms))
+    }
+
+    fn gateway(&mut self, raw: &RawConf) -> Option<GatewayConf> {
+        let g = &raw.gateway;
+        let listen = self.addr("gateway.listen", &g.listen);
+        let metrics_listen = self.addr("gateway.metrics_listen", &g.metrics_listen);
+        if listen.is_some() && listen == metrics_listen {
+            self.err(
+                "gateway.metrics_listen",
+                format!(
+                    "{:?} is also gateway.listen; metrics need their own port",
+                    g.metrics_listen
+                ),
+            );
+        }
+        let public_base_url = self.http_url("gateway.public_base_url", &g.public_base_url);
+        let max_body = self.positive::<u64>(
+            "gateway.max_request_body_bytes",
+            g.max_request_body_bytes,
+            1 << 30,
+            "bytes (1 GiB)",
+        );
+        let threads = self.positive::<u32>("gateway.threads", g.threads, 256, "threads");
+        let grace = self.duration_ms(
+            "gateway.graceful_shutdown_timeout_ms",
+            g.graceful_shutdown_timeout_ms,
+        );
+        Some(GatewayConf {
+            listen: listen?,
+            metrics_listen: metrics_listen?,
+            public_base_url: public_base_url?,
+            max_request_body_bytes: NonZeroU64::new(max_body?)?,
+            threads: NonZeroU32::new(threads?)?,
+            graceful_shutdown_timeout: grace?,
+        })
+    }
+
+    fn admin(&mut self, raw: &RawConf) -> Option<AdminConf> {
+        let a = &raw.admin;
+        let listen = self.addr("admin.listen", &a.listen);
+        let public_url = self.http_url("admin.public_url", &a.public_url);
+        if !crate::email::is_valid(&a.support_email) {
+            self.err(
+                "admin.support_email",
+                format!("{:?} is not an e-mail address", a.support_email),
+            );
+        }
+        Some(AdminConf {
+            listen: listen?,
+            public_url: public_url?,
+            support_email: a.support_email.clone(),
+        })
+    }
+
+    /// `url_env` (when set and present) wins over `url`; a password may only come from the env.
+    fn url_from(
+        &mut self,
+        section: &str,
+        url: Option<&str>,
+        url_env: Option<&str>,
+    ) -> Option<(String, bool)> {
+        if let Some(var) = url_env {
+            if let Some(v) = self.env_var(var) {
+                return Some((v, true));
+            }
+            if url.is_none() {
+                self.err(
+                    format!("{section}.url_env"),
+                    format!("environment variable {var} is not set (and {section}.url is absent)"),
+                );
+                return None;
+            }
+        }
+        url.map(|u| (u.to_owned(), false))
+    }
+
+    fn store(&mut self, raw: &RawConf) -> Option<StoreConf> {
+        let s = &raw.store;
+        let (url, from_env) = self.url_from("store", Some(&s.url), s.url_env.as_deref())?;
+        let key = if from_env {
+            "store.url_env"
+        } else {
+            "store.url"
+        };
+        let shown = if from_env {
+            format!("${}", s.url_env.as_deref().unwrap_or(""))
+        } else {
+            format!("{url:?}")
+        };
+        let backend = if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            match Url::parse(&url) {
+                Ok(u) if u.password().is_some() && !from_env => {
+                    self.err(key, "the URL carries a password; secrets never live in the conf file: put the URL in an environment variable and name it in store.url_env");
+                    None
+                }
+                Ok(_) => Some(Backend::Postgres),
+                Err(e) => {
+                    self.err(key, format!("{shown} is not a PostgreSQL URL ({e})"));
+                    None
+                }
+            }
+        } else {
+            self.err(
+                key,
+                format!(
+                    "{shown} is not a store URL: expected sqlite://PATH or postgres://USER@HOST/DB"
+                ),
+            );
+            None
+        };
+        let max_connections = self.positive::<u32>(
+            "store.max_connections",
+            s.max_connections,
+            1000,
+            "connections",
+        );
+        Some(StoreConf {
+            url: Secret::new(url),
+            backend: backend?,
+            max_connections: NonZeroU32::new(max_connections?)?,
+        })
+    }
+
+    fn redis(&mut self, raw: &RawConf) -> Option<Option<RedisConf>> {
+        let r = &raw.redis;
+        if r.url.is_none() && r.url_env.is_none() {
+            return Some(None);
+        }
+        let (url, from_env) = self.url_from("redis", r.url.as_deref(), r.url_env.as_deref())?;
+        let key = if from_env {
+            "redis.url_env"
+        } else {
+            "redis.url"
+        };
+        match Url::parse(&url) {
+            Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "redis+unix" | "unix") => {
+                if u.password().is_some() && !from_env {
+                    self.err(key, "the URL carries a password; put it in an environment variable and name it in redis.url_env");
+                    return None;
+                }
+                Some(Some(RedisConf {
+                    url: Secret::new(url),
+                }))
+            }
+            _ => {
+                let shown = if from_env {
+                    "the URL".to_owned()
+                } else {
+                    format!("{url:?}")
+                };
+                self.err(key, format!("{shown} is not a Redis URL: expected redis://HOST:PORT[/DB] or rediss://..."));
+                None
+            }
+        }
+    }
+
+    fn key_limits(&mut self, key: &str, raw: &RawKeyLimits) -> Option<KeyLimits> {
+        let rpm = self.positive::<u32>(
+            &format!("{key}.requests_per_minute"),
+            raw.requests_per_minute,
+            10_000_000,
+            "requests per minute",
+        );
+        let tpm = self.positive::<u64>(
+            &format!("{key}.tokens_per_minute"),
+            raw.tokens_per_minute,
+            1 << 40,
+            "tokens per minute",
+        );
+        let inf = self.positive::<u32>(
+            &format!("{key}.in_flight"),
+            raw.in_flight,
+            100_000,
+            "requests in flight",
+        );
+        Some(KeyLimits {
+            requests_per_minute: NonZeroU32::new(rpm?)?,
+            tokens_per_minute: NonZeroU64::new(tpm?)?,
+            in_flight: NonZeroU32::new(inf?)?,
+        })
+    }
+
+    fn name(&mut self, key: &str, what: &str, name: &str) -> bool {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !ok {
+            self.err(key, format!("{name:?} is not a valid {what} name (expected 1-64 of a-z, A-Z, 0-9, '-', '_', '.')"));
+        }
+        ok
+    }
+
+    fn price(&mut self, key: &str, text: &MoneyText, allow_zero: bool) -> Option<PricePerMtok> {
+        let p = self.ok(key, text.0.parse::<PricePerMtok>())?;
+        if p.nanos_per_mtok() == 0 && !allow_zero {
+            self.err(
+                key,
+                format!("{:?} is zero; a tier's price must be positive", text.0),
+            );
+            return None;
+        }
+        Some(p)
+    }
+
+    fn providers(&mut self, raw: &RawConf) -> Option<Vec<Provider>> {
+        if raw.providers.is_empty() {
+            self.err(
+                "providers",
+                "no providers: define at least one [providers.NAME] section",
+            );
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut complete = true;
+        for (name, p) in &raw.providers {
+            match self.provider(name, p) {
+                Some(p) => out.push(p),
+                None => complete = false,
+            }
+        }
+        complete.then_some(out)
+    }
+
+    fn provider(&mut self, name: &str, p: &RawProvider) -> Option<Provider> {
+        let at = format!("providers.{name}");
+        self.name(&at, "provider", name);
+        let kind = match p.kind.as_str() {
+            "openai" => Some(ProviderKind::OpenAi),
+            "anthropic" => Some(ProviderKind::Anthropic),
+            "gemini" => Some(ProviderKind::Gemini),
+            other => {
+                self.err(
+                    format!("{at}.kind"),
+                    format!(
+                        "unknown provider kind {other:?} (known: {})",
+                        ProviderKind::NAMES.join(", ")
+                    ),
+                );
+                None
+            }
+        };
+        let base_url = self.http_url(&format!("{at}.base_url"), &p.base_url);
+        let api_key = p.api_key_env.as_deref().and_then(|v| self.env_var(v));
+        let enabled = match (p.enabled, &p.api_key_env) {
+            (Some(false), _) => false,
+            (Some(true), Some(var)) if api_key.is_none() => {
+                self.err(format!("{at}.enabled"), format!("the provider is enabled but environment variable {var} (api_key_env) is not set"));
+                false
+            }
+            (_, Some(_)) => api_key.is_some(),
+            (_, None) => true,
+        };
+        let connect = self.duration_ms(&format!("{at}.connect_timeout_ms"), p.connect_timeout_ms);
+        let first_byte = self.duration_ms(
+            &format!("{at}.first_byte_timeout_ms"),
+            p.first_byte_timeout_ms,
+        );
+        let idle = self.duration_ms(&format!("{at}.idle_timeout_ms"), p.idle_timeout_ms);
+        if p.models.is_empty() {
+            self.err(
+                format!("{at}.models"),
+                "no models: list each upstream model with its input and output price",
+            );
+        }
+        let mut models = Vec::new();
+        for (model, prices) in &p.models {
+            let key = format!("{at}.models.{model}");
+            let input = self.price(
+                &format!("{key}.input_usd_per_mtok"),
+                &prices.input_usd_per_mtok,
+                true,
+            );
+            let output = self.price(
+                &format!("{key}.output_usd_per_mtok"),
+                &prices.output_usd_per_mtok,
+                true,
+            );
+            if let (Some(input), Some(output)) = (input, output) {
+                models.push((model.clone(), TokenPrices { input, output }));
+            }
+        }
+        Some(Provider {
+            name: name.to_owned(),
+            kind: kind?,
+            base_url: base_url?,
+            api_key_env: p.api_key_env.clone(),
+            api_key: api_key.map(Secret::new),
+            enabled,
+            demo: p.demo,
+            connect_timeout: connect?,
+            first_byte_timeout: first_byte?,
+            idle_timeout: idle?,
+            models,
+        })
+    }
+
+    fn tiers(
+        &mut self,
+        raw: &indexmap::IndexMap<String, RawTier>,
+        providers: &[Provider],
+    ) -> Option<Vec<Tier>> {
+        if raw.is_empty() {
+            self.err("tiers", "no tiers: define at least one [tiers.NAME] section (e.g. budget, standard, premium)");
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut complete = true;
+        for (name, t) in raw {
+            match self.tier(name, t, providers) {
+                Some(t) => out.push(t),
+                None => complete = false,
+            }
+        }
+        complete.then_some(out)
+    }
+
+    fn tier(&mut self, name: &str, t: &RawTier, providers: &[Provider]) -> Option<Tier> {
+        let at = format!("tiers.{name}");
+        self.name(&at, "tier", name);
+        let input = self.price(
+            &format!("{at}.input_usd_per_mtok"),
+            &t.input_usd_per_mtok,
+            false,
+        );
+        let output = self.price(
+            &format!("{at}.output_usd_per_mtok"),
+            &t.output_usd_per_mtok,
+            false,
+        );
+        let cap = self.positive::<u32>(
+            &format!("{at}.default_max_output_tokens"),
+            t.default_max_output_tokens,
+            10_000_000,
+            "tokens",
+        );
+        if t.upstreams.is_empty() {
+            self.err(format!("{at}.upstreams"), "the tier has no upstreams: list at least one { provider = \"...\", model = \"...\" }");
+            return None;
+        }
+        let known = providers
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut upstreams = Vec::new();
+        let mut seen = HashSet::new();
+        let mut weight_sum: i64 = 0;
+        for (i, u) in t.upstreams.iter().enumerate() {
+            let key = format!("{at}.upstreams[{i}]");
+            let Some(pi) = providers.iter().position(|p| p.name == u.provider) else {
+                self.err(
+                    format!("{key}.provider"),
+                    format!("no provider named {:?} (known: {known})", u.provider),
+                );
+                continue;
+            };
+            let provider = &providers[pi];
+            let Some((_, cost)) = provider.models.iter().find(|(m, _)| *m == u.model) else {
+                let models = provider
+                    .models
+                    .iter()
+                    .map(|(m, _)| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                self.err(
+                    format!("{key}.model"),
+                    format!(
+                        "provider {:?} has no model {:?} in its models table (known: {models})",
+                        u.provider, u.model
+                    ),
+                );
+                continue;
+            };
+            if !seen.insert((u.provider.as_str(), u.model.as_str())) {
+                self.err(
+                    key.clone(),
+                    format!("duplicate upstream {}/{} in the tier", u.provider, u.model),
+                );
+            }
+            if !(0..=1_000_000).contains(&u.weight) {
+                self.err(
+                    format!("{key}.weight"),
+                    format!("{} is out of range: expected 0 to 1000000", u.weight),
+                );
+                continue;
+            }
+            weight_sum += u.weight;
+            upstreams.push(Upstream {
+                provider: pi,
+                provider_name: provider.name.clone(),
+                model: u.model.clone(),
+                weight: u32::try_from(u.weight).unwrap_or(0),
+                cost: *cost,
+                enabled: provider.enabled,
+            });
+        }
+        if upstreams.len() == t.upstreams.len() && weight_sum == 0 {
+            self.err(
+                format!("{at}.upstreams"),
+                "the weights sum to zero: at least one upstream needs a positive weight",
+            );
+        }
+        // A demo upstream steps aside as soon as a real one in the same tier is on.
+        let real_on = upstreams
+            .iter()
+            .any(|u| u.enabled && !providers[u.provider].demo);
+        for u in &mut upstreams {
+            if providers[u.provider].demo && real_on {
+                u.enabled = false;
+            }
+        }
+        if upstreams.len() == t.upstreams.len() {
+            if !upstreams.iter().any(|u| u.enabled) {
+                let vars: Vec<_> = upstreams
+                    .iter()
+                    .filter_map(|u| providers[u.provider].api_key_env.clone())
+                    .collect();
+                self.warnings.push(format!("{}: {at}: no upstream is enabled, so requests for {name:?} will fail (set one of: {})", self.file, vars.join(", ")));
+            } else if upstreams
+                .iter()
+                .any(|u| u.enabled && providers[u.provider].demo)
+            {
+                self.warnings.push(format!("{}: {at}: served by the LOCAL DEMO upstream (canned answers); set a provider key to serve it for real", self.file));
+            }
+        }
+        Some(Tier {
+            name: name.to_owned(),
+            description: t.description.clone(),
+            prices: TokenPrices {
+                input: input?,
+                output: output?,
+            },
+            default_max_output_tokens: NonZeroU32::new(cap?)?,
+            upstreams,
+        })
+    }
+
+    fn required_env(&mut self, key: &str, var: &str, section: &str) -> Option<Secret<String>> {
+        match self.env_var(var) {
+            Some(v) => Some(Secret::new(v)),
+            None => {
+                self.err(
+                    key,
+                    format!("{section} is enabled but environment variable {var} is not set"),
+                );
+                None
+            }
+        }
+    }
+
+    fn cents(&mut self, key: &str, value: i64) -> Option<u32> {
+        if !(STRIPE_MIN_CENTS..=STRIPE_MAX_CENTS).contains(&value) {
+            self.err(key, format!("{value} is out of range: expected {STRIPE_MIN_CENTS} to {STRIPE_MAX_CENTS} cents (Stripe's limits)"));
+            return None;
+        }
+        u32::try_from(value).ok()
+    }
+
+    fn stripe(&mut self, s: &RawStripe) -> Option<Option<StripeConf>> {
+        // Amounts are checked even while Stripe is off, so turning it on cannot surprise.
+        let mut packages = Vec::new();
+        for (i, c) in s.packages_cents.iter().enumerate() {
+            let key = format!("stripe.packages_cents[{i}]");
+            if let Some(c) = self.cents(&key, *c) {
+                if packages.contains(&c) {
+                    self.err(key, format!("duplicate package {c}"));
+                }
+                packages.push(c);
+            }
+        }
+        let min = self.cents("stripe.min_custom_amount_cents", s.min_custom_amount_cents);
+        let max = self.cents("stripe.max_custom_amount_cents", s.max_custom_amount_cents);
+        if let (Some(lo), Some(hi)) = (min, max)
+            && lo > hi
+        {
+            self.err(
+                "stripe.min_custom_amount_cents",
+                format!("{lo} is above stripe.max_custom_amount_cents ({hi})"),
+            );
+        }
+        let currency_ok =
+            s.currency.len() == 3 && s.currency.bytes().all(|b| b.is_ascii_lowercase());
+        if !currency_ok {
+            self.err(
+                "stripe.currency",
+                format!(
+                    "{:?} is not a lowercase ISO currency code such as \"usd\"",
+                    s.currency
+                ),
+            );
+        }
+        let api_base_url = self.http_url("stripe.api_base_url", &s.api_base_url);
+        if !s.enabled {
+            return Some(None);
+        }
+        let secret_key = self.required_env("stripe.secret_key_env", &s.secret_key_env, "stripe");
+        let webhook_secret =
+            self.required_env("stripe.webhook_secret_env", &s.webhook_secret_env, "stripe");
+        Some(Some(StripeConf {
+            secret_key: secret_key?,
+            webhook_secret: webhook_secret?,
+            api_base_url: api_base_url?,
+            currency: s.currency.clone(),
+            packages_cents: packages,
+            min_custom_amount_cents: min?,
+            max_custom_amount_cents: max?,
+        }))
+    }
+
+    fn mail(&mut self, s: &RawSmtp) -> Option<MailConf> {
+        if s.from.trim().is_empty() {
+            self.err(
+                "smtp.from",
+                "empty sender: expected e.g. \"Duang Duang <no-reply@example.com>\"",
+            );
+        }
+        if s.outbox_dir.trim().is_empty() {
+            self.err("smtp.outbox_dir", "empty path");
+        }
+        let smtp = if s.enabled {
+            let port = self.positive::<u16>("smtp.port", s.port, 65535, "(a TCP port)");
+            let tls = match s.tls.as_str() {
+                "starttls" => Some(SmtpTls::StartTls),
+                "tls" => Some(SmtpTls::Tls),
+                "none" => Some(SmtpTls::None),
+                other => {
+                    self.err(
+                        "smtp.tls",
+                        format!("{other:?} is not a TLS mode (expected starttls, tls or none)"),
+                    );
+                    None
+                }
+            };
+            if s.host.trim().is_empty() {
+                self.err("smtp.host", "empty host");
+            }
+            let username = match &s.username_env {
+                Some(v) => Some(self.required_env("smtp.username_env", v, "smtp")?),
+                None => None,
+            };
+            let password = match &s.password_env {
+                Some(v) => Some(self.required_env("smtp.password_env", v, "smtp")?),
+                None => None,
+            };
+            Some(SmtpConf {
+                host: s.host.clone(),
+                port: port?,
+                tls: tls?,
+                username,
+                password,
+            })
+        } else {
+            None
+        };
+        Some(MailConf {
+            from: s.from.clone(),
+            smtp,
+            outbox_dir: PathBuf::from(&s.outbox_dir),
+        })
+    }
+}

@@ -1,0 +1,261 @@
+//! The operator's conf file (`conf/duang.toml`), read by both binaries.
+//!
+//! Two steps, as in river: `raw` is the file's shape for serde (unknown keys refused, explicit
+//! defaults); `convert` turns it into the typed [`Conf`] below (durations, non-zero limits, money
+//! types, resolved provider references) and is the only place that judges values. Every error
+//! names the file, the key path, the bad value and what was expected.
+
+mod convert;
+mod raw;
+
+use crate::money::TokenPrices;
+use crate::secret::Secret;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use url::Url;
+
+/// The default conf path, relative to the working directory.
+pub const DEFAULT_CONF_PATH: &str = "conf/duang.toml";
+
+/// One problem in the conf file, located by key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfError {
+    pub file: String,
+    /// Dotted key path, e.g. `tiers.premium.upstreams[1].provider`; empty for the whole file.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.key, self.message)
+        }
+    }
+}
+
+/// Everything wrong with a conf file (all validation problems are reported at once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfErrors(pub Vec<ConfError>);
+
+impl fmt::Display for ConfErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfErrors {}
+
+/// The validated conf. Built only by [`Conf::load`] or [`Conf::parse`].
+#[derive(Debug, Clone)]
+pub struct Conf {
+    /// The file it came from, as given (used in messages).
+    pub source: String,
+    pub gateway: GatewayConf,
+    pub admin: AdminConf,
+    pub store: StoreConf,
+    pub redis: Option<RedisConf>,
+    pub limits: LimitsConf,
+    pub tiers: Vec<Tier>,
+    pub providers: Vec<Provider>,
+    /// `None` when Stripe is off: the dashboard says payments are not available.
+    pub stripe: Option<StripeConf>,
+    pub mail: MailConf,
+    /// Things that are allowed but probably not meant (printed by `check-conf` and at start).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConf {
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub public_base_url: Url,
+    pub max_request_body_bytes: NonZeroU64,
+    pub threads: NonZeroU32,
+    pub graceful_shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConf {
+    pub listen: SocketAddr,
+    pub public_url: Url,
+    pub support_email: String,
+}
+
+/// Which database the store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConf {
+    /// May carry a password (only when it came from the environment).
+    pub url: Secret<String>,
+    pub backend: Backend,
+    pub max_connections: NonZeroU32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConf {
+    pub url: Secret<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConf {
+    pub default_key: KeyLimits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyLimits {
+    pub requests_per_minute: NonZeroU32,
+    pub tokens_per_minute: NonZeroU64,
+    pub in_flight: NonZeroU32,
+}
+
+/// What a customer names in `model`, priced at the customer's rate.
+#[derive(Debug, Clone)]
+pub struct Tier {
+    pub name: String,
+    pub description: String,
+    /// The customer's rate.
+    pub prices: TokenPrices,
+    /// Output cap used for the hold when a request sets no `max_tokens`.
+    pub default_max_output_tokens: NonZeroU32,
+    /// In fallback order.
+    pub upstreams: Vec<Upstream>,
+}
+
+impl Tier {
+    /// The upstreams requests may go to now, in fallback order.
+    pub fn enabled_upstreams(&self) -> impl Iterator<Item = &Upstream> {
+        self.upstreams.iter().filter(|u| u.enabled)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// Index into [`Conf::providers`].
+    pub provider: usize,
+    pub provider_name: String,
+    pub model: String,
+    pub weight: u32,
+    /// What the provider charges us for this model.
+    pub cost: TokenPrices,
+    /// The provider is on, and this is not a demo upstream displaced by a real one.
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible chat-completions API.
+    OpenAi,
+    /// Anthropic's native Messages API.
+    Anthropic,
+    /// Google's Gemini OpenAI-compatible endpoint.
+    Gemini,
+}
+
+impl ProviderKind {
+    pub const NAMES: [&'static str; 3] = ["openai", "anthropic", "gemini"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Provider {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub base_url: Url,
+    /// The env var named by `api_key_env`, if any.
+    pub api_key_env: Option<String>,
+    pub api_key: Option<Secret<String>>,
+    pub enabled: bool,
+    pub demo: bool,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Upstream model name → what it costs us.
+    pub models: Vec<(String, TokenPrices)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StripeConf {
+    pub secret_key: Secret<String>,
+    pub webhook_secret: Secret<String>,
+    pub api_base_url: Url,
+    pub currency: String,
+    pub packages_cents: Vec<u32>,
+    pub min_custom_amount_cents: u32,
+    pub max_custom_amount_cents: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    StartTls,
+    Tls,
+    None,
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpConf {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    pub username: Option<Secret<String>>,
+    pub password: Option<Secret<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MailConf {
+    pub from: String,
+    /// `None`: mails go to [`MailConf::outbox_dir`].
+    pub smtp: Option<SmtpConf>,
+    pub outbox_dir: PathBuf,
+}
+
+impl Conf {
+    /// Reads and validates a conf file, taking secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Conf, ConfErrors> {
+        let label = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfErrors(vec![ConfError {
+                file: label.clone(),
+                key: String::new(),
+                message: format!("cannot read the conf file: {e}"),
+            }])
+        })?;
+        Conf::parse(&text, &label, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates conf text; `env` answers environment variable look-ups (tests pass their own).
+    pub fn parse(
+        text: &str,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Conf, ConfErrors> {
+        convert::parse(text, file, env)
+    }
+
+    pub fn tier(&self, name: &str) -> Option<&Tier> {
+        self.tiers.iter().find(|t| t.name == name)
+    }
+}

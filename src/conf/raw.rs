@@ -1,0 +1,275 @@
+//! The conf file's shape, as serde sees it: strings and numbers with explicit defaults, unknown
+//! keys refused. Nothing here is trusted; `super::convert` turns it into typed values.
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+use serde::de::{self, Visitor};
+use std::fmt;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConf {
+    #[serde(default)]
+    pub gateway: RawGateway,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub redis: RawRedis,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub tiers: IndexMap<String, RawTier>,
+    #[serde(default)]
+    pub providers: IndexMap<String, RawProvider>,
+    #[serde(default)]
+    pub stripe: RawStripe,
+    #[serde(default)]
+    pub smtp: RawSmtp,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawGateway {
+    pub listen: String,
+    pub metrics_listen: String,
+    pub public_base_url: String,
+    pub max_request_body_bytes: i64,
+    pub threads: i64,
+    pub graceful_shutdown_timeout_ms: i64,
+}
+
+impl Default for RawGateway {
+    fn default() -> Self {
+        RawGateway {
+            listen: "127.0.0.1:8080".into(),
+            metrics_listen: "127.0.0.1:9090".into(),
+            public_base_url: "http://127.0.0.1:8080/v1".into(),
+            max_request_body_bytes: 10 * 1024 * 1024,
+            threads: 1,
+            graceful_shutdown_timeout_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub listen: String,
+    pub public_url: String,
+    pub support_email: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: "127.0.0.1:8081".into(),
+            public_url: "http://127.0.0.1:8081".into(),
+            support_email: "support@duang-duang.com".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStore {
+    pub url: String,
+    pub url_env: Option<String>,
+    pub max_connections: i64,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            url: "sqlite://data/duang.db".into(),
+            url_env: None,
+            max_connections: 8,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    pub url: Option<String>,
+    pub url_env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub default_key: RawKeyLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawKeyLimits {
+    pub requests_per_minute: i64,
+    pub tokens_per_minute: i64,
+    pub in_flight: i64,
+}
+
+impl Default for RawKeyLimits {
+    fn default() -> Self {
+        RawKeyLimits {
+            requests_per_minute: 600,
+            tokens_per_minute: 2_000_000,
+            in_flight: 32,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    #[serde(default)]
+    pub description: String,
+    pub input_usd_per_mtok: MoneyText,
+    pub output_usd_per_mtok: MoneyText,
+    #[serde(default = "default_max_output_tokens")]
+    pub default_max_output_tokens: i64,
+    #[serde(default)]
+    pub upstreams: Vec<RawUpstream>,
+}
+
+fn default_max_output_tokens() -> i64 {
+    4096
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub provider: String,
+    pub model: String,
+    #[serde(default = "default_weight")]
+    pub weight: i64,
+}
+
+fn default_weight() -> i64 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub kind: String,
+    pub base_url: String,
+    pub api_key_env: Option<String>,
+    pub enabled: Option<bool>,
+    #[serde(default)]
+    pub demo: bool,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: i64,
+    #[serde(default = "default_first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: i64,
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: i64,
+    #[serde(default)]
+    pub models: IndexMap<String, RawModelPrices>,
+}
+
+fn default_connect_timeout_ms() -> i64 {
+    3_000
+}
+fn default_first_byte_timeout_ms() -> i64 {
+    60_000
+}
+fn default_idle_timeout_ms() -> i64 {
+    30_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModelPrices {
+    pub input_usd_per_mtok: MoneyText,
+    pub output_usd_per_mtok: MoneyText,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStripe {
+    pub enabled: bool,
+    pub secret_key_env: String,
+    pub webhook_secret_env: String,
+    pub api_base_url: String,
+    pub currency: String,
+    pub packages_cents: Vec<i64>,
+    pub min_custom_amount_cents: i64,
+    pub max_custom_amount_cents: i64,
+}
+
+impl Default for RawStripe {
+    fn default() -> Self {
+        RawStripe {
+            enabled: false,
+            secret_key_env: "STRIPE_SECRET_KEY".into(),
+            webhook_secret_env: "STRIPE_WEBHOOK_SECRET".into(),
+            api_base_url: "https://api.stripe.com".into(),
+            currency: "usd".into(),
+            packages_cents: vec![500, 2000, 10000],
+            min_custom_amount_cents: 500,
+            max_custom_amount_cents: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSmtp {
+    pub enabled: bool,
+    pub host: String,
+    pub port: i64,
+    pub tls: String,
+    pub username_env: Option<String>,
+    pub password_env: Option<String>,
+    pub from: String,
+    pub outbox_dir: String,
+}
+
+impl Default for RawSmtp {
+    fn default() -> Self {
+        RawSmtp {
+            enabled: false,
+            host: "localhost".into(),
+            port: 587,
+            tls: "starttls".into(),
+            username_env: None,
+            password_env: None,
+            from: "Duang Duang <no-reply@duang-duang.com>".into(),
+            outbox_dir: "data/outbox".into(),
+        }
+    }
+}
+
+/// A money value as the operator wrote it: a decimal string (`"0.12"`) or a whole number (`18`).
+/// A TOML float is refused with a message, because a float cannot hold most prices exactly.
+#[derive(Debug, Clone)]
+pub struct MoneyText(pub String);
+
+impl<'de> Deserialize<'de> for MoneyText {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = MoneyText;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a decimal string such as \"0.12\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MoneyText, E> {
+                Ok(MoneyText(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<MoneyText, E> {
+                Ok(MoneyText(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<MoneyText, E> {
+                Ok(MoneyText(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<MoneyText, E> {
+                Err(E::custom(format_args!(
+                    "{v} is a float; write money as a decimal string, e.g. \"{v}\" (floats cannot hold most prices exactly)"
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

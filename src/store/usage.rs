@@ -1,0 +1,177 @@
+//! Usage records (one per request, written in batches off the request path) and the Stripe
+//! bookkeeping tables (checkout sessions, processed event ids).
+
+use super::{Store, StoreError, is_unique_violation};
+use crate::money::NanoUsd;
+use crate::time::now_ms;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+/// Everything recorded about one request (ARCHITECTURE.md, request flow step 7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// Unique per request; a retried batch cannot record a request twice.
+    pub request_id: String,
+    pub account_id: i64,
+    pub key_id: i64,
+    pub tier: String,
+    /// `None` when the request failed before an upstream was chosen.
+    pub provider: Option<String>,
+    pub upstream_model: Option<String>,
+    pub stream: bool,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    /// What the upstream charges us.
+    pub provider_cost: NanoUsd,
+    /// What the customer pays (the tier's rate).
+    pub billed: NanoUsd,
+    pub http_status: i64,
+    pub error_code: Option<String>,
+    pub attempts: i64,
+    pub latency_ms: i64,
+    pub ttft_ms: Option<i64>,
+    pub started_at: i64,
+    pub finished_at: i64,
+}
+
+impl UsageRecord {
+    fn from_row(r: &AnyRow) -> Result<Self, StoreError> {
+        Ok(UsageRecord {
+            request_id: r.try_get("request_id")?,
+            account_id: r.try_get("account_id")?,
+            key_id: r.try_get("key_id")?,
+            tier: r.try_get("tier")?,
+            provider: r.try_get("provider")?,
+            upstream_model: r.try_get("upstream_model")?,
+            stream: r.try_get::<i64, _>("stream")? != 0,
+            input_tokens: r.try_get("input_tokens")?,
+            output_tokens: r.try_get("output_tokens")?,
+            provider_cost: NanoUsd::from_nanos(r.try_get("provider_cost_nano")?),
+            billed: NanoUsd::from_nanos(r.try_get("billed_nano")?),
+            http_status: r.try_get("http_status")?,
+            error_code: r.try_get("error_code")?,
+            attempts: r.try_get("attempts")?,
+            latency_ms: r.try_get("latency_ms")?,
+            ttft_ms: r.try_get("ttft_ms")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+        })
+    }
+}
+
+const USAGE_COLUMNS: &str = "request_id, account_id, key_id, tier, provider, upstream_model, stream, \
+     input_tokens, output_tokens, provider_cost_nano, billed_nano, http_status, error_code, attempts, \
+     latency_ms, ttft_ms, started_at, finished_at";
+
+impl Store {
+    /// Writes a batch in one transaction. Records whose request id is already stored are skipped
+    /// (so a retried batch is harmless); returns how many were new.
+    pub async fn insert_usage_batch(&self, records: &[UsageRecord]) -> Result<u64, StoreError> {
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let now = now_ms();
+        let sql = format!(
+            "INSERT INTO usage_records ({USAGE_COLUMNS}, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+             ON CONFLICT (request_id) DO NOTHING"
+        );
+        let mut tx = self.begin_write().await?;
+        let mut inserted = 0;
+        for r in records {
+            inserted += sqlx::query(&sql)
+                .bind(&r.request_id)
+                .bind(r.account_id)
+                .bind(r.key_id)
+                .bind(&r.tier)
+                .bind(r.provider.as_deref())
+                .bind(r.upstream_model.as_deref())
+                .bind(i64::from(r.stream))
+                .bind(r.input_tokens)
+                .bind(r.output_tokens)
+                .bind(r.provider_cost.nanos())
+                .bind(r.billed.nanos())
+                .bind(r.http_status)
+                .bind(r.error_code.as_deref())
+                .bind(r.attempts)
+                .bind(r.latency_ms)
+                .bind(r.ttft_ms)
+                .bind(r.started_at)
+                .bind(r.finished_at)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    /// An account's requests, newest first, `limit` at a time before the given start time.
+    pub async fn usage_page(
+        &self,
+        account_id: i64,
+        before_started_at: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {USAGE_COLUMNS} FROM usage_records
+             WHERE account_id = $1 AND started_at < $2
+             ORDER BY started_at DESC, id DESC LIMIT $3"
+        ))
+        .bind(account_id)
+        .bind(before_started_at.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(UsageRecord::from_row).collect()
+    }
+
+    /// Remembers a Checkout Session the admin created, so its webhook can be matched to an account.
+    pub async fn record_checkout_session(
+        &self,
+        session_id: &str,
+        account_id: i64,
+        amount_cents: i64,
+        currency: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO stripe_checkout_sessions (session_id, account_id, amount_cents, currency, created_at)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(session_id)
+        .bind(account_id)
+        .bind(amount_cents)
+        .bind(currency)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Invalid(format!("checkout session {session_id} is already recorded"))
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Records a Stripe event id; `false` when it was already processed (a replay).
+    pub async fn record_stripe_event(
+        &self,
+        event_id: &str,
+        event_type: &str,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "INSERT INTO stripe_events (event_id, event_type, received_at) VALUES ($1, $2, $3)
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(event_id)
+        .bind(event_type)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+}
