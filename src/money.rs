@@ -21,7 +21,7 @@ use std::str::FromStr;
 pub const NANOS_PER_CENT: i64 = 10_000_000;
 /// Nano-USD in one US dollar.
 pub const NANOS_PER_USD: i64 = 1_000_000_000;
-const TOKENS_PER_MTOK: i128 = 1_000_000;
+const TOKENS_PER_MTOK: u128 = 1_000_000;
 
 /// Why a money operation could not produce an exact value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +40,13 @@ pub enum MoneyError {
 
 /// A signed amount of money in nano-USD (10⁻⁹ USD). Ledger entries, balances, costs and holds are
 /// all of this type.
+///
+/// ```
+/// use duang::money::NanoUsd;
+/// let top_up = NanoUsd::from_cents(2_000).unwrap();
+/// let spent: NanoUsd = "0.0146484".parse().unwrap();
+/// assert_eq!(top_up.checked_sub(spent).unwrap().to_string(), "$19.9853516");
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NanoUsd(i64);
 
@@ -225,7 +232,8 @@ impl PricePerMtok {
 
     /// The cost of `tokens` tokens, rounded as asked.
     pub fn cost(self, tokens: u64, rounding: Rounding) -> Result<NanoUsd, MoneyError> {
-        let product = i128::from(tokens) * i128::from(self.0);
+        // u64 × u64 always fits in u128 (an i128 could overflow at the extremes).
+        let product = u128::from(tokens) * u128::from(self.0);
         let whole = product / TOKENS_PER_MTOK;
         let rem = product % TOKENS_PER_MTOK;
         let rounded = match rounding {
@@ -262,6 +270,14 @@ impl FromStr for PricePerMtok {
 }
 
 /// Input and output prices of one tier (the customer's rate) or one upstream model (our cost).
+///
+/// ```
+/// use duang::money::{Rounding, TokenPrices};
+/// // The premium tier: $3.60 in, $18.00 out per million tokens.
+/// let premium = TokenPrices { input: "3.60".parse().unwrap(), output: "18.00".parse().unwrap() };
+/// let cost = premium.cost(1_234, 567, Rounding::FavourCustomer).unwrap();
+/// assert_eq!(cost.nanos(), 1_234 * 3_600 + 567 * 18_000);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TokenPrices {
     pub input: PricePerMtok,

@@ -114,11 +114,8 @@ async fn up(conf_path: &Path, conf: Conf) -> anyhow::Result<()> {
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", gateway.display()))?;
     eprintln!(
-        "duang relay is up\n  gateway  http://{}  (API base URL {})\n  admin    http://{}\n  metrics  http://{}\nCreate an account and a key:  duang-admin account create --email you@example.com --verified\nStop with Ctrl-C.",
-        conf.gateway.listen,
-        conf.gateway.public_base_url,
-        conf.admin.listen,
-        conf.gateway.metrics_listen
+        "duang relay is up\n  gateway  http://{}  (API base URL {})\n  admin    http://{}\nCreate an account and a key:  duang-admin account create --email you@example.com --verified\nStop with Ctrl-C.",
+        conf.gateway.listen, conf.gateway.public_base_url, conf.admin.listen,
     );
     let state = AppState {
         conf: Arc::new(conf),

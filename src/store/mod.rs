@@ -20,7 +20,7 @@ pub use usage::UsageRecord;
 use crate::conf::{Backend, StoreConf};
 use crate::money::{MoneyError, NanoUsd};
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Executor, Row};
+use sqlx::{AnyPool, Connection, Executor, Row};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -100,6 +100,23 @@ impl Store {
             }
         }
         let backend = conf.backend;
+        let unreachable = |e: sqlx::Error| StoreError::Unreachable {
+            url: shown.clone(),
+            detail: match backend {
+                Backend::Postgres => {
+                    format!("{e} (is PostgreSQL running, and does the database exist?)")
+                }
+                Backend::Sqlite => e.to_string(),
+            },
+        };
+        // One direct attempt first: a pool retries a refused connection until its acquire
+        // timeout, but an operator wants the reason at once.
+        sqlx::AnyConnection::connect(&connect_url)
+            .await
+            .map_err(unreachable)?
+            .close()
+            .await
+            .map_err(unreachable)?;
         let pool = AnyPoolOptions::new()
             .max_connections(conf.max_connections.get())
             .acquire_timeout(Duration::from_secs(10))
@@ -118,15 +135,7 @@ impl Store {
             })
             .connect(&connect_url)
             .await
-            .map_err(|e| StoreError::Unreachable {
-                url: shown.clone(),
-                detail: match backend {
-                    Backend::Postgres => {
-                        format!("{e} (is PostgreSQL running, and does the database exist?)")
-                    }
-                    Backend::Sqlite => e.to_string(),
-                },
-            })?;
+            .map_err(unreachable)?;
         Ok(Store { pool, backend })
     }
 

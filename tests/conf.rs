@@ -1,0 +1,527 @@
+//! The conf file: every shipped file parses, and every kind of bad input gets a message that names
+//! the file, the key path, the value and what was expected.
+
+mod support;
+
+use duang::conf::{Backend, Conf};
+use std::path::Path;
+use support::{parse_conf, shipped_conf_text};
+
+fn err(text: &str, env: &[(&str, &str)]) -> String {
+    match parse_conf(text, env) {
+        Ok(_) => panic!("expected the conf to be refused:\n{text}"),
+        Err(e) => e,
+    }
+}
+
+/// The shipped conf with one line replaced (the line must exist).
+fn shipped_with(find: &str, replace: &str) -> String {
+    let text = shipped_conf_text();
+    assert!(
+        text.contains(find),
+        "the shipped conf no longer contains {find:?}"
+    );
+    text.replacen(find, replace, 1)
+}
+
+#[test]
+fn every_shipped_conf_file_parses_without_secrets() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("conf dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).expect("read");
+            let conf =
+                Conf::parse(&text, &path.display().to_string(), &|_| None).unwrap_or_else(|e| {
+                    panic!("{} must parse with no secrets set:\n{e}", path.display())
+                });
+            assert!(!conf.tiers.is_empty());
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1, "no conf files found in {}", dir.display());
+}
+
+#[test]
+fn shipped_conf_has_the_seed_prices_and_starts_on_the_demo() {
+    let conf = parse_conf(&shipped_conf_text(), &[]).expect("parses");
+    let prices: Vec<_> = conf
+        .tiers
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_str(),
+                t.prices.input.nanos_per_token(),
+                t.prices.output.nanos_per_token(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        prices,
+        [
+            ("budget", Some(120), Some(480)),
+            ("standard", Some(360), Some(3000)),
+            ("premium", Some(3600), Some(18000)),
+        ]
+    );
+    assert_eq!(conf.store.backend, Backend::Sqlite);
+    assert!(conf.redis.is_none());
+    assert!(conf.stripe.is_none(), "Stripe is off as shipped");
+    assert!(conf.mail.smtp.is_none(), "SMTP is off as shipped");
+    for tier in &conf.tiers {
+        let on: Vec<_> = tier
+            .enabled_upstreams()
+            .map(|u| u.provider_name.as_str())
+            .collect();
+        assert_eq!(on, ["demo"], "tier {} with no keys set", tier.name);
+        assert!(tier.default_max_output_tokens.get() > 0);
+    }
+    assert!(conf.warnings.iter().any(|w| w.contains("LOCAL DEMO")));
+}
+
+#[test]
+fn setting_a_provider_key_turns_it_on_and_the_demo_steps_aside() {
+    let conf = parse_conf(
+        &shipped_conf_text(),
+        &[("ANTHROPIC_API_KEY", "sk-ant-test")],
+    )
+    .expect("parses");
+    let premium = conf.tier("premium").expect("premium");
+    let on: Vec<_> = premium
+        .enabled_upstreams()
+        .map(|u| u.model.as_str())
+        .collect();
+    assert_eq!(on, ["claude-sonnet-4-5"]);
+    let anthropic = conf
+        .providers
+        .iter()
+        .find(|p| p.name == "anthropic")
+        .expect("anthropic");
+    assert!(anthropic.enabled);
+    assert_eq!(
+        anthropic.api_key.as_ref().map(|k| k.expose().as_str()),
+        Some("sk-ant-test")
+    );
+    // The key never shows in Debug output.
+    assert!(!format!("{conf:?}").contains("sk-ant-test"));
+    // Other tiers still run on the demo.
+    let budget = conf.tier("budget").expect("budget");
+    assert_eq!(
+        budget
+            .enabled_upstreams()
+            .map(|u| u.provider_name.as_str())
+            .collect::<Vec<_>>(),
+        ["demo"]
+    );
+}
+
+#[test]
+fn tier_pointing_at_a_missing_provider_names_file_path_value_and_choices() {
+    let text = shipped_with(
+        r#"{ provider = "openai", model = "gpt-4.1", weight = 1 },"#,
+        r#"{ provider = "antropic", model = "gpt-4.1", weight = 1 },"#,
+    );
+    assert_eq!(
+        err(&text, &[]),
+        r#"test.toml: tiers.premium.upstreams[1].provider: no provider named "antropic" (known: openai, gemini, anthropic, demo)"#
+    );
+}
+
+#[test]
+fn unknown_keys_are_refused_with_their_path() {
+    let text = shipped_with("threads = 1", "threads = 1\nthreadz = 2");
+    let e = err(&text, &[]);
+    assert!(
+        e.starts_with("test.toml: gateway.threadz: unknown field `threadz`"),
+        "{e}"
+    );
+    assert!(e.contains("line"), "{e}");
+
+    let text = shipped_with(
+        r#"default_max_output_tokens = 4096"#,
+        "default_max_output_tokens = 4096\nmax_tokens = 1",
+    );
+    let e = err(&text, &[]);
+    assert!(
+        e.starts_with("test.toml: tiers.budget.max_tokens: unknown field `max_tokens`"),
+        "{e}"
+    );
+
+    let e = err(&format!("{}\n[extra]\nx = 1\n", shipped_conf_text()), &[]);
+    assert!(e.contains("unknown field `extra`"), "{e}");
+}
+
+#[test]
+fn wrong_types_are_refused() {
+    let e = err(&shipped_with("threads = 1", "threads = \"one\""), &[]);
+    assert!(
+        e.starts_with("test.toml: gateway.threads: invalid type: string \"one\""),
+        "{e}"
+    );
+    let e = err(&shipped_with("port = 587", "port = true"), &[]);
+    assert!(
+        e.starts_with("test.toml: smtp.port: invalid type: boolean"),
+        "{e}"
+    );
+}
+
+#[test]
+fn money_must_be_a_positive_exact_decimal() {
+    let e = err(
+        &shipped_with(
+            r#"input_usd_per_mtok = "0.12""#,
+            r#"input_usd_per_mtok = 0.12"#,
+        ),
+        &[],
+    );
+    assert!(
+        e.starts_with("test.toml: tiers.budget.input_usd_per_mtok: 0.12 is a float"),
+        "{e}"
+    );
+    let e = err(
+        &shipped_with(
+            r#"input_usd_per_mtok = "0.12""#,
+            r#"input_usd_per_mtok = "-0.12""#,
+        ),
+        &[],
+    );
+    assert_eq!(
+        e,
+        r#"test.toml: tiers.budget.input_usd_per_mtok: "-0.12" is negative; a price must be positive"#
+    );
+    let e = err(
+        &shipped_with(
+            r#"output_usd_per_mtok = "0.48""#,
+            r#"output_usd_per_mtok = "0""#,
+        ),
+        &[],
+    );
+    assert_eq!(
+        e,
+        r#"test.toml: tiers.budget.output_usd_per_mtok: "0" is zero; a tier's price must be positive"#
+    );
+    let e = err(
+        &shipped_with(
+            r#"output_usd_per_mtok = "0.48""#,
+            r#"output_usd_per_mtok = "0.48 USD""#,
+        ),
+        &[],
+    );
+    assert!(
+        e.starts_with("test.toml: tiers.budget.output_usd_per_mtok: \"0.48 USD\" is not a decimal"),
+        "{e}"
+    );
+    let e = err(
+        &shipped_with(
+            r#"output_usd_per_mtok = "0.48""#,
+            r#"output_usd_per_mtok = "0.0000000001""#,
+        ),
+        &[],
+    );
+    assert!(e.contains("more than 9 decimal places"), "{e}");
+    // A whole number is exact, so it is accepted.
+    let conf = parse_conf(
+        &shipped_with(
+            r#"output_usd_per_mtok = "18.00""#,
+            "output_usd_per_mtok = 18",
+        ),
+        &[],
+    )
+    .expect("integer price");
+    assert_eq!(
+        conf.tier("premium")
+            .expect("premium")
+            .prices
+            .output
+            .nanos_per_token(),
+        Some(18_000)
+    );
+    // A provider's model may be free (self-hosted), but never negative.
+    let e = err(
+        &shipped_with(
+            r#"input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }"#,
+            r#"input_usd_per_mtok = "-1", output_usd_per_mtok = "0.40" }"#,
+        ),
+        &[],
+    );
+    assert!(e.starts_with(r#"test.toml: providers.openai.models.gpt-4.1-nano.input_usd_per_mtok: "-1" is negative"#), "{e}");
+}
+
+#[test]
+fn duplicate_names_are_refused() {
+    // TOML itself refuses a table defined twice.
+    let e = err(
+        &format!(
+            "{}\n[tiers.budget]\ninput_usd_per_mtok = \"1\"\noutput_usd_per_mtok = \"1\"\n",
+            shipped_conf_text()
+        ),
+        &[],
+    );
+    assert!(e.contains("duplicate") || e.contains("redefin"), "{e}");
+    let e = err(
+        &shipped_with(
+            r#"  { provider = "demo", model = "demo-budget" },"#,
+            "  { provider = \"demo\", model = \"demo-budget\" },\n  { provider = \"demo\", model = \"demo-budget\" },",
+        ),
+        &[],
+    );
+    assert_eq!(
+        e,
+        "test.toml: tiers.budget.upstreams[3]: duplicate upstream demo/demo-budget in the tier"
+    );
+    let e = err(
+        &shipped_with(
+            "packages_cents = [500, 2000, 10000]",
+            "packages_cents = [500, 2000, 500]",
+        ),
+        &[],
+    );
+    assert_eq!(
+        e,
+        "test.toml: stripe.packages_cents[2]: duplicate package 500"
+    );
+}
+
+#[test]
+fn enabled_sections_need_their_secrets() {
+    let stripe_on = shipped_with("[stripe]\nenabled = false", "[stripe]\nenabled = true");
+    let e = err(&stripe_on, &[]);
+    assert_eq!(
+        e,
+        "test.toml: stripe.secret_key_env: stripe is enabled but environment variable STRIPE_SECRET_KEY is not set\n\
+         test.toml: stripe.webhook_secret_env: stripe is enabled but environment variable STRIPE_WEBHOOK_SECRET is not set"
+    );
+    let conf = parse_conf(
+        &stripe_on,
+        &[
+            ("STRIPE_SECRET_KEY", "sk_test_x"),
+            ("STRIPE_WEBHOOK_SECRET", "whsec_x"),
+        ],
+    )
+    .expect("with secrets");
+    let stripe = conf.stripe.expect("stripe on");
+    assert_eq!(stripe.packages_cents, [500, 2000, 10000]);
+    assert!(!format!("{stripe:?}").contains("sk_test_x"));
+
+    let smtp_on = shipped_with("[smtp]\nenabled = false", "[smtp]\nenabled = true");
+    let e = err(&smtp_on, &[("SMTP_USERNAME", "relay")]);
+    assert_eq!(
+        e,
+        "test.toml: smtp.password_env: smtp is enabled but environment variable SMTP_PASSWORD is not set"
+    );
+    let conf = parse_conf(
+        &smtp_on,
+        &[("SMTP_USERNAME", "relay"), ("SMTP_PASSWORD", "pw")],
+    )
+    .expect("with secrets");
+    assert_eq!(conf.mail.smtp.expect("smtp").port, 587);
+
+    let forced = shipped_with(
+        "api_key_env = \"OPENAI_API_KEY\"",
+        "api_key_env = \"OPENAI_API_KEY\"\nenabled = true",
+    );
+    let e = err(&forced, &[]);
+    assert_eq!(
+        e,
+        "test.toml: providers.openai.enabled: the provider is enabled but environment variable OPENAI_API_KEY (api_key_env) is not set"
+    );
+}
+
+#[test]
+fn providers_and_tiers_are_checked() {
+    let e = err(
+        &shipped_with("kind = \"anthropic\"", "kind = \"antrhopic\""),
+        &[],
+    );
+    assert_eq!(
+        e,
+        r#"test.toml: providers.anthropic.kind: unknown provider kind "antrhopic" (known: openai, anthropic, gemini)"#
+    );
+    let e = err(
+        &shipped_with(
+            "base_url = \"https://api.openai.com/v1\"",
+            "base_url = \"api.openai.com\"",
+        ),
+        &[],
+    );
+    assert!(
+        e.starts_with(r#"test.toml: providers.openai.base_url: "api.openai.com" is not a URL"#),
+        "{e}"
+    );
+    let e = err(
+        &shipped_with(
+            "base_url = \"https://api.openai.com/v1\"",
+            "base_url = \"ftp://api.openai.com\"",
+        ),
+        &[],
+    );
+    assert_eq!(
+        e,
+        r#"test.toml: providers.openai.base_url: "ftp://api.openai.com" is not an http:// or https:// URL"#
+    );
+    let e = err(
+        &shipped_with("connect_timeout_ms = 3000", "connect_timeout_ms = 0"),
+        &[],
+    );
+    assert_eq!(
+        e,
+        "test.toml: providers.openai.connect_timeout_ms: 0 is out of range: expected 1 to 3600000 ms"
+    );
+    let e = err(
+        &shipped_with(
+            r#"{ provider = "gemini", model = "gemini-2.5-flash", weight = 1 },"#,
+            r#"{ provider = "gemini", model = "gemini-9", weight = 1 },"#,
+        ),
+        &[],
+    );
+    assert_eq!(
+        e,
+        r#"test.toml: tiers.standard.upstreams[0].model: provider "gemini" has no model "gemini-9" in its models table (known: gemini-2.5-flash-lite, gemini-2.5-flash)"#
+    );
+
+    let no_upstreams = "[tiers.budget]\ninput_usd_per_mtok = \"1\"\noutput_usd_per_mtok = \"1\"\n\
+        [providers.p]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\nmodels.m = { input_usd_per_mtok = \"1\", output_usd_per_mtok = \"1\" }\n";
+    assert!(
+        err(no_upstreams, &[])
+            .starts_with("test.toml: tiers.budget.upstreams: the tier has no upstreams")
+    );
+    let zero_weights = no_upstreams.replace("output_usd_per_mtok = \"1\"\n[providers", "output_usd_per_mtok = \"1\"\nupstreams = [{ provider = \"p\", model = \"m\", weight = 0 }]\n[providers");
+    assert_eq!(
+        err(&zero_weights, &[]),
+        "test.toml: tiers.budget.upstreams: the weights sum to zero: at least one upstream needs a positive weight"
+    );
+    let ok = zero_weights.replace("weight = 0", "weight = 3");
+    let conf = parse_conf(&ok, &[]).expect("minimal conf with defaults");
+    assert_eq!(conf.tiers[0].upstreams[0].weight, 3);
+    assert_eq!(conf.gateway.listen.to_string(), "127.0.0.1:8080");
+    assert!(err("", &[]).contains("no providers"));
+}
+
+#[test]
+fn limits_and_addresses_are_checked() {
+    let e = err(
+        &shipped_with("requests_per_minute = 600", "requests_per_minute = 0"),
+        &[],
+    );
+    assert_eq!(
+        e,
+        "test.toml: limits.default_key.requests_per_minute: 0 is out of range: expected 1 to 10000000 requests per minute"
+    );
+    let e = err(&shipped_with("in_flight = 32", "in_flight = -4"), &[]);
+    assert_eq!(
+        e,
+        "test.toml: limits.default_key.in_flight: -4 is out of range: expected 1 to 100000 requests in flight"
+    );
+    let e = err(
+        &shipped_with("listen = \"127.0.0.1:8080\"", "listen = \"localhost\""),
+        &[],
+    );
+    assert!(
+        e.starts_with(r#"test.toml: gateway.listen: "localhost" is not a socket address"#),
+        "{e}"
+    );
+    let e = err(
+        &shipped_with(
+            "max_request_body_bytes = 10485760",
+            "max_request_body_bytes = 0",
+        ),
+        &[],
+    );
+    assert!(
+        e.starts_with("test.toml: gateway.max_request_body_bytes: 0 is out of range"),
+        "{e}"
+    );
+    let e = err(
+        &shipped_with(
+            "min_custom_amount_cents = 500",
+            "min_custom_amount_cents = 200000",
+        ),
+        &[],
+    );
+    assert_eq!(
+        e,
+        "test.toml: stripe.min_custom_amount_cents: 200000 is above stripe.max_custom_amount_cents (100000)"
+    );
+    let e = err(
+        &shipped_with(
+            "min_custom_amount_cents = 500",
+            "min_custom_amount_cents = 10",
+        ),
+        &[],
+    );
+    assert_eq!(
+        e,
+        "test.toml: stripe.min_custom_amount_cents: 10 is out of range: expected 50 to 99999999 cents (Stripe's limits)"
+    );
+}
+
+#[test]
+fn several_problems_are_reported_together() {
+    let text = shipped_with("requests_per_minute = 600", "requests_per_minute = 0").replacen(
+        "kind = \"anthropic\"",
+        "kind = \"nope\"",
+        1,
+    );
+    let e = err(&text, &[]);
+    assert_eq!(e.lines().count(), 2, "{e}");
+}
+
+#[test]
+fn store_and_redis_urls_are_checked_and_secrets_stay_in_the_environment() {
+    let e = err(
+        &shipped_with("url = \"sqlite://data/duang.db\"", "url = \"mysql://x/y\""),
+        &[],
+    );
+    assert_eq!(
+        e,
+        r#"test.toml: store.url: "mysql://x/y" is not a store URL: expected sqlite://PATH or postgres://USER@HOST/DB"#
+    );
+    let e = err(
+        &shipped_with(
+            "url = \"sqlite://data/duang.db\"",
+            "url = \"postgres://app:hunter2@db/relay\"",
+        ),
+        &[],
+    );
+    assert!(
+        e.starts_with("test.toml: store.url: the URL carries a password"),
+        "{e}"
+    );
+    assert!(!e.contains("hunter2"));
+    // From the environment, a password is fine and wins over `url`.
+    let env_text = shipped_with("# url_env = \"DATABASE_URL\"", "url_env = \"DATABASE_URL\"");
+    let conf = parse_conf(
+        &env_text,
+        &[("DATABASE_URL", "postgres://app:hunter2@db/relay")],
+    )
+    .expect("env url");
+    assert_eq!(conf.store.backend, Backend::Postgres);
+    assert!(!format!("{:?}", conf.store).contains("hunter2"));
+    // Unset variable: falls back to `url`.
+    assert_eq!(
+        parse_conf(&env_text, &[]).expect("fallback").store.backend,
+        Backend::Sqlite
+    );
+
+    let e = err(
+        &shipped_with(
+            "# url = \"redis://127.0.0.1:6379\"",
+            "url = \"http://127.0.0.1:6379\"",
+        ),
+        &[],
+    );
+    assert_eq!(
+        e,
+        r#"test.toml: redis.url: "http://127.0.0.1:6379" is not a Redis URL: expected redis://HOST:PORT[/DB] or rediss://..."#
+    );
+    let conf = parse_conf(
+        &shipped_with(
+            "# url = \"redis://127.0.0.1:6379\"",
+            "url = \"redis://127.0.0.1:6379\"",
+        ),
+        &[],
+    )
+    .expect("redis");
+    assert!(conf.redis.is_some());
+}

@@ -1,0 +1,156 @@
+//! The README's quick start, as a user runs it: `duang-admin up` starts the admin server and the
+//! gateway on the embedded default (SQLite, no Redis); both answer over real HTTP; SIGTERM stops
+//! the whole tree.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{ADMIN_BIN, write_conf};
+
+/// Polls `url` until it answers 200 or the deadline passes (readiness, not timing).
+async fn wait_ready(client: &reqwest::Client, url: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(url).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("duang-admin up exited before {url} was ready: {status}");
+        }
+        assert!(Instant::now() < deadline, "{url} not ready within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "duang-admin up did not stop within 30 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = dir.path().join("data/duang.db");
+    let conf = write_conf(dir.path(), &format!("sqlite://{}", db.display()));
+    let mut child = Command::new(ADMIN_BIN)
+        .arg("--conf")
+        .arg(&conf.path)
+        .arg("up")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn duang-admin up");
+    let client = reqwest::Client::new();
+    let gateway = format!("http://127.0.0.1:{}", conf.gateway_port);
+    let admin = format!("http://127.0.0.1:{}", conf.admin_port);
+    wait_ready(&client, &format!("{gateway}/healthz"), &mut child).await;
+    wait_ready(&client, &format!("{admin}/healthz"), &mut child).await;
+    assert!(db.exists(), "the embedded store is created on first start");
+
+    // The tiers with the seeds' customer prices, in OpenAI's list shape.
+    let models: serde_json::Value = client
+        .get(format!("{gateway}/v1/models"))
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["object"], "list");
+    let tiers: Vec<_> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap_or_default().to_owned(),
+                m["pricing"]["input_usd_per_mtok"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                m["pricing"]["output_usd_per_mtok"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("budget", "0.12", "0.48"),
+        ("standard", "0.36", "3.00"),
+        ("premium", "3.60", "18.00"),
+    ];
+    assert_eq!(
+        tiers,
+        expected.map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
+    );
+
+    // Unknown routes get OpenAI-shaped errors.
+    let r = client
+        .get(format!("{gateway}/v2/nothing"))
+        .send()
+        .await
+        .expect("404");
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "not_found");
+
+    // The local demo upstream answers in OpenAI's wire format, JSON and SSE.
+    let demo = format!("{admin}/demo/v1/chat/completions");
+    let answer: serde_json::Value = client
+        .post(&demo)
+        .json(&serde_json::json!({"model": "demo-budget", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("demo")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(answer["object"], "chat.completion");
+    assert!(
+        answer["choices"][0]["message"]["content"]
+            .as_str()
+            .is_some_and(|c| c.contains("LOCAL DEMO"))
+    );
+    assert!(
+        answer["usage"]["completion_tokens"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    );
+    let stream = client
+        .post(&demo)
+        .json(&serde_json::json!({"model": "demo-budget", "stream": true, "stream_options": {"include_usage": true}, "messages": []}))
+        .send()
+        .await
+        .expect("demo stream");
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let text = stream.text().await.expect("body");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert!(text.contains("\"usage\""));
+
+    // SIGTERM stops the admin server and the gateway with it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("signal");
+    let status = wait_exit(&mut child);
+    assert!(status.success(), "up exits cleanly on SIGTERM: {status}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", conf.gateway_port)).is_err(),
+        "the gateway stopped too"
+    );
+}
