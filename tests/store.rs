@@ -7,7 +7,7 @@ use duang::conf::Backend;
 use duang::money::NanoUsd;
 use duang::store::{
     AccountRef, AccountStatus, KeyStatus, LedgerKind, NewAccount, NewKey, NewLedgerEntry, Role,
-    Store, StoreError, UsageRecord,
+    Settlement, Store, StoreError, UsageRecord,
 };
 use support::TestStore;
 
@@ -87,6 +87,8 @@ contract!(
     overflow_is_refused_not_wrapped,
     usage_batches_are_idempotent_and_paged,
     stripe_events_and_sessions_are_unique,
+    leases_move_credit_and_settlement_debits_them,
+    concurrent_leases_never_exceed_the_balance,
 );
 
 async fn migrations_are_idempotent(store: &Store) {
@@ -561,4 +563,156 @@ async fn stripe_events_and_sessions_are_unique(store: &Store) {
             .await,
         Err(StoreError::Invalid(_))
     ));
+}
+
+async fn leases_move_credit_and_settlement_debits_them(store: &Store) {
+    let id = account(store, "mo@example.com").await;
+    let m = duang::keys::generate();
+    let key = store
+        .create_key(
+            &NewKey {
+                account_id: id,
+                name: "k".into(),
+                ..Default::default()
+            },
+            &m.hash,
+            &m.display_prefix,
+        )
+        .await
+        .expect("key");
+    store
+        .append_ledger(&entry(id, LedgerKind::TopUp, "3", "cs_lease"))
+        .await
+        .expect("top-up");
+    // Asking for more than the balance grants what there is; the proof still holds.
+    assert_eq!(
+        store
+            .take_lease(id, "node-a", usd("2"))
+            .await
+            .expect("lease"),
+        usd("2")
+    );
+    assert_eq!(
+        store
+            .take_lease(id, "node-a", usd("5"))
+            .await
+            .expect("lease"),
+        usd("1")
+    );
+    assert_eq!(
+        store
+            .take_lease(id, "node-a", usd("1"))
+            .await
+            .expect("lease"),
+        NanoUsd::ZERO
+    );
+    let proof = store.balance_proof(id).await.expect("proof");
+    assert_eq!((proof.cached, proof.leased), (usd("3"), usd("3")));
+    assert!(proof.holds());
+
+    // Settling debits the lease and writes the ledger entry and the usage record together.
+    let mut record = usage("req_lease_1", id, key.id, 5_000);
+    record.billed = usd("0.25");
+    let batch = [Settlement {
+        billed: usd("0.25"),
+        record: record.clone(),
+    }];
+    store.settle_batch("node-a", &batch).await.expect("settle");
+    // The same batch again (lost acknowledgement) bills nothing twice.
+    store.settle_batch("node-a", &batch).await.expect("retry");
+    assert_eq!(store.lease(id, "node-a").await.expect("lease"), usd("2.75"));
+    let proof = store.balance_proof(id).await.expect("proof");
+    assert_eq!(
+        (proof.cached, proof.ledger_sum, proof.entries),
+        (usd("2.75"), usd("2.75"), 2)
+    );
+    assert_eq!(
+        store.usage_page(id, None, 10).await.expect("usage"),
+        vec![record]
+    );
+
+    // A settlement the lease cannot cover is refused whole.
+    let mut big = usage("req_lease_2", id, key.id, 6_000);
+    big.billed = usd("9");
+    let r = store
+        .settle_batch(
+            "node-a",
+            &[Settlement {
+                billed: usd("9"),
+                record: big,
+            }],
+        )
+        .await;
+    assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+    assert_eq!(
+        store.usage_page(id, None, 10).await.expect("usage").len(),
+        1
+    );
+
+    // Returning part, then the rest (as a restarted node does).
+    assert_eq!(
+        store
+            .return_lease(id, "node-a", Some(usd("0.75")))
+            .await
+            .expect("return"),
+        usd("0.75")
+    );
+    assert_eq!(
+        store
+            .return_node_leases("node-a")
+            .await
+            .expect("return all"),
+        (1, usd("2"))
+    );
+    assert_eq!(
+        store.lease(id, "node-a").await.expect("lease"),
+        NanoUsd::ZERO
+    );
+    let proof = store.balance_proof(id).await.expect("proof");
+    assert_eq!((proof.cached, proof.leased), (usd("2.75"), NanoUsd::ZERO));
+    assert!(store.reconcile().await.expect("reconcile").is_empty());
+}
+
+/// Two nodes race for leases against a $10 balance: together they never get more than $10.
+async fn concurrent_leases_never_exceed_the_balance(store: &Store) {
+    let id = account(store, "ned@example.com").await;
+    store
+        .append_ledger(&entry(id, LedgerKind::TopUp, "10", "cs_lease_race"))
+        .await
+        .expect("top-up");
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = store.clone();
+            let node = if i % 2 == 0 { "node-a" } else { "node-b" };
+            tokio::spawn(async move {
+                store
+                    .take_lease(id, node, "0.75".parse().expect("amount"))
+                    .await
+            })
+        })
+        .collect();
+    let mut granted = NanoUsd::ZERO;
+    for t in tasks {
+        granted = granted
+            .checked_add(t.await.expect("task").expect("lease"))
+            .expect("sum");
+    }
+    assert_eq!(granted, usd("10"));
+    let total = store
+        .lease(id, "node-a")
+        .await
+        .expect("a")
+        .checked_add(store.lease(id, "node-b").await.expect("b"))
+        .expect("sum");
+    assert_eq!(total, usd("10"));
+    let proof = store.balance_proof(id).await.expect("proof");
+    assert!(proof.holds());
+    assert_eq!(
+        store
+            .account(&AccountRef::Id(id))
+            .await
+            .expect("account")
+            .balance,
+        NanoUsd::ZERO
+    );
 }

@@ -488,6 +488,12 @@ async fn balance(store: &Store, account: &str) -> anyhow::Result<()> {
     let p = store.balance_proof(a.id).await?;
     println!("account     {} {}", a.id, a.email);
     println!("balance     {}", p.cached);
+    if p.leased.is_positive() {
+        println!(
+            "  leased    {} (held by gateway nodes for requests; returned when idle)",
+            p.leased
+        );
+    }
     println!("ledger sum  {} over {} entries", p.ledger_sum, p.entries);
     if p.holds() {
         println!("proof       ok: the balance equals the ledger sum");

@@ -89,7 +89,10 @@ impl LedgerEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BalanceProof {
     pub account_id: i64,
+    /// The account's credit: the unleased balance plus what gateway nodes hold leased.
     pub cached: NanoUsd,
+    /// The part of `cached` currently leased to gateway nodes.
+    pub leased: NanoUsd,
     pub ledger_sum: NanoUsd,
     pub entries: i64,
 }
@@ -99,6 +102,13 @@ impl BalanceProof {
         self.cached == self.ledger_sum
     }
 }
+
+/// Balance, leases and ledger of each account, read in one statement (one snapshot).
+const PROOF_SELECT: &str = "SELECT a.id, a.balance_nano,
+        CAST(COALESCE((SELECT SUM(c.amount_nano) FROM credit_leases c WHERE c.account_id = a.id), 0) AS BIGINT) AS leased,
+        CAST(COALESCE((SELECT SUM(l.amount_nano) FROM ledger l WHERE l.account_id = a.id), 0) AS BIGINT) AS ledger_sum,
+        (SELECT COUNT(*) FROM ledger l WHERE l.account_id = a.id) AS entries
+     FROM accounts a";
 
 impl Store {
     /// Appends one entry and moves the cached balance with it, atomically. Refuses a zero amount,
@@ -184,33 +194,21 @@ impl Store {
         rows.iter().map(LedgerEntry::from_row).collect()
     }
 
-    /// The cached balance and the ledger's sum for one account, read in one statement.
+    /// The cached balance (with leases) and the ledger's sum for one account.
     pub async fn balance_proof(&self, account_id: i64) -> Result<BalanceProof, StoreError> {
-        let row = sqlx::query(
-            "SELECT a.id, a.balance_nano,
-                    CAST(COALESCE(SUM(l.amount_nano), 0) AS BIGINT) AS ledger_sum,
-                    COUNT(l.id) AS entries
-             FROM accounts a LEFT JOIN ledger l ON l.account_id = a.id
-             WHERE a.id = $1 GROUP BY a.id, a.balance_nano",
-        )
-        .bind(account_id)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| StoreError::not_found("account", account_id))?;
+        let row = sqlx::query(&format!("{PROOF_SELECT} WHERE a.id = $1"))
+            .bind(account_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::not_found("account", account_id))?;
         proof_from_row(&row)
     }
 
     /// Every account whose cached balance differs from its ledger sum (empty when all is well).
     pub async fn reconcile(&self) -> Result<Vec<BalanceProof>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT a.id, a.balance_nano,
-                    CAST(COALESCE(SUM(l.amount_nano), 0) AS BIGINT) AS ledger_sum,
-                    COUNT(l.id) AS entries
-             FROM accounts a LEFT JOIN ledger l ON l.account_id = a.id
-             GROUP BY a.id, a.balance_nano
-             HAVING a.balance_nano <> CAST(COALESCE(SUM(l.amount_nano), 0) AS BIGINT)
-             ORDER BY a.id",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT * FROM ({PROOF_SELECT}) p WHERE p.balance_nano + p.leased <> p.ledger_sum ORDER BY p.id"
+        ))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(proof_from_row).collect()
@@ -218,9 +216,12 @@ impl Store {
 }
 
 fn proof_from_row(r: &AnyRow) -> Result<BalanceProof, StoreError> {
+    let balance = NanoUsd::from_nanos(r.try_get("balance_nano")?);
+    let leased = NanoUsd::from_nanos(r.try_get("leased")?);
     Ok(BalanceProof {
         account_id: r.try_get("id")?,
-        cached: NanoUsd::from_nanos(r.try_get("balance_nano")?),
+        cached: balance.checked_add(leased)?,
+        leased,
         ledger_sum: NanoUsd::from_nanos(r.try_get("ledger_sum")?),
         entries: r.try_get("entries")?,
     })

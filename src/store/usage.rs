@@ -63,6 +63,43 @@ const USAGE_COLUMNS: &str = "request_id, account_id, key_id, tier, provider, ups
      input_tokens, output_tokens, provider_cost_nano, billed_nano, http_status, error_code, attempts, \
      latency_ms, ttft_ms, started_at, finished_at";
 
+/// Inserts one record inside a caller's transaction; `false` when its request id is already
+/// stored.
+pub(super) async fn insert_usage(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    r: &UsageRecord,
+) -> Result<bool, StoreError> {
+    let sql = format!(
+        "INSERT INTO usage_records ({USAGE_COLUMNS}, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+         ON CONFLICT (request_id) DO NOTHING"
+    );
+    let n = sqlx::query(&sql)
+        .bind(&r.request_id)
+        .bind(r.account_id)
+        .bind(r.key_id)
+        .bind(&r.tier)
+        .bind(r.provider.as_deref())
+        .bind(r.upstream_model.as_deref())
+        .bind(i64::from(r.stream))
+        .bind(r.input_tokens)
+        .bind(r.output_tokens)
+        .bind(r.provider_cost.nanos())
+        .bind(r.billed.nanos())
+        .bind(r.http_status)
+        .bind(r.error_code.as_deref())
+        .bind(r.attempts)
+        .bind(r.latency_ms)
+        .bind(r.ttft_ms)
+        .bind(r.started_at)
+        .bind(r.finished_at)
+        .bind(now_ms())
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    Ok(n == 1)
+}
+
 impl Store {
     /// Writes a batch in one transaction. Records whose request id is already stored are skipped
     /// (so a retried batch is harmless); returns how many were new.
@@ -70,38 +107,10 @@ impl Store {
         if records.is_empty() {
             return Ok(0);
         }
-        let now = now_ms();
-        let sql = format!(
-            "INSERT INTO usage_records ({USAGE_COLUMNS}, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
-             ON CONFLICT (request_id) DO NOTHING"
-        );
         let mut tx = self.begin_write().await?;
         let mut inserted = 0;
         for r in records {
-            inserted += sqlx::query(&sql)
-                .bind(&r.request_id)
-                .bind(r.account_id)
-                .bind(r.key_id)
-                .bind(&r.tier)
-                .bind(r.provider.as_deref())
-                .bind(r.upstream_model.as_deref())
-                .bind(i64::from(r.stream))
-                .bind(r.input_tokens)
-                .bind(r.output_tokens)
-                .bind(r.provider_cost.nanos())
-                .bind(r.billed.nanos())
-                .bind(r.http_status)
-                .bind(r.error_code.as_deref())
-                .bind(r.attempts)
-                .bind(r.latency_ms)
-                .bind(r.ttft_ms)
-                .bind(r.started_at)
-                .bind(r.finished_at)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+            inserted += u64::from(insert_usage(&mut tx, r).await?);
         }
         tx.commit().await?;
         Ok(inserted)

@@ -1,0 +1,341 @@
+//! `duang-mock-upstream`: a local stand-in for an OpenAI-compatible provider, for tests and load
+//! benchmarks. It speaks the real wire format (chat completions as JSON and as SSE, OpenAI's error
+//! shape) so the gateway cannot tell it from a provider.
+//!
+//! It prints `listening on http://ADDR` as its first line (start it on port 0 and read the port).
+//! Defaults come from flags; each request may override them with a `mock` object in its body,
+//! which the gateway forwards untouched:
+//!
+//! ```json
+//! {"model": "...", "messages": [...], "stream": true,
+//!  "mock": {"ttft_ms": 50, "gap_ms": 10, "chunks": 5, "usage": false, "prompt_tokens": 12,
+//!           "status": 503, "retry_after_s": 2, "fault": "reset", "fault_after": 2}}
+//! ```
+//!
+//! Faults: `status` answers with that HTTP status and an OpenAI error body; `fault` is one of
+//! `reset` (cut the connection after `fault_after` chunks), `malformed` (send a chunk that is not
+//! JSON), `stall` (stop sending without closing), `error_body` (200 with an error object).
+//! `GET /_mock/stats` reports requests served, connections open now, and the last request seen
+//! (its body and the `authorization` header), so tests can check what the gateway sent.
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use clap::Parser;
+use serde_json::{Value, json};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Debug, Parser, Clone)]
+#[command(
+    name = "duang-mock-upstream",
+    about = "A mock OpenAI-compatible upstream for tests and benchmarks"
+)]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Delay before the first byte of the answer.
+    #[arg(long, default_value_t = 0)]
+    ttft_ms: u64,
+    /// Delay between stream chunks.
+    #[arg(long, default_value_t = 0)]
+    gap_ms: u64,
+    /// Content chunks per answer (one token each).
+    #[arg(long, default_value_t = 8)]
+    chunks: u64,
+    /// Report usage (JSON `usage`; the usage chunk when the request asks for it).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    usage: bool,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+#[derive(Default)]
+struct Stats {
+    requests: AtomicU64,
+    open_connections: AtomicI64,
+    last_request: Mutex<Value>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    args: Args,
+    stats: Arc<Stats>,
+}
+
+/// Per-request knobs: the flags' defaults overridden by the body's `mock` object.
+struct Knobs {
+    ttft: Duration,
+    gap: Duration,
+    chunks: u64,
+    usage: bool,
+    prompt_tokens: u64,
+    status: Option<u16>,
+    retry_after_s: Option<u64>,
+    fault: Option<String>,
+    fault_after: u64,
+}
+
+impl Knobs {
+    fn new(args: &Args, req: &Value) -> Knobs {
+        let m = &req["mock"];
+        let num = |k: &str, d: u64| m[k].as_u64().unwrap_or(d);
+        Knobs {
+            ttft: Duration::from_millis(num("ttft_ms", args.ttft_ms)),
+            gap: Duration::from_millis(num("gap_ms", args.gap_ms)),
+            chunks: num("chunks", args.chunks),
+            usage: m["usage"].as_bool().unwrap_or(args.usage),
+            prompt_tokens: num("prompt_tokens", 10),
+            status: m["status"].as_u64().and_then(|s| u16::try_from(s).ok()),
+            retry_after_s: m["retry_after_s"].as_u64(),
+            fault: m["fault"].as_str().map(str::to_owned),
+            fault_after: num("fault_after", 1),
+        }
+    }
+}
+
+fn main() -> io::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind(&args.listen).await?;
+        println!("listening on http://{}", listener.local_addr()?);
+        let stats = Arc::new(Stats::default());
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/_mock/stats", get(stats_handler))
+            .with_state(AppState {
+                args,
+                stats: stats.clone(),
+            });
+        axum::serve(
+            CountingListener {
+                inner: listener,
+                stats,
+            },
+            app,
+        )
+        .await
+    })
+}
+
+async fn stats_handler(State(s): State<AppState>) -> impl IntoResponse {
+    let last = s
+        .stats
+        .last_request
+        .lock()
+        .map(|v| v.clone())
+        .unwrap_or(Value::Null);
+    axum::Json(json!({
+        "requests": s.stats.requests.load(Ordering::SeqCst),
+        "open_connections": s.stats.open_connections.load(Ordering::SeqCst),
+        "last_request": last,
+    }))
+}
+
+fn error_response(status: StatusCode, message: &str, retry_after: Option<u64>) -> Response {
+    let body = json!({"error": {"message": message, "type": "mock_error", "param": null, "code": status.as_u16().to_string()}});
+    let mut r = (status, axum::Json(body)).into_response();
+    if let Some(s) = retry_after {
+        r.headers_mut().insert(header::RETRY_AFTER, s.into());
+    }
+    r
+}
+
+async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    s.stats.requests.fetch_add(1, Ordering::SeqCst);
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return error_response(StatusCode::BAD_REQUEST, "mock: body is not JSON", None);
+    };
+    if let Ok(mut last) = s.stats.last_request.lock() {
+        *last = json!({
+            "body": req,
+            "body_bytes": body.len(),
+            "authorization": headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
+        });
+    }
+    let k = Knobs::new(&s.args, &req);
+    tokio::time::sleep(k.ttft).await;
+    if let Some(status) = k.status {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return error_response(status, "mock: injected failure", k.retry_after_s);
+    }
+    let model = req["model"].as_str().unwrap_or("mock").to_owned();
+    let usage = json!({
+        "prompt_tokens": k.prompt_tokens,
+        "completion_tokens": k.chunks,
+        "total_tokens": k.prompt_tokens + k.chunks,
+    });
+    if k.fault.as_deref() == Some("error_body") {
+        return axum::Json(json!({"error": {"message": "mock: upstream error in a 200", "type": "server_error", "param": null, "code": null}})).into_response();
+    }
+    if req["stream"].as_bool() != Some(true) {
+        let content: String = (0..k.chunks).map(|i| format!("tok{i} ")).collect();
+        let mut v = json!({
+            "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        });
+        if k.usage {
+            v["usage"] = usage;
+        }
+        return axum::Json(v).into_response();
+    }
+    let include_usage = k.usage && req["stream_options"]["include_usage"].as_bool() == Some(true);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(4);
+    tokio::spawn(async move {
+        let chunk = |delta: Value, finish: Value| {
+            Bytes::from(format!(
+                "data: {}\n\n",
+                json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            ))
+        };
+        if tx
+            .send(Ok(chunk(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+            )))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        for i in 0..k.chunks {
+            if i > 0 {
+                tokio::time::sleep(k.gap).await;
+            }
+            if i == k.fault_after {
+                match k.fault.as_deref() {
+                    Some("reset") => {
+                        let _ = tx
+                            .send(Err(io::Error::new(
+                                io::ErrorKind::ConnectionReset,
+                                "mock reset",
+                            )))
+                            .await;
+                        return;
+                    }
+                    Some("stall") => {
+                        // Keep the connection open and silent until the client gives up.
+                        tx.closed().await;
+                        return;
+                    }
+                    Some("malformed") => {
+                        let _ = tx
+                            .send(Ok(Bytes::from_static(b"data: {not json\n\n")))
+                            .await;
+                    }
+                    _ => {}
+                }
+            }
+            if tx
+                .send(Ok(chunk(
+                    json!({"content": format!("tok{i} ")}),
+                    Value::Null,
+                )))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = tx.send(Ok(chunk(json!({}), json!("stop")))).await;
+        if include_usage {
+            let v = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage});
+            let _ = tx.send(Ok(Bytes::from(format!("data: {v}\n\n")))).await;
+        }
+        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// A listener whose connections count themselves open until dropped.
+struct CountingListener {
+    inner: TcpListener,
+    stats: Arc<Stats>,
+}
+
+struct CountedStream {
+    inner: TcpStream,
+    stats: Arc<Stats>,
+}
+
+impl Drop for CountedStream {
+    fn drop(&mut self) {
+        self.stats.open_connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl axum::serve::Listener for CountingListener {
+    type Io = CountedStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    self.stats.open_connections.fetch_add(1, Ordering::SeqCst);
+                    return (
+                        CountedStream {
+                            inner: stream,
+                            stats: self.stats.clone(),
+                        },
+                        addr,
+                    );
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+impl AsyncRead for CountedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
