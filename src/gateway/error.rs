@@ -1,6 +1,8 @@
 //! Errors as API clients see them: OpenAI's `{"error":{"message","type","param","code"}}` with
-//! the matching HTTP status. Every variant's status, `type` and `code` are decided here, once.
+//! the matching HTTP status. Every variant's status, `type`, `code` and metric label are decided
+//! here, once, with exhaustive matches.
 
+use crate::money::NanoUsd;
 use bytes::Bytes;
 use serde_json::json;
 
@@ -10,66 +12,209 @@ pub enum ApiError {
     NotFound { path: String },
     /// The route exists but not for this method.
     MethodNotAllowed { method: String, path: String },
-    /// A route this build does not serve yet.
-    NotImplemented { what: &'static str },
+    /// No key in `Authorization: Bearer` or `x-api-key`.
+    MissingKey,
+    /// A key that is malformed, unknown, revoked or expired.
+    InvalidKey { reason: String },
+    /// The key was suspended by an operator.
+    KeySuspended { support: String },
+    /// The account is suspended or terminated.
+    AccountBlocked {
+        status: &'static str,
+        support: String,
+    },
+    /// The account's e-mail is not verified yet.
+    EmailNotVerified,
+    /// The key may not use this tier.
+    ModelNotAllowed { model: String },
+    /// `model` names no tier.
+    ModelNotFound { model: String, known: String },
+    /// The body is not valid JSON, or a field is missing or has the wrong type or value.
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    /// The body is larger than the conf allows.
+    BodyTooLarge { limit_bytes: u64 },
+    /// The balance cannot cover the request's worst case.
+    InsufficientCredits { needed: NanoUsd, available: NanoUsd },
+    /// No upstream is enabled for the tier.
+    NoUpstream { tier: String },
+    /// Every upstream failed to connect or answered 5xx.
+    UpstreamUnavailable { detail: String },
+    /// Every upstream timed out before answering.
+    UpstreamTimeout { detail: String },
+    /// The upstream refused the request (4xx): its message, passed through in our shape.
+    Upstream {
+        status: u16,
+        message: String,
+        kind: String,
+        param: Option<String>,
+        code: Option<String>,
+    },
+    /// The store is not reachable (a cache miss could not be resolved).
+    StoreUnavailable,
+    /// A bug or an unexpected failure inside the gateway.
+    Internal,
 }
 
 impl ApiError {
     pub fn status(&self) -> u16 {
         match self {
-            ApiError::NotFound { .. } => 404,
+            ApiError::InvalidRequest { .. } => 400,
+            ApiError::MissingKey | ApiError::InvalidKey { .. } => 401,
+            ApiError::InsufficientCredits { .. } => 402,
+            ApiError::KeySuspended { .. }
+            | ApiError::AccountBlocked { .. }
+            | ApiError::EmailNotVerified
+            | ApiError::ModelNotAllowed { .. } => 403,
+            ApiError::NotFound { .. } | ApiError::ModelNotFound { .. } => 404,
             ApiError::MethodNotAllowed { .. } => 405,
-            ApiError::NotImplemented { .. } => 501,
+            ApiError::BodyTooLarge { .. } => 413,
+            ApiError::Upstream { status, .. } => *status,
+            ApiError::Internal => 500,
+            ApiError::UpstreamUnavailable { .. } => 502,
+            ApiError::NoUpstream { .. } | ApiError::StoreUnavailable => 503,
+            ApiError::UpstreamTimeout { .. } => 504,
         }
     }
 
     /// OpenAI's `type` field.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ApiError::NotFound { .. } | ApiError::MethodNotAllowed { .. } => {
-                "invalid_request_error"
-            }
-            ApiError::NotImplemented { .. } => "api_error",
-        }
+    pub fn kind(&self) -> String {
+        let k = match self {
+            ApiError::NotFound { .. }
+            | ApiError::MethodNotAllowed { .. }
+            | ApiError::ModelNotFound { .. }
+            | ApiError::InvalidRequest { .. }
+            | ApiError::BodyTooLarge { .. }
+            | ApiError::MissingKey
+            | ApiError::InvalidKey { .. } => "invalid_request_error",
+            ApiError::KeySuspended { .. }
+            | ApiError::AccountBlocked { .. }
+            | ApiError::EmailNotVerified
+            | ApiError::ModelNotAllowed { .. } => "permission_error",
+            ApiError::InsufficientCredits { .. } => "insufficient_quota",
+            ApiError::Upstream { kind, .. } => return kind.clone(),
+            ApiError::NoUpstream { .. }
+            | ApiError::UpstreamUnavailable { .. }
+            | ApiError::UpstreamTimeout { .. }
+            | ApiError::StoreUnavailable
+            | ApiError::Internal => "api_error",
+        };
+        k.to_owned()
     }
 
     /// OpenAI's `code` field, also the low-cardinality metric label.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> &str {
         match self {
             ApiError::NotFound { .. } => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
-            ApiError::NotImplemented { .. } => "not_implemented",
+            ApiError::MissingKey | ApiError::InvalidKey { .. } => "invalid_api_key",
+            ApiError::KeySuspended { .. } => "key_suspended",
+            ApiError::AccountBlocked {
+                status: "terminated",
+                ..
+            } => "account_terminated",
+            ApiError::AccountBlocked { .. } => "account_suspended",
+            ApiError::EmailNotVerified => "email_not_verified",
+            ApiError::ModelNotAllowed { .. } => "model_not_allowed",
+            ApiError::ModelNotFound { .. } => "model_not_found",
+            ApiError::InvalidRequest { .. } => "invalid_request",
+            ApiError::BodyTooLarge { .. } => "request_too_large",
+            ApiError::InsufficientCredits { .. } => "insufficient_quota",
+            ApiError::NoUpstream { .. } => "no_upstream",
+            ApiError::UpstreamUnavailable { .. } => "upstream_unavailable",
+            ApiError::UpstreamTimeout { .. } => "upstream_timeout",
+            ApiError::Upstream { code: Some(c), .. } => c,
+            ApiError::Upstream { .. } => "upstream_error",
+            ApiError::StoreUnavailable => "store_unavailable",
+            ApiError::Internal => "internal_error",
+        }
+    }
+
+    /// Low-cardinality label for metrics (never an upstream-supplied string).
+    pub fn label(&self) -> &'static str {
+        match self {
+            ApiError::Upstream { .. } => "upstream_error",
+            ApiError::NotFound { .. } => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::MissingKey | ApiError::InvalidKey { .. } => "invalid_api_key",
+            ApiError::KeySuspended { .. } => "key_suspended",
+            ApiError::AccountBlocked { .. } => "account_blocked",
+            ApiError::EmailNotVerified => "email_not_verified",
+            ApiError::ModelNotAllowed { .. } => "model_not_allowed",
+            ApiError::ModelNotFound { .. } => "model_not_found",
+            ApiError::InvalidRequest { .. } => "invalid_request",
+            ApiError::BodyTooLarge { .. } => "request_too_large",
+            ApiError::InsufficientCredits { .. } => "insufficient_quota",
+            ApiError::NoUpstream { .. } => "no_upstream",
+            ApiError::UpstreamUnavailable { .. } => "upstream_unavailable",
+            ApiError::UpstreamTimeout { .. } => "upstream_timeout",
+            ApiError::StoreUnavailable => "store_unavailable",
+            ApiError::Internal => "internal_error",
         }
     }
 
     pub fn message(&self) -> String {
         match self {
-            ApiError::NotFound { path } => {
-                format!("Unknown request URL: {path}. Check the path (the API lives under /v1).")
-            }
-            ApiError::MethodNotAllowed { method, path } => {
-                format!("{method} is not allowed on {path}.")
-            }
-            ApiError::NotImplemented { what } => {
-                format!("{what} is not served by this build of the gateway yet.")
-            }
+            ApiError::NotFound { path } => format!("Unknown request URL: {path}. Check the path (the API lives under /v1)."),
+            ApiError::MethodNotAllowed { method, path } => format!("{method} is not allowed on {path}."),
+            ApiError::MissingKey => "You didn't provide an API key. Send it as `Authorization: Bearer sk-relay_...`.".into(),
+            ApiError::InvalidKey { reason } => reason.clone(),
+            ApiError::KeySuspended { support } => format!("This API key is suspended. Contact {support} for help."),
+            ApiError::AccountBlocked { status, support } => format!("This account is {status}. Contact {support} for help."),
+            ApiError::EmailNotVerified => "Verify your e-mail address before using API keys: open the link in the verification mail we sent you.".into(),
+            ApiError::ModelNotAllowed { model } => format!("This API key may not use the model `{model}`."),
+            ApiError::ModelNotFound { model, known } => format!("The model `{model}` does not exist. Available models: {known}."),
+            ApiError::InvalidRequest { message, .. } => message.clone(),
+            ApiError::BodyTooLarge { limit_bytes } => format!("The request body is larger than the limit of {limit_bytes} bytes."),
+            ApiError::InsufficientCredits { needed, available } => format!(
+                "Insufficient credits: this request can cost up to {needed} (its prompt plus its max_tokens), but your available balance is {available}. Add credits, or lower max_tokens."
+            ),
+            ApiError::NoUpstream { tier } => format!("No upstream is available for `{tier}` right now."),
+            ApiError::UpstreamUnavailable { detail } => format!("The upstream provider is unavailable: {detail}."),
+            ApiError::UpstreamTimeout { detail } => format!("The upstream provider timed out: {detail}."),
+            ApiError::Upstream { message, .. } => message.clone(),
+            ApiError::StoreUnavailable => "The service is temporarily unavailable. Try again shortly.".into(),
+            ApiError::Internal => "Internal error.".into(),
         }
     }
 
-    pub fn param(&self) -> Option<&'static str> {
-        None
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidRequest { param, .. } => *param,
+            ApiError::ModelNotFound { .. } | ApiError::ModelNotAllowed { .. } => Some("model"),
+            ApiError::Upstream { param, .. } => param.as_deref(),
+            _ => None,
+        }
     }
 
-    pub fn body(&self) -> Bytes {
-        let v = json!({
+    fn value(&self) -> serde_json::Value {
+        json!({
             "error": {
                 "message": self.message(),
                 "type": self.kind(),
                 "param": self.param(),
                 "code": self.code(),
             }
-        });
-        Bytes::from(v.to_string())
+        })
+    }
+
+    pub fn body(&self) -> Bytes {
+        Bytes::from(self.value().to_string())
+    }
+
+    /// The same error as one SSE event, for a stream that already started.
+    pub fn sse_event(&self) -> Bytes {
+        Bytes::from(format!("data: {}\n\n", self.value()))
+    }
+
+    /// A 400 for a bad field.
+    pub fn invalid(param: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: Some(param),
+        }
     }
 }
 
@@ -92,5 +237,21 @@ mod tests {
                 .is_some_and(|m| m.contains("/v2/x"))
         );
         assert_eq!(e.status(), 404);
+    }
+
+    #[test]
+    fn insufficient_credits_says_needed_and_available() {
+        let e = ApiError::InsufficientCredits {
+            needed: NanoUsd::from_nanos(1_500_000),
+            available: NanoUsd::from_nanos(1_000),
+        };
+        assert_eq!(e.status(), 402);
+        assert_eq!(e.code(), "insufficient_quota");
+        assert!(
+            e.message().contains("$0.0015") && e.message().contains("$0.000001"),
+            "{}",
+            e.message()
+        );
+        assert!(e.sse_event().starts_with(b"data: {"));
     }
 }

@@ -1,22 +1,36 @@
-//! The gateway (data plane): a Pingora `ProxyHttp` service.
+//! The gateway (data plane): a Pingora `ProxyHttp` service. The request flow, one module per step:
 //!
-//! This build answers `GET /healthz` and `GET /v1/models` (the tiers with their customer prices);
-//! chat completions arrive with the proxy itself (issue #3). The service is built the way the
-//! full gateway will be: conf and store checked before Pingora starts, responses written by the
-//! service in OpenAI's shapes, errors mapped in one place ([`error::ApiError`]).
+//! 1. [`auth`]: parse and check the key, from an in-memory cache;
+//! 2. limits (issue #5);
+//! 3. [`request`]: read and validate the body, map the tier;
+//! 4. [`hold`]: hold credits for the worst case, from this node's credit lease;
+//! 5. [`upstream`]: send to the tier's upstreams with fallback before the first byte;
+//! 6. [`relay`]: pass the answer through event by event, reading usage;
+//! 7. settle: bill the real usage and queue the usage record ([`chat`]); the [`worker`] writes
+//!    batches, keeps the key cache fresh and returns idle leases.
 
+pub mod auth;
+mod chat;
 pub mod error;
+pub mod hold;
 mod models;
+pub mod relay;
+pub mod request;
 mod service;
+pub mod state;
+pub mod upstream;
+mod worker;
 
 pub use service::GatewayService;
+pub use state::Gateway;
 
 use crate::conf::Conf;
 use pingora::server::Server;
 use pingora::server::configuration::ServerConf;
 use std::sync::Arc;
 
-/// Builds the Pingora server with the gateway service listening on `conf.gateway.listen`.
+/// Builds the Pingora server: the background worker, and the gateway service listening on
+/// `conf.gateway.listen`, which starts taking requests once the worker is ready.
 pub fn build_server(conf: Arc<Conf>) -> Server {
     let server_conf = ServerConf {
         threads: conf.gateway.threads.get() as usize,
@@ -27,19 +41,28 @@ pub fn build_server(conf: Arc<Conf>) -> Server {
             conf.gateway
                 .graceful_shutdown_timeout
                 .as_millis()
-                .div_ceil(1000) as u64,
+                .div_ceil(1000) as u64
+                + 1,
         ),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
-    let listen = conf.gateway.listen.to_string();
+    let gateway = Gateway::new(conf.clone());
+    let worker = pingora::services::background::background_service(
+        "duang worker",
+        worker::Worker {
+            gateway: gateway.clone(),
+        },
+    );
+    let worker_handle = server.add_service(worker);
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        GatewayService::new(conf),
+        GatewayService::new(gateway),
         "duang gateway",
     );
-    proxy.add_tcp(&listen);
-    server.add_service(proxy);
+    proxy.add_tcp(&conf.gateway.listen.to_string());
+    let proxy_handle = server.add_service(proxy);
+    proxy_handle.add_dependency(&worker_handle);
     server
 }

@@ -1,35 +1,55 @@
-//! The `ProxyHttp` implementation: each phase is one call into the module named after it.
+//! The `ProxyHttp` implementation, as a table of contents: each route is one call into the module
+//! named after it. Every request is answered in `request_filter` (returning `true`), so Pingora's
+//! proxy loop, and its 64 KiB retry-buffer limit on bodies, never handles our traffic.
 
 use super::error::ApiError;
-use super::models::models_body;
-use crate::conf::Conf;
+use super::state::Gateway;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 use std::sync::Arc;
+use std::time::Instant;
 
 pub struct GatewayService {
-    conf: Arc<Conf>,
-    models: Bytes,
+    gateway: Arc<Gateway>,
 }
 
 impl GatewayService {
-    pub fn new(conf: Arc<Conf>) -> Self {
-        let models = models_body(&conf);
-        GatewayService { conf, models }
-    }
-
-    pub fn conf(&self) -> &Conf {
-        &self.conf
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        GatewayService { gateway }
     }
 }
 
-/// Per-request state (grows with auth, holds and usage in the full gateway).
-#[derive(Debug, Default)]
+/// Per-request state: written by the phase named in each comment, read when the request is logged.
+#[derive(Debug)]
 pub struct RequestCtx {
+    /// Set at creation; returned to the client as `x-request-id` and kept in the usage record.
+    pub request_id: String,
+    pub started: Instant,
+    pub started_ms: i64,
+    /// The status sent to the client (request_filter).
     pub status: u16,
+    /// The tier named by the request (chat, step 3).
+    pub tier: Option<String>,
+    pub stream: bool,
+    /// When the first byte of the answer went to the client (chat, step 6).
+    pub first_byte: Option<Instant>,
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        RequestCtx {
+            request_id: format!("req_{}", hex::encode(rand::random::<[u8; 12]>())),
+            started: Instant::now(),
+            started_ms: crate::time::now_ms(),
+            status: 0,
+            tier: None,
+            stream: false,
+            first_byte: None,
+        }
+    }
 }
 
 async fn respond_json(session: &mut Session, status: u16, body: Bytes) -> Result<()> {
@@ -50,33 +70,47 @@ impl ProxyHttp for GatewayService {
         RequestCtx::default()
     }
 
-    /// Every route is answered here; returning `true` tells Pingora the response is written.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
-        let (status, body) = match (method.as_str(), path.as_str()) {
-            ("GET", "/healthz") => (200, Bytes::from_static(br#"{"status":"ok"}"#)),
-            ("GET", "/v1/models") => (200, self.models.clone()),
+        let routed: std::result::Result<(), ApiError> = match (method.as_str(), path.as_str()) {
             ("POST", "/v1/chat/completions") => {
-                let e = ApiError::NotImplemented {
-                    what: "POST /v1/chat/completions",
+                let r = super::chat::handle(&self.gateway, session, ctx).await;
+                if r.is_ok() && ctx.status == 0 {
+                    ctx.status = 200;
+                }
+                r
+            }
+            ("GET", "/healthz") => {
+                ctx.status = if self.gateway.store().is_some() {
+                    200
+                } else {
+                    503
                 };
-                (e.status(), e.body())
+                let body: &'static [u8] = if ctx.status == 200 {
+                    br#"{"status":"ok"}"#
+                } else {
+                    br#"{"status":"starting"}"#
+                };
+                respond_json(session, ctx.status, Bytes::from_static(body)).await?;
+                Ok(())
+            }
+            ("GET", "/v1/models") => {
+                ctx.status = 200;
+                respond_json(session, 200, self.gateway.models_body.clone()).await?;
+                Ok(())
             }
             (_, "/healthz" | "/v1/models" | "/v1/chat/completions") => {
-                let e = ApiError::MethodNotAllowed {
+                Err(ApiError::MethodNotAllowed {
                     method: method.to_string(),
                     path,
-                };
-                (e.status(), e.body())
+                })
             }
-            _ => {
-                let e = ApiError::NotFound { path };
-                (e.status(), e.body())
-            }
+            _ => Err(ApiError::NotFound { path }),
         };
-        ctx.status = status;
-        respond_json(session, status, body).await?;
+        if let Err(e) = routed {
+            super::chat::write_error(session, ctx, &e).await?;
+        }
         Ok(true)
     }
 
@@ -85,10 +119,10 @@ impl ProxyHttp for GatewayService {
         _session: &mut Session,
         _ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        // Unreachable while request_filter answers every request.
+        // Unreachable: request_filter answers every request.
         Error::e_explain(
             ErrorType::InternalError,
-            "no upstream is chosen in this build",
+            "requests are answered in request_filter",
         )
     }
 }

@@ -15,6 +15,10 @@ pub enum AccountStatus {
     Terminated,
 }
 
+pub(super) fn parse_status(s: &str) -> Result<AccountStatus, StoreError> {
+    AccountStatus::parse(s)
+}
+
 impl AccountStatus {
     pub fn as_str(self) -> &'static str {
         match self {

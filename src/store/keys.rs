@@ -236,3 +236,74 @@ impl Store {
         Ok(())
     }
 }
+
+/// A key with what the gateway needs to know about its account, for the auth cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyAuth {
+    pub key_hash: String,
+    pub key: ApiKey,
+    pub account_status: super::AccountStatus,
+    pub account_verified: bool,
+}
+
+static KEY_AUTH_SELECT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let cols: Vec<String> = KEY_COLUMNS
+        .split(',')
+        .map(|c| format!("k.{}", c.trim()))
+        .collect();
+    format!(
+        "SELECT {}, k.key_hash, a.status AS account_status, a.email_verified_at AS account_verified_at
+         FROM api_keys k JOIN accounts a ON a.id = k.account_id",
+        cols.join(", ")
+    )
+});
+
+impl KeyAuth {
+    fn from_row(r: &AnyRow) -> Result<Self, StoreError> {
+        let status: String = r.try_get("account_status")?;
+        Ok(KeyAuth {
+            key_hash: r.try_get("key_hash")?,
+            key: ApiKey::from_row(r)?,
+            account_status: super::accounts::parse_status(&status)?,
+            account_verified: r
+                .try_get::<Option<i64>, _>("account_verified_at")?
+                .is_some(),
+        })
+    }
+}
+
+impl Store {
+    /// One key with its account's status, by the key's hash (an auth-cache miss).
+    pub async fn key_auth_by_hash(&self, key_hash: &str) -> Result<Option<KeyAuth>, StoreError> {
+        let row = sqlx::query(&format!("{} WHERE k.key_hash = $1", *KEY_AUTH_SELECT))
+            .bind(key_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(KeyAuth::from_row).transpose()
+    }
+
+    /// Keys whose row or whose account's row changed at or after `since_ms` (`None`: every key
+    /// that is not revoked), for warming and refreshing the auth cache.
+    pub async fn key_auth_changed_since(
+        &self,
+        since_ms: Option<i64>,
+    ) -> Result<Vec<KeyAuth>, StoreError> {
+        let rows = match since_ms {
+            Some(since) => {
+                sqlx::query(&format!(
+                    "{} WHERE k.updated_at >= $1 OR a.updated_at >= $1",
+                    *KEY_AUTH_SELECT
+                ))
+                .bind(since)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(&format!("{} WHERE k.status <> 'revoked'", *KEY_AUTH_SELECT))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(KeyAuth::from_row).collect()
+    }
+}

@@ -14,7 +14,7 @@ mod ledger;
 mod usage;
 
 pub use accounts::{Account, AccountRef, AccountStatus, LimitOverrides, NewAccount, Role};
-pub use keys::{ApiKey, KeyStatus, NewKey};
+pub use keys::{ApiKey, KeyAuth, KeyStatus, NewKey};
 pub use leases::Settlement;
 pub use ledger::{BalanceProof, LedgerEntry, LedgerKind, NewLedgerEntry};
 pub use usage::UsageRecord;

@@ -1,0 +1,414 @@
+//! `POST /v1/chat/completions`, top to bottom: key (1), body and tier (3), hold (4), upstream (5),
+//! relay (6), settle (7). Limits (2) arrive with issue #5. The gateway writes the response itself
+//! and tells Pingora it is done, so bodies of any size reach the upstream.
+
+use super::error::ApiError;
+use super::relay::{SseRelay, Usage, count_tokens, counted_json_output_tokens, usage_of};
+use super::request::{ChatRequest, parse_chat, read_body};
+use super::service::RequestCtx;
+use super::state::Gateway;
+use super::upstream::{self, Answer};
+use crate::money::{NanoUsd, Rounding};
+use crate::store::{Settlement, UsageRecord};
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use std::time::Instant;
+
+/// Largest non-streaming answer we buffer from an upstream.
+const MAX_JSON_ANSWER: usize = 64 * 1024 * 1024;
+
+/// What became of a request after authentication, for its usage record.
+struct Outcome {
+    status: u16,
+    error_code: Option<String>,
+    usage: Usage,
+    billed: NanoUsd,
+    provider_cost: NanoUsd,
+    provider: Option<String>,
+    model: Option<String>,
+    attempts: u32,
+}
+
+pub async fn handle(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<(), ApiError> {
+    let conf = &gw.conf;
+    let now = crate::time::now_ms();
+    let presented = super::auth::presented_key(session.req_header()).map(str::to_owned);
+    let caller = gw
+        .keys
+        .authenticate(
+            presented.as_deref(),
+            gw.store(),
+            now,
+            &conf.admin.support_email,
+        )
+        .await?;
+    let body = read_body(session, conf.gateway.max_request_body_bytes.get()).await;
+    let result = async {
+        let req = parse_chat(conf, &body?)?;
+        ctx.stream = req.stream;
+        let tier = &conf.tiers[req.tier];
+        ctx.tier = Some(tier.name.clone());
+        if let Some(allowed) = &caller.allowed_models
+            && !allowed.contains(&tier.name)
+        {
+            return Err(ApiError::ModelNotAllowed {
+                model: tier.name.clone(),
+            });
+        }
+        let worst = tier
+            .prices
+            .cost(
+                req.input_upper_bound,
+                req.max_output_tokens,
+                Rounding::FavourCustomer,
+            )
+            .map_err(|_| {
+                ApiError::invalid(
+                    "max_tokens",
+                    "The request's worst-case cost is out of range.",
+                )
+            })?;
+        let hold = gw
+            .credit
+            .hold(caller.account_id, worst, gw.store(), &gw.node_id, now)
+            .await?;
+        let order = upstream::order(&tier.upstreams, &gw.picks[req.tier]);
+        if order.is_empty() {
+            return Err(ApiError::NoUpstream {
+                tier: tier.name.clone(),
+            });
+        }
+        let answer = upstream::send(
+            conf,
+            &gw.connector,
+            &gw.endpoints,
+            &order,
+            |u| req.upstream_body(&u.model),
+            req.stream,
+        )
+        .await?;
+        let out = relay(gw, session, ctx, &req, answer).await;
+        let cost = tier
+            .prices
+            .cost(
+                out.usage.input_tokens,
+                out.usage.output_tokens,
+                Rounding::FavourCustomer,
+            )
+            .unwrap_or(hold.amount());
+        let billed = if out.status < 400 || out.usage.output_tokens > 0 {
+            hold.settle(cost)
+        } else {
+            hold.settle(NanoUsd::ZERO)
+        };
+        Ok(Outcome { billed, ..out })
+    }
+    .await;
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) => {
+            record(
+                gw,
+                ctx,
+                &caller,
+                Outcome {
+                    status: e.status(),
+                    error_code: Some(e.code().to_owned()),
+                    usage: Usage::default(),
+                    billed: NanoUsd::ZERO,
+                    provider_cost: NanoUsd::ZERO,
+                    provider: None,
+                    model: None,
+                    attempts: 0,
+                },
+            );
+            return Err(e);
+        }
+    };
+    record(gw, ctx, &caller, outcome);
+    Ok(())
+}
+
+fn record(gw: &Gateway, ctx: &RequestCtx, caller: &super::auth::Caller, o: Outcome) {
+    let finished = crate::time::now_ms();
+    let record = UsageRecord {
+        request_id: ctx.request_id.clone(),
+        account_id: caller.account_id,
+        key_id: caller.key_id,
+        tier: ctx.tier.clone().unwrap_or_default(),
+        provider: o.provider,
+        upstream_model: o.model,
+        stream: ctx.stream,
+        input_tokens: o.usage.input_tokens as i64,
+        output_tokens: o.usage.output_tokens as i64,
+        provider_cost: o.provider_cost,
+        billed: o.billed,
+        http_status: i64::from(o.status),
+        error_code: o.error_code,
+        attempts: i64::from(o.attempts),
+        latency_ms: ctx.started.elapsed().as_millis() as i64,
+        ttft_ms: ctx
+            .first_byte
+            .map(|t| t.duration_since(ctx.started).as_millis() as i64),
+        started_at: ctx.started_ms,
+        finished_at: finished,
+    };
+    if gw
+        .settlements
+        .send(Settlement {
+            billed: o.billed,
+            record,
+        })
+        .is_err()
+    {
+        tracing::error!(request_id = %ctx.request_id, "usage queue closed; record lost");
+    }
+}
+
+fn response_header(
+    status: u16,
+    content_type: &str,
+    request_id: &str,
+    len: Option<usize>,
+) -> pingora::Result<Box<ResponseHeader>> {
+    let mut h = ResponseHeader::build(status, Some(6))?;
+    h.insert_header("content-type", content_type)?;
+    h.insert_header("x-request-id", request_id)?;
+    match len {
+        Some(n) => h.insert_header("content-length", n.to_string())?,
+        None => {
+            h.insert_header("cache-control", "no-cache")?;
+            h.insert_header("x-accel-buffering", "no")?;
+        }
+    }
+    Ok(Box::new(h))
+}
+
+/// Reads an upstream's whole body (bounded).
+async fn read_all(answer: &mut Answer, timeout: std::time::Duration) -> Result<Bytes, String> {
+    answer.session.set_read_timeout(Some(timeout));
+    let mut buf = BytesMut::new();
+    loop {
+        match answer.session.read_response_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > MAX_JSON_ANSWER {
+                    return Err("the answer is too large".into());
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Err(e) => return Err(e.etype().as_str().to_owned()),
+        }
+    }
+}
+
+/// Turns an upstream's refusal into our error shape.
+fn upstream_error(status: u16, body: &[u8], provider: &str) -> ApiError {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let e = &v["error"];
+    let message = e["message"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("The upstream provider answered {status}."));
+    if status >= 500 {
+        return ApiError::UpstreamUnavailable {
+            detail: format!("{provider} answered {status}: {message}"),
+        };
+    }
+    ApiError::Upstream {
+        status,
+        message,
+        kind: e["type"]
+            .as_str()
+            .unwrap_or("invalid_request_error")
+            .to_owned(),
+        param: e["param"].as_str().map(str::to_owned),
+        code: e["code"].as_str().map(str::to_owned),
+    }
+}
+
+/// Relays the answer to the client and returns what was used.
+async fn relay(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    req: &ChatRequest,
+    mut answer: Answer,
+) -> Outcome {
+    let p = &gw.conf.providers[answer.upstream.provider];
+    let mut out = Outcome {
+        status: answer.status,
+        error_code: None,
+        usage: Usage::default(),
+        billed: NanoUsd::ZERO,
+        provider_cost: NanoUsd::ZERO,
+        provider: Some(answer.upstream.provider_name.clone()),
+        model: Some(answer.upstream.model.clone()),
+        attempts: answer.attempts,
+    };
+    if !(200..300).contains(&answer.status) {
+        let body = read_all(&mut answer, p.idle_timeout)
+            .await
+            .unwrap_or_default();
+        let e = upstream_error(answer.status, &body, &p.name);
+        out.status = e.status();
+        out.error_code = Some(e.code().to_owned());
+        upstream::release(&gw.connector, answer).await;
+        let _ = write_error(session, ctx, &e).await;
+        return out;
+    }
+    if req.stream {
+        relay_stream(gw, session, ctx, req, &mut answer, &mut out).await;
+    } else {
+        relay_json(session, ctx, req, &mut answer, &mut out, p.idle_timeout).await;
+    }
+    out.provider_cost = answer
+        .upstream
+        .cost
+        .cost(
+            out.usage.input_tokens,
+            out.usage.output_tokens,
+            Rounding::Conservative,
+        )
+        .unwrap_or(NanoUsd::ZERO);
+    upstream::release(&gw.connector, answer).await;
+    out
+}
+
+async fn relay_json(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    req: &ChatRequest,
+    answer: &mut Answer,
+    out: &mut Outcome,
+    timeout: std::time::Duration,
+) {
+    let body = match read_all(answer, timeout).await {
+        Ok(b) => b,
+        Err(detail) => {
+            let e = ApiError::UpstreamUnavailable { detail };
+            out.status = e.status();
+            out.error_code = Some(e.code().to_owned());
+            let _ = write_error(session, ctx, &e).await;
+            return;
+        }
+    };
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    out.usage = usage_of(&v).unwrap_or_else(|| Usage {
+        input_tokens: count_tokens(&req.prompt_text()),
+        output_tokens: counted_json_output_tokens(&v),
+    });
+    ctx.first_byte = Some(Instant::now());
+    let written = async {
+        session
+            .write_response_header(
+                response_header(200, "application/json", &ctx.request_id, Some(body.len()))?,
+                false,
+            )
+            .await?;
+        session.write_response_body(Some(body), true).await
+    }
+    .await;
+    if written.is_err() {
+        out.error_code = Some("client_disconnected".into());
+    }
+}
+
+async fn relay_stream(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    req: &ChatRequest,
+    answer: &mut Answer,
+    out: &mut Outcome,
+) {
+    let p = &gw.conf.providers[answer.upstream.provider];
+    let mut sse = SseRelay::new(req.client_wants_usage);
+    let header = match response_header(200, "text/event-stream", &ctx.request_id, None) {
+        Ok(h) => h,
+        Err(_) => return,
+    };
+    if session.write_response_header(header, false).await.is_err() {
+        out.error_code = Some("client_disconnected".into());
+        return;
+    }
+    answer.session.set_read_timeout(Some(p.idle_timeout));
+    let mut failed: Option<ApiError> = None;
+    loop {
+        match answer.session.read_response_body().await {
+            Ok(Some(chunk)) => {
+                let pass = sse.feed(&chunk);
+                if pass.is_empty() {
+                    continue;
+                }
+                ctx.first_byte.get_or_insert_with(Instant::now);
+                if session
+                    .write_response_body(Some(pass), false)
+                    .await
+                    .is_err()
+                {
+                    // The client left: stop the upstream (the session is not reused) and bill
+                    // what was generated so far.
+                    out.error_code = Some("client_disconnected".into());
+                    answer.session.shutdown().await;
+                    break;
+                }
+            }
+            Ok(None) => {
+                let rest = sse.finish();
+                let _ = session.write_response_body(Some(rest), true).await;
+                break;
+            }
+            Err(e) => {
+                let detail = format!(
+                    "the stream from {} broke off ({})",
+                    p.name,
+                    e.etype().as_str()
+                );
+                failed = Some(if matches!(e.etype(), pingora::ErrorType::ReadTimedout) {
+                    ApiError::UpstreamTimeout { detail }
+                } else {
+                    ApiError::UpstreamUnavailable { detail }
+                });
+                break;
+            }
+        }
+    }
+    if let Some(e) = failed {
+        let mut tail = BytesMut::from(&sse.finish()[..]);
+        tail.extend_from_slice(&e.sse_event());
+        let _ = session.write_response_body(Some(tail.freeze()), true).await;
+        out.error_code = Some(e.code().to_owned());
+        if sse.events == 0 {
+            // Nothing was generated: the request costs nothing.
+            return;
+        }
+    }
+    out.usage = sse.usage.unwrap_or_else(|| Usage {
+        input_tokens: count_tokens(&req.prompt_text()),
+        output_tokens: sse.counted_output_tokens(),
+    });
+}
+
+/// Writes an error response (before anything else was written).
+pub async fn write_error(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    e: &ApiError,
+) -> pingora::Result<()> {
+    ctx.status = e.status();
+    let body = e.body();
+    let h = response_header(
+        e.status(),
+        "application/json",
+        &ctx.request_id,
+        Some(body.len()),
+    )?;
+    session.write_response_header(h, false).await?;
+    session.write_response_body(Some(body), true).await
+}

@@ -1,0 +1,239 @@
+//! Step 6: pass the answer through as it arrives and find out what it used.
+//!
+//! Streams are relayed event by event: read-sized chunks are split on blank lines with a
+//! carry-over buffer, the original bytes pass through, and JSON is parsed only for events that
+//! carry `usage`. The usage chunk we asked for is dropped when the client did not ask for it.
+//! When an upstream reports no usage, the generated text is counted with tiktoken instead.
+
+use bytes::{Bytes, BytesMut};
+use serde_json::Value;
+use std::sync::OnceLock;
+
+/// Token counts for one request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// Reads OpenAI's `usage` object.
+pub fn usage_of(v: &Value) -> Option<Usage> {
+    let u = v.get("usage")?;
+    Some(Usage {
+        input_tokens: u.get("prompt_tokens")?.as_u64()?,
+        output_tokens: u
+            .get("completion_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+    })
+}
+
+/// The splitter and bookkeeper for one event stream.
+pub struct SseRelay {
+    carry: BytesMut,
+    client_wants_usage: bool,
+    pub usage: Option<Usage>,
+    /// Events seen before any usage, kept to count their text if usage never comes.
+    uncounted: Vec<u8>,
+    /// Content events relayed (a proxy for "output was delivered").
+    pub events: u64,
+}
+
+fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+impl SseRelay {
+    pub fn new(client_wants_usage: bool) -> Self {
+        SseRelay {
+            carry: BytesMut::new(),
+            client_wants_usage,
+            usage: None,
+            uncounted: Vec::new(),
+            events: 0,
+        }
+    }
+
+    /// Takes one chunk from the upstream; returns the bytes to send on now (whole events only).
+    pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
+        self.carry.extend_from_slice(chunk);
+        let mut out = BytesMut::new();
+        while let Some((at, sep)) = find_event_end(&self.carry) {
+            let event = self.carry.split_to(at + sep);
+            if self.keep(&event) {
+                out.extend_from_slice(&event);
+            }
+        }
+        out.freeze()
+    }
+
+    /// What is left when the upstream ends (an unterminated last event), passed through as is.
+    pub fn finish(&mut self) -> Bytes {
+        let rest = self.carry.split().freeze();
+        if !rest.is_empty() && self.usage.is_none() {
+            self.uncounted.extend_from_slice(&rest);
+        }
+        rest
+    }
+
+    /// Records what the event tells and decides whether the client gets it.
+    fn keep(&mut self, event: &[u8]) -> bool {
+        if contains(event, b"\"usage\"")
+            && let Some(v) = event_json(event)
+            && let Some(u) = usage_of(&v)
+        {
+            self.usage = Some(u);
+            self.uncounted = Vec::new();
+            let only_usage = v
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty);
+            return !only_usage || self.client_wants_usage;
+        }
+        if !contains(event, b"[DONE]") {
+            self.events += 1;
+            if self.usage.is_none() {
+                self.uncounted.extend_from_slice(event);
+            }
+        }
+        true
+    }
+
+    /// Output tokens when the upstream reported none: the relayed text, counted with tiktoken.
+    pub fn counted_output_tokens(&self) -> u64 {
+        let mut text = String::new();
+        for line in self.uncounted.split(|b| *b == b'\n') {
+            let Some(data) = line.strip_prefix(b"data:") else {
+                continue;
+            };
+            if let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii()) {
+                for c in v
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(t) = c
+                        .get("delta")
+                        .and_then(|d| d.get("content"))
+                        .and_then(Value::as_str)
+                    {
+                        text.push_str(t);
+                    }
+                }
+            }
+        }
+        count_tokens(&text)
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The JSON of an event's `data:` line(s).
+fn event_json(event: &[u8]) -> Option<Value> {
+    let mut data = Vec::new();
+    for line in event.split(|b| *b == b'\n') {
+        if let Some(d) = line.strip_prefix(b"data:") {
+            data.extend_from_slice(d.trim_ascii());
+        }
+    }
+    serde_json::from_slice(&data).ok()
+}
+
+/// Output tokens of a whole JSON answer without `usage`.
+pub fn counted_json_output_tokens(v: &Value) -> u64 {
+    let mut text = String::new();
+    for c in v
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(t) = c
+            .get("message")
+            .and_then(|m| m.get("content"))
+            .and_then(Value::as_str)
+        {
+            text.push_str(t);
+        }
+    }
+    count_tokens(&text)
+}
+
+/// Counts tokens with the `o200k_base` encoding (loaded once, on first use or at start).
+pub fn count_tokens(text: &str) -> u64 {
+    if text.is_empty() {
+        return 0;
+    }
+    match tokenizer() {
+        Some(bpe) => bpe.encode_ordinary(text).len() as u64,
+        // Without a tokenizer, one token per byte is an upper bound for byte-level BPE.
+        None => text.len() as u64,
+    }
+}
+
+/// Loads the tokenizer; call it at start so the first request without usage does not wait.
+pub fn tokenizer() -> Option<&'static tiktoken_rs::CoreBPE> {
+    static BPE: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
+    BPE.get_or_init(|| tiktoken_rs::o200k_base().ok()).as_ref()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(content: &str) -> String {
+        format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}}}}]}}\n\n"
+        )
+    }
+    const USAGE: &str =
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\n";
+
+    #[test]
+    fn splits_events_across_chunks_and_drops_the_usage_chunk_when_not_asked() {
+        let stream = format!("{}{}{}data: [DONE]\n\n", chunk("Hel"), chunk("lo"), USAGE);
+        for cut in 1..stream.len() {
+            let mut r = SseRelay::new(false);
+            let mut out = Vec::new();
+            out.extend_from_slice(&r.feed(&stream.as_bytes()[..cut]));
+            out.extend_from_slice(&r.feed(&stream.as_bytes()[cut..]));
+            out.extend_from_slice(&r.finish());
+            let expected = format!("{}{}data: [DONE]\n\n", chunk("Hel"), chunk("lo"));
+            assert_eq!(
+                String::from_utf8(out).expect("utf8"),
+                expected,
+                "cut at {cut}"
+            );
+            assert_eq!(
+                r.usage,
+                Some(Usage {
+                    input_tokens: 7,
+                    output_tokens: 3
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn keeps_the_usage_chunk_when_asked_and_counts_text_without_usage() {
+        let mut r = SseRelay::new(true);
+        let out = r.feed(format!("{}{}", chunk("hi"), USAGE).as_bytes());
+        assert!(String::from_utf8_lossy(&out).contains("usage"));
+        let mut r = SseRelay::new(false);
+        let _ = r.feed(format!("{}{}data: [DONE]\n\n", chunk("Hello"), chunk(" world")).as_bytes());
+        assert_eq!(r.usage, None);
+        assert_eq!(r.counted_output_tokens(), count_tokens("Hello world"));
+        assert!(r.counted_output_tokens() >= 2);
+    }
+}

@@ -1,0 +1,247 @@
+//! Step 3: read and validate the body, map the tier, and prepare what goes upstream.
+//!
+//! The body is read here, whole, up to the conf's limit (Pingora's proxy loop would forward only
+//! 64 KiB of a body read in `request_filter`; we send it ourselves, see `upstream`). It is parsed
+//! once; the upstream copy differs only in `model` and, for streams, `stream_options`.
+
+use super::error::ApiError;
+use crate::conf::{Conf, Tier};
+use bytes::{Bytes, BytesMut};
+use pingora::proxy::Session;
+use serde_json::{Map, Value};
+
+/// Larger `max_tokens` values are refused as absurd.
+pub const MAX_OUTPUT_TOKENS: u64 = 1_000_000;
+/// Larger `n` values are refused.
+pub const MAX_CHOICES: u64 = 16;
+
+/// A validated chat-completions request.
+pub struct ChatRequest {
+    pub tier: usize,
+    pub body: Map<String, Value>,
+    pub body_len: usize,
+    pub stream: bool,
+    /// The client asked for the usage chunk itself (otherwise we drop it).
+    pub client_wants_usage: bool,
+    /// Worst-case output tokens (max_tokens × n, or the tier's default cap × n).
+    pub max_output_tokens: u64,
+    /// Upper bound of input tokens: a byte-level BPE token covers at least one byte.
+    pub input_upper_bound: u64,
+}
+
+/// Reads the request body, refusing it at once when it is larger than `limit`.
+pub async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, ApiError> {
+    let too_large = ApiError::BodyTooLarge { limit_bytes: limit };
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large);
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(4096).min(limit) as usize);
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if (buf.len() + chunk.len()) as u64 > limit {
+                    return Err(too_large);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                return Err(ApiError::InvalidRequest {
+                    message: format!("Could not read the request body: {e}"),
+                    param: None,
+                });
+            }
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn positive_int(v: &Value, param: &'static str, max: u64) -> Result<Option<u64>, ApiError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::Number(n) => match n.as_u64() {
+            Some(0) | None => Err(ApiError::invalid(
+                param,
+                format!("`{param}` must be a positive integer; got {n}."),
+            )),
+            Some(x) if x > max => Err(ApiError::invalid(
+                param,
+                format!("`{param}` is {x}; the largest allowed is {max}."),
+            )),
+            Some(x) => Ok(Some(x)),
+        },
+        other => Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be an integer; got {}.", type_name(other)),
+        )),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Parses and checks a chat-completions body against the conf's tiers.
+pub fn parse_chat(conf: &Conf, body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::InvalidRequest {
+        message: format!(
+            "We could not parse the JSON body of your request ({e}). Send a JSON object."
+        ),
+        param: None,
+    })?;
+    let Value::Object(map) = value else {
+        return Err(ApiError::InvalidRequest {
+            message: "The request body must be a JSON object.".into(),
+            param: None,
+        });
+    };
+    let model = match map.get("model") {
+        Some(Value::String(m)) => m.clone(),
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid(
+                "model",
+                "You must provide a `model` (budget, standard or premium).",
+            ));
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "model",
+                format!("`model` must be a string; got {}.", type_name(other)),
+            ));
+        }
+    };
+    let tier = conf
+        .tiers
+        .iter()
+        .position(|t| t.name == model)
+        .ok_or_else(|| ApiError::ModelNotFound {
+            model: model.clone(),
+            known: conf
+                .tiers
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    match map.get("messages") {
+        Some(Value::Array(msgs)) if !msgs.is_empty() => {
+            for (i, m) in msgs.iter().enumerate() {
+                if !m.get("role").is_some_and(Value::is_string) {
+                    return Err(ApiError::invalid(
+                        "messages",
+                        format!("`messages[{i}]` must be an object with a string `role`."),
+                    ));
+                }
+            }
+        }
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid(
+                "messages",
+                "`messages` must not be empty.",
+            ));
+        }
+        None | Some(Value::Null) => {
+            return Err(ApiError::invalid(
+                "messages",
+                "You must provide `messages`, a list of chat messages.",
+            ));
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "messages",
+                format!("`messages` must be an array; got {}.", type_name(other)),
+            ));
+        }
+    }
+    let stream = match map.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "stream",
+                format!("`stream` must be a boolean; got {}.", type_name(other)),
+            ));
+        }
+    };
+    let client_wants_usage = map
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let max_tokens = positive_int(
+        map.get("max_tokens").unwrap_or(&Value::Null),
+        "max_tokens",
+        MAX_OUTPUT_TOKENS,
+    )?;
+    let max_completion = positive_int(
+        map.get("max_completion_tokens").unwrap_or(&Value::Null),
+        "max_completion_tokens",
+        MAX_OUTPUT_TOKENS,
+    )?;
+    let n = positive_int(map.get("n").unwrap_or(&Value::Null), "n", MAX_CHOICES)?.unwrap_or(1);
+    let t: &Tier = &conf.tiers[tier];
+    let per_choice = max_completion
+        .or(max_tokens)
+        .unwrap_or(u64::from(t.default_max_output_tokens.get()));
+    Ok(ChatRequest {
+        tier,
+        body: map,
+        body_len: body.len(),
+        stream,
+        client_wants_usage,
+        max_output_tokens: per_choice * n,
+        input_upper_bound: body.len() as u64,
+    })
+}
+
+impl ChatRequest {
+    /// The body sent to an upstream: `model` rewritten, and for streams usage always requested.
+    pub fn upstream_body(&self, upstream_model: &str) -> Bytes {
+        let mut body = self.body.clone();
+        body.insert("model".into(), Value::String(upstream_model.to_owned()));
+        if self.stream {
+            let opts = body
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(o) = opts {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+        }
+        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+    }
+
+    /// The prompt's text, for counting input tokens when an upstream reports no usage.
+    pub fn prompt_text(&self) -> String {
+        let mut out = String::new();
+        if let Some(Value::Array(msgs)) = self.body.get("messages") {
+            for m in msgs {
+                match m.get("content") {
+                    Some(Value::String(s)) => out.push_str(s),
+                    Some(Value::Array(parts)) => {
+                        for p in parts {
+                            if let Some(t) = p.get("text").and_then(Value::as_str) {
+                                out.push_str(t);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                out.push('\n');
+            }
+        }
+        out
+    }
+}

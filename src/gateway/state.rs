@@ -1,0 +1,58 @@
+//! What the gateway shares between requests and its background worker.
+
+use super::auth::KeyCache;
+use super::hold::CreditBook;
+use super::upstream::Endpoint;
+use crate::conf::Conf;
+use crate::store::{Settlement, Store};
+use bytes::Bytes;
+use pingora::connectors::http::Connector;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock};
+use tokio::sync::mpsc;
+
+pub struct Gateway {
+    pub conf: Arc<Conf>,
+    /// This node's name in credit leases (unique per running gateway).
+    pub node_id: String,
+    /// Set by the worker once connected (inside Pingora's runtime).
+    pub store: OnceLock<Store>,
+    pub keys: KeyCache,
+    pub credit: Arc<CreditBook>,
+    /// Settled requests on their way to the store, written in batches by the worker.
+    pub settlements: mpsc::UnboundedSender<Settlement>,
+    pub(super) settlements_rx: Mutex<Option<mpsc::UnboundedReceiver<Settlement>>>,
+    pub connector: Connector,
+    /// One per provider, in conf order.
+    pub endpoints: Vec<Endpoint>,
+    /// One weighted-pick counter per tier.
+    pub picks: Vec<AtomicU64>,
+    pub models_body: Bytes,
+}
+
+impl Gateway {
+    pub fn new(conf: Arc<Conf>) -> Arc<Gateway> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "gateway".into());
+        Arc::new(Gateway {
+            node_id: format!("{host}:{}", conf.gateway.listen.port()),
+            store: OnceLock::new(),
+            keys: KeyCache::default(),
+            credit: Arc::new(CreditBook::default()),
+            settlements: tx,
+            settlements_rx: Mutex::new(Some(rx)),
+            connector: Connector::new(None),
+            endpoints: conf.providers.iter().map(Endpoint::new).collect(),
+            picks: conf.tiers.iter().map(|_| AtomicU64::new(0)).collect(),
+            models_body: super::models::models_body(&conf),
+            conf,
+        })
+    }
+
+    pub fn store(&self) -> Option<&Store> {
+        self.store.get()
+    }
+}
