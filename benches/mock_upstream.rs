@@ -15,7 +15,7 @@
 //! Faults: `status` answers with that HTTP status and an OpenAI error body; `fault` is one of
 //! `reset` (cut the connection after `fault_after` chunks), `malformed` (send a chunk that is not
 //! JSON), `stall` (stop sending without closing), `error_body` (200 with an error object).
-//! `GET /_mock/stats` reports requests served, connections open now, and the last request seen
+//! `GET /_mock/stats` reports requests served, connections and streams open now, and the last request seen
 //! (its body and the `authorization` header), so tests can check what the gateway sent.
 
 use axum::Router;
@@ -63,6 +63,8 @@ struct Args {
 #[derive(Default)]
 struct Stats {
     requests: AtomicU64,
+    /// Streams still being sent.
+    streams_open: AtomicI64,
     open_connections: AtomicI64,
     last_request: Mutex<Value>,
 }
@@ -117,6 +119,7 @@ fn main() -> io::Result<()> {
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/_mock/stats", get(stats_handler))
+            .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(AppState {
                 args,
                 stats: stats.clone(),
@@ -142,6 +145,7 @@ async fn stats_handler(State(s): State<AppState>) -> impl IntoResponse {
     axum::Json(json!({
         "requests": s.stats.requests.load(Ordering::SeqCst),
         "open_connections": s.stats.open_connections.load(Ordering::SeqCst),
+        "streams_open": s.stats.streams_open.load(Ordering::SeqCst),
         "last_request": last,
     }))
 }
@@ -195,7 +199,10 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
     }
     let include_usage = k.usage && req["stream_options"]["include_usage"].as_bool() == Some(true);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(4);
+    let stats = s.stats.clone();
+    stats.streams_open.fetch_add(1, Ordering::SeqCst);
     tokio::spawn(async move {
+        let _open = StreamOpen(stats);
         let chunk = |delta: Value, finish: Value| {
             Bytes::from(format!(
                 "data: {}\n\n",
@@ -267,6 +274,15 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Counts a stream as open until its sending task ends, however it ends.
+struct StreamOpen(Arc<Stats>);
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        self.0.streams_open.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A listener whose connections count themselves open until dropped.

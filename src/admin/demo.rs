@@ -17,6 +17,8 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/chat/completions", post(chat))
         .route("/models", get(models))
+        // Chat bodies with long histories are large; the gateway enforces the real limit.
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
 }
 
 async fn models() -> impl IntoResponse {

@@ -201,3 +201,4 @@ pub fn parse_conf(text: &str, env: &[(&str, &str)]) -> Result<Conf, String> {
     })
     .map_err(|e| e.to_string())
 }
+pub mod relay;

@@ -1,0 +1,493 @@
+//! The gateway as a process, against the mock upstream process and a real store: completions,
+//! streams, bodies of any size, the error table, holds under concurrency, exact billing, and key
+//! revocation reaching the gateway within a second.
+
+mod support;
+
+use duang::conf::Backend;
+use duang::money::NanoUsd;
+use duang::store::AccountStatus;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use support::relay::{PROVIDER_KEY, Relay, new_key};
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "Say ok in one word."}]})
+}
+
+async fn error_of(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.expect("error body is JSON");
+    assert!(
+        v["error"]["message"].is_string()
+            && v["error"].get("type").is_some()
+            && v["error"].get("param").is_some()
+            && v["error"].get("code").is_some(),
+        "OpenAI error shape: {v}"
+    );
+    (status, v["error"].clone())
+}
+
+/// budget: 10 prompt tokens × 120 + completion × 480 nano-USD.
+fn budget_cost(completion: i64) -> NanoUsd {
+    NanoUsd::from_nanos(10 * 120 + completion * 480)
+}
+
+async fn completion_is_routed_billed_and_recorded(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
+    let r = relay.post(chat("budget")).await;
+    assert_eq!(r.status(), 200);
+    let request_id = r.headers()["x-request-id"].to_str().expect("id").to_owned();
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    // The upstream saw the tier's model, the provider's key, and the client's fields.
+    let seen = relay.mock.stats().await["last_request"].clone();
+    assert_eq!(seen["body"]["model"], "mock-small");
+    assert_eq!(seen["authorization"], format!("Bearer {PROVIDER_KEY}"));
+    assert_eq!(
+        seen["body"]["messages"][0]["content"],
+        "Say ok in one word."
+    );
+
+    let records = relay.usage(1).await;
+    let u = &records[0];
+    assert_eq!(u.request_id, request_id);
+    assert_eq!(
+        (
+            u.tier.as_str(),
+            u.provider.as_deref(),
+            u.upstream_model.as_deref()
+        ),
+        ("budget", Some("mock"), Some("mock-small"))
+    );
+    assert_eq!(
+        (u.input_tokens, u.output_tokens, u.http_status, u.stream),
+        (10, 4, 200, false)
+    );
+    assert_eq!(u.billed, budget_cost(4));
+    assert_eq!(u.provider_cost, NanoUsd::from_nanos(10 * 100 + 4 * 400));
+    assert!(u.ttft_ms.is_some() && u.finished_at >= u.started_at);
+    assert_eq!(
+        relay.credit().await,
+        "1".parse::<NanoUsd>()
+            .expect("usd")
+            .checked_sub(budget_cost(4))
+            .expect("sub")
+    );
+    let ledger = relay
+        .store()
+        .ledger(relay.account_id, 10)
+        .await
+        .expect("ledger");
+    assert_eq!(ledger[0].external_ref, format!("usage:{request_id}"));
+    assert_eq!(ledger[0].amount, budget_cost(4).checked_neg().expect("neg"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_sqlite() {
+    completion_is_routed_billed_and_recorded(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_postgres() {
+    completion_is_routed_billed_and_recorded(Backend::Postgres).await;
+}
+
+async fn read_events(r: reqwest::Response) -> Vec<String> {
+    let text = r.text().await.expect("body");
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_pass_through_and_the_usage_chunk_is_only_for_those_who_ask() {
+    let relay = Relay::start(Backend::Sqlite, "1").await;
+    let mut body = chat("budget");
+    body["stream"] = json!(true);
+    let r = relay.post(body.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let events = read_events(r).await;
+    assert_eq!(events.last().map(String::as_str), Some("data: [DONE]"));
+    assert!(
+        !events.iter().any(|e| e.contains("\"usage\"")),
+        "usage chunk dropped: {events:?}"
+    );
+    let content: usize = events.iter().filter(|e| e.contains("tok")).count();
+    assert_eq!(content, 4);
+    // We asked the upstream for usage anyway, and billed from it.
+    assert_eq!(
+        relay.mock.stats().await["last_request"]["body"]["stream_options"]["include_usage"],
+        true
+    );
+
+    body["stream_options"] = json!({"include_usage": true});
+    let events = read_events(relay.post(body).await).await;
+    assert!(
+        events.iter().any(|e| e.contains("\"usage\"")),
+        "usage chunk kept when asked"
+    );
+    let records = relay.usage(2).await;
+    assert!(
+        records
+            .iter()
+            .all(|u| u.stream && u.output_tokens == 4 && u.billed == budget_cost(4))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_chunks_reach_the_client_while_the_upstream_is_still_sending() {
+    let relay = Relay::start(Backend::Sqlite, "1").await;
+    let mut body = chat("budget");
+    body["stream"] = json!(true);
+    body["mock"] = json!({"chunks": 6, "gap_ms": 150});
+    let mut r = relay.post(body).await;
+    let mut first_content_seen_while_open = None;
+    let mut text = String::new();
+    while let Some(chunk) = r.chunk().await.expect("chunk") {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        if first_content_seen_while_open.is_none() && text.contains("tok0") {
+            // The first token is here: the upstream must still be sending the rest.
+            first_content_seen_while_open =
+                Some(relay.mock.stats().await["streams_open"].as_i64() == Some(1));
+        }
+    }
+    assert_eq!(
+        first_content_seen_while_open,
+        Some(true),
+        "the first chunk arrived only after the upstream finished"
+    );
+    assert!(text.contains("tok5") && text.ends_with("data: [DONE]\n\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_of_any_size_up_to_the_limit_are_forwarded() {
+    let relay = Relay::start(Backend::Sqlite, "100").await;
+    for size in [1024usize, 200 * 1024, 5 * 1024 * 1024] {
+        let mut body = chat("budget");
+        body["messages"][0]["content"] = json!("x".repeat(size));
+        let r = relay.post(body).await;
+        assert_eq!(r.status(), 200, "body of {size} bytes");
+        let seen = relay.mock.stats().await["last_request"]["body_bytes"]
+            .as_u64()
+            .expect("bytes");
+        assert!(
+            seen as usize > size,
+            "the upstream got {seen} bytes of a {size}-byte message"
+        );
+    }
+    let mut body = chat("budget");
+    body["messages"][0]["content"] = json!("x".repeat(7 * 1024 * 1024));
+    let (status, e) = error_of(relay.post(body).await).await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (413, Some("request_too_large"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_error_table() {
+    let relay = Relay::start(Backend::Sqlite, "0.0003").await;
+    let valid = chat("budget").to_string().into_bytes();
+
+    let (s, e) = error_of(relay.post_raw(valid.clone(), None).await).await;
+    assert_eq!((s, e["code"].as_str()), (401, Some("invalid_api_key")));
+    let (s, e) = error_of(
+        relay
+            .post_raw(
+                valid.clone(),
+                Some("sk-relay_0000000000000000000000000000000000000000"),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!((s, e["code"].as_str()), (401, Some("invalid_api_key")));
+    let (s, _) = error_of(relay.post_raw(valid.clone(), Some("not-a-key")).await).await;
+    assert_eq!(s, 401);
+    let (s, e) = error_of(
+        relay
+            .post_raw(b"{not json".to_vec(), Some(&relay.key))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        (s, e["type"].as_str()),
+        (400, Some("invalid_request_error"))
+    );
+    let (s, e) = error_of(relay.post(json!({"model": "budget"})).await).await;
+    assert_eq!((s, e["param"].as_str()), (400, Some("messages")));
+    let (s, e) = error_of(
+        relay
+            .post(json!({"model": "budget", "messages": "hi"}))
+            .await,
+    )
+    .await;
+    assert_eq!((s, e["param"].as_str()), (400, Some("messages")));
+    let (s, e) = error_of(relay.post(json!({"model": "budget", "messages": [{"role": "user", "content": "x"}], "stream": "yes"})).await).await;
+    assert_eq!((s, e["param"].as_str()), (400, Some("stream")));
+    for bad in [json!(-5), json!(0), json!(1.5), json!(50_000_000)] {
+        let mut b = chat("budget");
+        b["max_tokens"] = bad.clone();
+        let (s, e) = error_of(relay.post(b).await).await;
+        assert_eq!(
+            (s, e["param"].as_str()),
+            (400, Some("max_tokens")),
+            "max_tokens {bad}"
+        );
+    }
+    let (s, e) = error_of(relay.post(chat("gpt-4o")).await).await;
+    assert_eq!(
+        (s, e["code"].as_str(), e["param"].as_str()),
+        (404, Some("model_not_found"), Some("model"))
+    );
+    assert!(e["message"].as_str().is_some_and(|m| m.contains("budget")));
+    // $0.0003 cannot cover 1,000 output tokens at $0.48/M plus the prompt: 402, saying both amounts.
+    let (s, e) = error_of(relay.post(chat("budget")).await).await;
+    assert_eq!(
+        (s, e["code"].as_str(), e["type"].as_str()),
+        (402, Some("insufficient_quota"), Some("insufficient_quota"))
+    );
+    let m = e["message"].as_str().expect("message");
+    assert!(
+        m.contains("$0.0003") && m.contains("up to $0.000489"),
+        "{m}"
+    );
+    // A small max_tokens fits.
+    let mut small = chat("budget");
+    small["max_tokens"] = json!(100);
+    assert_eq!(relay.post(small.clone()).await.status(), 200);
+    // Upstream unreachable → 502; timed out → 504; its own 4xx passed through in our shape.
+    let (s, e) = error_of(relay.post(json!({"model": "unreachable", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]})).await).await;
+    assert_eq!((s, e["code"].as_str()), (502, Some("upstream_unavailable")));
+    let mut slow = chat("slow");
+    slow["max_tokens"] = json!(1);
+    slow["mock"] = json!({"ttft_ms": 2000});
+    let (s, e) = error_of(relay.post(slow).await).await;
+    assert_eq!((s, e["code"].as_str()), (504, Some("upstream_timeout")));
+    let mut refused = small.clone();
+    refused["mock"] = json!({"status": 400});
+    let (s, e) = error_of(relay.post(refused).await).await;
+    assert_eq!(
+        (s, e["message"].as_str()),
+        (400, Some("mock: injected failure"))
+    );
+    // Failures before any output cost nothing: only the one successful request was billed.
+    let records = relay.usage(14).await;
+    let billed: Vec<_> = records.iter().filter(|r| r.billed.is_positive()).collect();
+    assert_eq!(billed.len(), 1, "{records:#?}");
+    assert_eq!(
+        relay.credit().await,
+        "0.0003"
+            .parse::<NanoUsd>()
+            .expect("usd")
+            .checked_sub(budget_cost(4))
+            .expect("sub")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_before_the_first_byte_and_an_sse_error_after_it() {
+    let relay = Relay::start(Backend::Sqlite, "1").await;
+    // premium's first pick is a dead address; the mock behind it answers.
+    let r = relay.post(chat("premium")).await;
+    assert_eq!(r.status(), 200);
+    let records = relay.usage(1).await;
+    assert_eq!(
+        (records[0].provider.as_deref(), records[0].attempts),
+        (Some("mock"), 2)
+    );
+    // A stream cut by the upstream ends with an SSE error event, and bills what was delivered.
+    let mut body = chat("budget");
+    body["stream"] = json!(true);
+    body["mock"] = json!({"chunks": 4, "fault": "reset", "fault_after": 2});
+    let events = read_events(relay.post(body).await).await;
+    let last = events.last().expect("events");
+    assert!(last.starts_with("data: {\"error\""), "{events:?}");
+    assert_eq!(events.iter().filter(|e| e.contains("tok")).count(), 2);
+    let records = relay.usage(2).await;
+    let cut = records.iter().find(|r| r.stream).expect("stream record");
+    assert!(
+        cut.output_tokens >= 2 && cut.billed.is_positive(),
+        "{cut:?}"
+    );
+    assert_eq!(cut.error_code.as_deref(), Some("upstream_unavailable"));
+    relay.credit().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_stops_the_upstream_and_pays_for_what_it_got() {
+    let relay = Relay::start(Backend::Sqlite, "1").await;
+    let mut body = chat("budget");
+    body["stream"] = json!(true);
+    body["mock"] = json!({"chunks": 200, "gap_ms": 20});
+    let mut r = relay.post(body).await;
+    let mut text = String::new();
+    while !text.contains("tok2") {
+        let chunk = r.chunk().await.expect("chunk").expect("more");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(r);
+    relay
+        .client
+        .get(format!("{}/healthz", relay.base))
+        .send()
+        .await
+        .expect("still serving");
+    // The gateway closes the upstream stream: the mock's sender stops.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.mock.stats().await["streams_open"].as_i64() != Some(0) {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream stream was left running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let records = relay.usage(1).await;
+    let u = &records[0];
+    assert_eq!(u.error_code.as_deref(), Some("client_disconnected"));
+    assert!(u.output_tokens >= 3 && u.output_tokens < 200, "{u:?}");
+    assert!(u.billed.is_positive());
+    relay.credit().await;
+}
+
+async fn concurrent_requests_never_overdraw(backend: Backend) {
+    // Each request holds 10 + its body bytes of input and 1,000 output tokens at most: about
+    // $0.0005; $0.005 covers about ten of them at once.
+    let relay = Relay::start(backend, "0.005").await;
+    let before = relay.credit().await;
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let client = relay.client.clone();
+            let url = format!("{}/v1/chat/completions", relay.base);
+            let key = relay.key.clone();
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&chat("budget"))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.expect("task").expect("response") {
+            200 => ok += 1,
+            402 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(ok + refused, 200);
+    assert!(ok >= 9, "at least the covered requests succeed: {ok}");
+    let records = relay.usage(200).await;
+    let billed = NanoUsd::checked_sum(records.iter().map(|r| r.billed)).expect("sum");
+    assert_eq!(billed, NanoUsd::from_nanos(budget_cost(4).nanos() * ok));
+    let after = relay.credit().await;
+    assert!(!after.is_negative());
+    assert_eq!(after, before.checked_sub(billed).expect("sub"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_sqlite() {
+    concurrent_requests_never_overdraw(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_postgres() {
+    concurrent_requests_never_overdraw(Backend::Postgres).await;
+}
+
+/// Polls until the gateway answers `status` for the key, and returns how long that took.
+async fn until_status(relay: &Relay, key: &str, status: u16) -> Duration {
+    let start = Instant::now();
+    loop {
+        let r = relay
+            .post_raw(chat("budget").to_string().into_bytes(), Some(key))
+            .await;
+        if r.status().as_u16() == status {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "status {status} never came"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_suspension_and_verification_reach_the_gateway_within_a_second() {
+    let relay = Relay::start(Backend::Sqlite, "1").await;
+    assert_eq!(relay.post(chat("budget")).await.status(), 200);
+    relay
+        .store()
+        .revoke_key(relay.key_id, "test", None)
+        .await
+        .expect("revoke");
+    let took = until_status(&relay, &relay.key, 401).await;
+    assert!(took < Duration::from_secs(1), "revocation took {took:?}");
+
+    let (key2, _) = new_key(relay.store(), relay.account_id).await;
+    assert_eq!(
+        relay
+            .post_raw(chat("budget").to_string().into_bytes(), Some(&key2))
+            .await
+            .status(),
+        200
+    );
+    relay
+        .store()
+        .set_account_status(
+            relay.account_id,
+            AccountStatus::Suspended,
+            "test",
+            Some("AUP"),
+        )
+        .await
+        .expect("suspend");
+    let took = until_status(&relay, &key2, 403).await;
+    assert!(took < Duration::from_secs(1), "suspension took {took:?}");
+    let (s, e) = error_of(
+        relay
+            .post_raw(chat("budget").to_string().into_bytes(), Some(&key2))
+            .await,
+    )
+    .await;
+    assert_eq!((s, e["code"].as_str()), (403, Some("account_suspended")));
+    assert!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("support@duang-duang.com"))
+    );
+
+    // An unverified account's keys get 403 that says so.
+    let other = relay
+        .store()
+        .create_account(&duang::store::NewAccount {
+            email: "new@example.com".into(),
+            password_hash: None,
+            role: duang::store::Role::Customer,
+            verified: false,
+        })
+        .await
+        .expect("account");
+    let (key3, _) = new_key(relay.store(), other.id).await;
+    let (s, e) = error_of(
+        relay
+            .post_raw(chat("budget").to_string().into_bytes(), Some(&key3))
+            .await,
+    )
+    .await;
+    assert_eq!((s, e["code"].as_str()), (403, Some("email_not_verified")));
+    assert!(
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Verify your e-mail"))
+    );
+}

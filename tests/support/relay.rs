@@ -1,0 +1,288 @@
+//! A whole relay for one test: the mock upstream and the real gateway as processes on loopback,
+//! sharing a real store with the test, with a verified, funded account and a key.
+
+use super::{GATEWAY_BIN, TestStore, free_port};
+use duang::conf::Backend;
+use duang::money::NanoUsd;
+use duang::store::{
+    AccountRef, LedgerKind, NewAccount, NewKey, NewLedgerEntry, Role, Store, UsageRecord,
+};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MOCK_BIN: &str = env!("CARGO_BIN_EXE_duang-mock-upstream");
+/// The provider key the gateway sends to the mock (the mock records it).
+pub const PROVIDER_KEY: &str = "sk-mock-provider-key";
+
+/// A child process killed when the test ends.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct Mock {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Mock {
+    pub fn start(args: &[&str]) -> Mock {
+        let mut child = Command::new(MOCK_BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mock upstream");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("mock prints its address");
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected mock banner {line:?}"));
+        Mock {
+            port,
+            _proc: Proc(child),
+        }
+    }
+
+    pub async fn stats(&self) -> serde_json::Value {
+        reqwest::get(format!("http://127.0.0.1:{}/_mock/stats", self.port))
+            .await
+            .expect("mock stats")
+            .json()
+            .await
+            .expect("json")
+    }
+}
+
+/// Conf for gateway tests: tiers over the mock and over a dead address, small limits.
+pub fn conf_text(store_url: &str, gateway_port: u16, mock_port: u16, dead_port: u16) -> String {
+    format!(
+        r#"
+[gateway]
+listen = "127.0.0.1:{gateway_port}"
+metrics_listen = "127.0.0.1:{metrics}"
+max_request_body_bytes = 6291456
+graceful_shutdown_timeout_ms = 2000
+
+[store]
+url = "{store_url}"
+
+[tiers.budget]
+input_usd_per_mtok = "0.12"
+output_usd_per_mtok = "0.48"
+default_max_output_tokens = 1000
+upstreams = [{{ provider = "mock", model = "mock-small" }}]
+
+[tiers.premium]
+input_usd_per_mtok = "3.60"
+output_usd_per_mtok = "18.00"
+default_max_output_tokens = 1000
+upstreams = [{{ provider = "dead", model = "dead-model", weight = 1 }}, {{ provider = "mock", model = "mock-large", weight = 0 }}]
+
+[tiers.unreachable]
+input_usd_per_mtok = "1"
+output_usd_per_mtok = "1"
+upstreams = [{{ provider = "dead", model = "dead-model" }}]
+
+[tiers.slow]
+input_usd_per_mtok = "1"
+output_usd_per_mtok = "1"
+upstreams = [{{ provider = "impatient", model = "mock-small" }}]
+
+[providers.mock]
+kind = "openai"
+base_url = "http://127.0.0.1:{mock_port}/v1"
+api_key_env = "DUANG_TEST_MOCK_KEY"
+connect_timeout_ms = 1000
+first_byte_timeout_ms = 5000
+idle_timeout_ms = 1500
+models."mock-small" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
+models."mock-large" = {{ input_usd_per_mtok = "3", output_usd_per_mtok = "15" }}
+
+[providers.impatient]
+kind = "openai"
+base_url = "http://127.0.0.1:{mock_port}/v1"
+first_byte_timeout_ms = 300
+models."mock-small" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
+
+[providers.dead]
+kind = "openai"
+base_url = "http://127.0.0.1:{dead_port}/v1"
+connect_timeout_ms = 500
+models."dead-model" = {{ input_usd_per_mtok = "1", output_usd_per_mtok = "1" }}
+"#,
+        metrics = free_port(),
+    )
+}
+
+pub struct Relay {
+    pub t: TestStore,
+    pub mock: Mock,
+    pub base: String,
+    pub key: String,
+    pub account_id: i64,
+    pub key_id: i64,
+    pub client: reqwest::Client,
+    _gateway: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Relay {
+    /// Starts everything with an account holding `balance_usd`.
+    pub async fn start(backend: Backend, balance_usd: &str) -> Relay {
+        let t = TestStore::new(backend).await;
+        let mock = Mock::start(&["--chunks", "4"]);
+        let dir = tempfile::tempdir().expect("dir");
+        let port = free_port();
+        let conf = dir.path().join("duang.toml");
+        std::fs::write(&conf, conf_text(&t.url, port, mock.port, free_port())).expect("conf");
+        let account = t
+            .store
+            .create_account(&NewAccount {
+                email: "dev@example.com".into(),
+                password_hash: None,
+                role: Role::Customer,
+                verified: true,
+            })
+            .await
+            .expect("account");
+        let balance: NanoUsd = balance_usd.parse().expect("amount");
+        if balance.is_positive() {
+            t.store
+                .append_ledger(&NewLedgerEntry {
+                    account_id: account.id,
+                    kind: LedgerKind::TopUp,
+                    amount: balance,
+                    external_ref: "cs_test_funding".into(),
+                    actor: None,
+                    reason: None,
+                })
+                .await
+                .expect("fund");
+        }
+        let (key, key_id) = new_key(&t.store, account.id).await;
+        let child = Command::new(GATEWAY_BIN)
+            .arg("--conf")
+            .arg(&conf)
+            .env("DUANG_TEST_MOCK_KEY", PROVIDER_KEY)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn gateway");
+        let mut gateway = Proc(child);
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(format!("{base}/healthz")).send().await
+                && r.status() == 200
+            {
+                break;
+            }
+            if let Some(status) = gateway.0.try_wait().expect("try_wait") {
+                panic!("the gateway exited during start: {status}");
+            }
+            assert!(Instant::now() < deadline, "gateway not ready within 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Relay {
+            t,
+            mock,
+            base,
+            key,
+            account_id: account.id,
+            key_id,
+            client,
+            _gateway: gateway,
+            _dir: dir,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.t.store
+    }
+
+    pub async fn post(&self, body: serde_json::Value) -> reqwest::Response {
+        self.post_raw(body.to_string().into_bytes(), Some(&self.key))
+            .await
+    }
+
+    pub async fn post_raw(&self, body: Vec<u8>, key: Option<&str>) -> reqwest::Response {
+        let mut r = self
+            .client
+            .post(format!("{}/v1/chat/completions", self.base))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send().await.expect("request")
+    }
+
+    /// Waits until the gateway has written `n` usage records for the account (batched writes).
+    pub async fn usage(&self, n: usize) -> Vec<UsageRecord> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let records = self
+                .store()
+                .usage_page(self.account_id, None, 10_000)
+                .await
+                .expect("usage");
+            if records.len() >= n {
+                return records;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} usage records written",
+                records.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The account's credit (balance plus leases) and the proof that it equals the ledger.
+    pub async fn credit(&self) -> NanoUsd {
+        let proof = self
+            .store()
+            .balance_proof(self.account_id)
+            .await
+            .expect("proof");
+        assert!(proof.holds(), "balance and ledger disagree: {proof:?}");
+        let account = self
+            .store()
+            .account(&AccountRef::Id(self.account_id))
+            .await
+            .expect("account");
+        assert!(!account.balance.is_negative());
+        proof.cached
+    }
+}
+
+pub async fn new_key(store: &Store, account_id: i64) -> (String, i64) {
+    let m = duang::keys::generate();
+    let k = store
+        .create_key(
+            &NewKey {
+                account_id,
+                name: "test".into(),
+                ..Default::default()
+            },
+            &m.hash,
+            &m.display_prefix,
+        )
+        .await
+        .expect("key");
+    (m.plaintext.expose().clone(), k.id)
+}
