@@ -141,6 +141,27 @@ async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
     assert!(text.ends_with("data: [DONE]\n\n"));
     assert!(text.contains("\"usage\""));
 
+    // The README's path to a first completion: account, credits, key, then a request through
+    // the gateway to the demo upstream.
+    let cli = |args: &[&str]| {
+        let out = Command::new(ADMIN_BIN).arg("--conf").arg(&conf.path).args(args).output().expect("cli");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    cli(&["account", "create", "--email", "you@example.com", "--verified"]);
+    cli(&["credits", "grant", "you@example.com", "--usd", "5"]);
+    let key = cli(&["key", "create", "you@example.com", "--name", "laptop"]);
+    let r = client
+        .post(format!("{gateway}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "budget", "messages": [{"role": "user", "content": "Say ok in one word."}], "max_tokens": 50}))
+        .send()
+        .await
+        .expect("completion");
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert!(v["choices"][0]["message"]["content"].as_str().is_some_and(|c| c.contains("LOCAL DEMO")), "{v}");
+
     // SIGTERM stops the admin server and the gateway with it.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
