@@ -75,6 +75,36 @@ async fn completion_is_routed_billed_and_recorded(backend: Backend) {
             .checked_sub(budget_cost(4))
             .expect("sub")
     );
+    let metrics = relay
+        .client
+        .get(&relay.metrics)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(
+            r#"duang_requests_total{route="/v1/chat/completions",status="200",tier="budget"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            r#"duang_billed_nano_usd_total{{tier="budget"}} {}"#,
+            budget_cost(4).nanos()
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("duang_holds_in_flight 0"));
+    assert!(metrics.contains("duang_time_to_first_token_seconds_bucket"));
+    assert!(
+        metrics.contains(
+            r#"duang_upstream_first_byte_seconds_count{model="mock-small",provider="mock"} 1"#
+        ),
+        "{metrics}"
+    );
     let ledger = relay
         .store()
         .ledger(relay.account_id, 10)

@@ -144,11 +144,26 @@ async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
     // The README's path to a first completion: account, credits, key, then a request through
     // the gateway to the demo upstream.
     let cli = |args: &[&str]| {
-        let out = Command::new(ADMIN_BIN).arg("--conf").arg(&conf.path).args(args).output().expect("cli");
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(ADMIN_BIN)
+            .arg("--conf")
+            .arg(&conf.path)
+            .args(args)
+            .output()
+            .expect("cli");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
-    cli(&["account", "create", "--email", "you@example.com", "--verified"]);
+    cli(&[
+        "account",
+        "create",
+        "--email",
+        "you@example.com",
+        "--verified",
+    ]);
     cli(&["credits", "grant", "you@example.com", "--usd", "5"]);
     let key = cli(&["key", "create", "you@example.com", "--name", "laptop"]);
     let r = client
@@ -160,7 +175,12 @@ async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
         .expect("completion");
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.expect("json");
-    assert!(v["choices"][0]["message"]["content"].as_str().is_some_and(|c| c.contains("LOCAL DEMO")), "{v}");
+    assert!(
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .is_some_and(|c| c.contains("LOCAL DEMO")),
+        "{v}"
+    );
 
     // SIGTERM stops the admin server and the gateway with it.
     nix::sys::signal::kill(

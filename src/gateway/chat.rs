@@ -3,6 +3,7 @@
 //! and tells Pingora it is done, so bodies of any size reach the upstream.
 
 use super::error::ApiError;
+use super::metrics::METRICS;
 use super::relay::{SseRelay, Usage, count_tokens, counted_json_output_tokens, usage_of};
 use super::request::{ChatRequest, parse_chat, read_body};
 use super::service::RequestCtx;
@@ -83,6 +84,11 @@ pub async fn handle(
                 tier: tier.name.clone(),
             });
         }
+        let sent_at = Instant::now();
+        METRICS
+            .overhead
+            .with_label_values(&[tier.name.as_str()])
+            .observe(ctx.started.elapsed().as_secs_f64());
         let answer = upstream::send(
             conf,
             &gw.connector,
@@ -92,6 +98,13 @@ pub async fn handle(
             req.stream,
         )
         .await?;
+        METRICS
+            .upstream_latency
+            .with_label_values(&[
+                answer.upstream.provider_name.as_str(),
+                answer.upstream.model.as_str(),
+            ])
+            .observe(answer.first_byte.duration_since(sent_at).as_secs_f64());
         let out = relay(gw, session, ctx, &req, answer).await;
         let cost = tier
             .prices
@@ -136,6 +149,21 @@ pub async fn handle(
 
 fn record(gw: &Gateway, ctx: &RequestCtx, caller: &super::auth::Caller, o: Outcome) {
     let finished = crate::time::now_ms();
+    if let Some(tier) = &ctx.tier {
+        let m = &*METRICS;
+        m.tokens
+            .with_label_values(&[tier.as_str(), "input"])
+            .inc_by(o.usage.input_tokens);
+        m.tokens
+            .with_label_values(&[tier.as_str(), "output"])
+            .inc_by(o.usage.output_tokens);
+        m.billed_nano
+            .with_label_values(&[tier.as_str()])
+            .inc_by(o.billed.nanos().max(0) as u64);
+        m.provider_cost_nano
+            .with_label_values(&[tier.as_str()])
+            .inc_by(o.provider_cost.nanos().max(0) as u64);
+    }
     let record = UsageRecord {
         request_id: ctx.request_id.clone(),
         account_id: caller.account_id,

@@ -13,6 +13,7 @@ pub mod auth;
 mod chat;
 pub mod error;
 pub mod hold;
+pub mod metrics;
 mod models;
 pub mod relay;
 pub mod request;
@@ -49,6 +50,7 @@ pub fn build_server(conf: Arc<Conf>) -> Server {
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
     let gateway = Gateway::new(conf.clone());
+    let gateway_for_metrics = gateway.clone();
     let worker = pingora::services::background::background_service(
         "duang worker",
         worker::Worker {
@@ -64,5 +66,12 @@ pub fn build_server(conf: Arc<Conf>) -> Server {
     proxy.add_tcp(&conf.gateway.listen.to_string());
     let proxy_handle = server.add_service(proxy);
     proxy_handle.add_dependency(&worker_handle);
+    let metrics = pingora::services::background::background_service(
+        "duang metrics",
+        worker::MetricsServer {
+            gateway: gateway_for_metrics,
+        },
+    );
+    server.add_service(metrics);
     server
 }

@@ -52,6 +52,27 @@ impl Default for RequestCtx {
     }
 }
 
+/// Request metrics, with the route label limited to the routes we serve.
+fn observe(path: &str, ctx: &RequestCtx) {
+    let route = match path {
+        "/v1/chat/completions" | "/v1/models" | "/healthz" => path,
+        _ => "other",
+    };
+    let tier = ctx.tier.as_deref().unwrap_or("");
+    let m = &*super::metrics::METRICS;
+    m.requests
+        .with_label_values(&[route, tier, &ctx.status.to_string()])
+        .inc();
+    m.latency
+        .with_label_values(&[route, tier])
+        .observe(ctx.started.elapsed().as_secs_f64());
+    if let Some(t) = ctx.first_byte {
+        m.ttft
+            .with_label_values(&[tier])
+            .observe(t.duration_since(ctx.started).as_secs_f64());
+    }
+}
+
 async fn respond_json(session: &mut Session, status: u16, body: Bytes) -> Result<()> {
     let mut header = ResponseHeader::build(status, Some(3))?;
     header.insert_header("content-type", "application/json")?;
@@ -103,14 +124,15 @@ impl ProxyHttp for GatewayService {
             (_, "/healthz" | "/v1/models" | "/v1/chat/completions") => {
                 Err(ApiError::MethodNotAllowed {
                     method: method.to_string(),
-                    path,
+                    path: path.clone(),
                 })
             }
-            _ => Err(ApiError::NotFound { path }),
+            _ => Err(ApiError::NotFound { path: path.clone() }),
         };
         if let Err(e) = routed {
             super::chat::write_error(session, ctx, &e).await?;
         }
+        observe(&path, ctx);
         Ok(true)
     }
 

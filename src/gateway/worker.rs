@@ -176,3 +176,46 @@ impl BackgroundService for Worker {
         }
     }
 }
+
+/// Serves `GET /metrics` on `gateway.metrics_listen`.
+pub struct MetricsServer {
+    pub gateway: Arc<Gateway>,
+}
+
+#[async_trait]
+impl BackgroundService for MetricsServer {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let addr = self.gateway.conf.gateway.metrics_listen;
+        let listener = match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, %addr, "cannot listen for metrics");
+                return;
+            }
+        };
+        let gw = self.gateway.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let gw = gw.clone();
+                async move {
+                    super::metrics::METRICS
+                        .holds_in_flight
+                        .set(gw.credit.holds_in_flight());
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        super::metrics::render(),
+                    )
+                }
+            }),
+        );
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.changed().await;
+            })
+            .await;
+    }
+}

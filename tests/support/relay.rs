@@ -66,7 +66,13 @@ impl Mock {
 }
 
 /// Conf for gateway tests: tiers over the mock and over a dead address, small limits.
-pub fn conf_text(store_url: &str, gateway_port: u16, mock_port: u16, dead_port: u16) -> String {
+pub fn conf_text(
+    store_url: &str,
+    gateway_port: u16,
+    metrics: u16,
+    mock_port: u16,
+    dead_port: u16,
+) -> String {
     format!(
         r#"
 [gateway]
@@ -121,8 +127,7 @@ kind = "openai"
 base_url = "http://127.0.0.1:{dead_port}/v1"
 connect_timeout_ms = 500
 models."dead-model" = {{ input_usd_per_mtok = "1", output_usd_per_mtok = "1" }}
-"#,
-        metrics = free_port(),
+"#
     )
 }
 
@@ -130,6 +135,8 @@ pub struct Relay {
     pub t: TestStore,
     pub mock: Mock,
     pub base: String,
+    /// The gateway's metrics URL.
+    pub metrics: String,
     pub key: String,
     pub account_id: i64,
     pub key_id: i64,
@@ -145,8 +152,13 @@ impl Relay {
         let mock = Mock::start(&["--chunks", "4"]);
         let dir = tempfile::tempdir().expect("dir");
         let port = free_port();
+        let metrics_port = free_port();
         let conf = dir.path().join("duang.toml");
-        std::fs::write(&conf, conf_text(&t.url, port, mock.port, free_port())).expect("conf");
+        std::fs::write(
+            &conf,
+            conf_text(&t.url, port, metrics_port, mock.port, free_port()),
+        )
+        .expect("conf");
         let account = t
             .store
             .create_account(&NewAccount {
@@ -197,10 +209,12 @@ impl Relay {
             assert!(Instant::now() < deadline, "gateway not ready within 30 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
         Relay {
             t,
             mock,
             base,
+            metrics,
             key,
             account_id: account.id,
             key_id,

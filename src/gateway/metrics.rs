@@ -1,0 +1,123 @@
+//! Prometheus metrics, served on their own listener (`gateway.metrics_listen`). Labels are low
+//! cardinality: route, tier, status class or error code, provider and model from the conf.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+use std::sync::LazyLock;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub latency: HistogramVec,
+    pub ttft: HistogramVec,
+    pub upstream_latency: HistogramVec,
+    pub tokens: IntCounterVec,
+    pub billed_nano: IntCounterVec,
+    pub provider_cost_nano: IntCounterVec,
+    pub holds_in_flight: IntGauge,
+    pub overhead: HistogramVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+];
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05,
+];
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let r = Registry::new();
+    let holds = IntGauge::new(
+        "duang_holds_in_flight",
+        "Credit holds of requests in flight on this node",
+    )
+    .expect("valid metric");
+    r.register(Box::new(holds.clone())).expect("unique metric");
+    Metrics {
+        requests: counter(
+            &r,
+            "duang_requests_total",
+            "Requests answered, by route, tier and status",
+            &["route", "tier", "status"],
+        ),
+        latency: histogram(
+            &r,
+            "duang_request_duration_seconds",
+            "Time from request to the end of the response",
+            &["route", "tier"],
+            LATENCY_BUCKETS,
+        ),
+        ttft: histogram(
+            &r,
+            "duang_time_to_first_token_seconds",
+            "Time from request to the first byte of the answer",
+            &["tier"],
+            LATENCY_BUCKETS,
+        ),
+        upstream_latency: histogram(
+            &r,
+            "duang_upstream_first_byte_seconds",
+            "Time from sending to an upstream to its response header",
+            &["provider", "model"],
+            LATENCY_BUCKETS,
+        ),
+        tokens: counter(
+            &r,
+            "duang_tokens_total",
+            "Tokens billed, by tier and direction",
+            &["tier", "direction"],
+        ),
+        billed_nano: counter(
+            &r,
+            "duang_billed_nano_usd_total",
+            "What customers were billed, nano-USD",
+            &["tier"],
+        ),
+        provider_cost_nano: counter(
+            &r,
+            "duang_provider_cost_nano_usd_total",
+            "What upstreams cost us, nano-USD",
+            &["tier"],
+        ),
+        holds_in_flight: holds,
+        overhead: histogram(
+            &r,
+            "duang_gateway_overhead_seconds",
+            "Gateway time before the request leaves for the upstream (auth, body, hold)",
+            &["tier"],
+            OVERHEAD_BUCKETS,
+        ),
+        registry: r,
+    }
+});
+
+/// The text exposition of every metric.
+pub fn render() -> String {
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&METRICS.registry.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}
