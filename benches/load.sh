@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Load benchmark for the gateway. One run, three arms, for JSON and for SSE:
+#   direct       client → mock upstream
+#   passthrough  client → bare Pingora pass-through (benches/passthrough.rs) → mock
+#   gateway      client → duang-gateway (key auth, credit holds, billing, usage logging) → mock
+# and the memory that 1,000 idle concurrent streams cost the gateway.
+#
+# Layout as in ARCHITECTURE.md: wrk on core 0; the proxy under test and the mock on core 1.
+# Prints requests/s, p50 and p99 latency per arm, the gateway's CPU time per request, and what
+# the gateway adds over the pass-through. Loopback only; stops by itself.
+#
+#   benches/load.sh                       # 10 s per arm, 64 connections
+#   DURATION=30s CONNS=128 benches/load.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+IDLE_STREAMS=${IDLE_STREAMS:-1000}
+CLIENT_CORE=${CLIENT_CORE:-0}
+SERVER_CORE=${SERVER_CORE:-1}
+
+command -v wrk >/dev/null || { echo "wrk is required: apt-get install wrk" >&2; exit 1; }
+cargo build --release --quiet --bins
+bin=target/release
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+MOCK_PORT=$(free_port); PASS_PORT=$(free_port); GW_PORT=$(free_port); METRICS_PORT=$(free_port)
+
+taskset -c "$SERVER_CORE" "$bin/duang-mock-upstream" --listen "127.0.0.1:$MOCK_PORT" --chunks 8 >/dev/null &
+pids+=($!)
+taskset -c "$SERVER_CORE" "$bin/duang-bench-passthrough" "127.0.0.1:$PASS_PORT" "127.0.0.1:$MOCK_PORT" 1 2>/dev/null &
+pids+=($!); PASS_PID=$!
+
+cat >"$work/duang.toml" <<EOF
+[gateway]
+listen = "127.0.0.1:$GW_PORT"
+metrics_listen = "127.0.0.1:$METRICS_PORT"
+threads = 1
+[store]
+url = "sqlite://$work/duang.db"
+[limits.default_key]
+requests_per_minute = 10000000
+tokens_per_minute = 1000000000000
+in_flight = 100000
+[tiers.budget]
+input_usd_per_mtok = "0.12"
+output_usd_per_mtok = "0.48"
+default_max_output_tokens = 100
+upstreams = [{ provider = "mock", model = "mock-small" }]
+[providers.mock]
+kind = "openai"
+base_url = "http://127.0.0.1:$MOCK_PORT/v1"
+first_byte_timeout_ms = 120000
+idle_timeout_ms = 120000
+models."mock-small" = { input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }
+EOF
+admin() { "$bin/duang-admin" --conf "$work/duang.toml" "$@"; }
+admin account create --email bench@example.com --verified >/dev/null
+admin credits grant bench@example.com --usd 100000 >/dev/null
+KEY=$(admin key create bench@example.com --name bench 2>/dev/null)
+export KEY
+
+RUST_LOG=error taskset -c "$SERVER_CORE" "$bin/duang-gateway" --conf "$work/duang.toml" 2>"$work/gateway.log" &
+pids+=($!); GW_PID=$!
+for _ in $(seq 1 200); do
+  curl -sf "http://127.0.0.1:$GW_PORT/healthz" >/dev/null && break
+  sleep 0.05
+done
+
+cat >"$work/json.lua" <<'EOF'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("KEY")
+wrk.body = '{"model":"budget","messages":[{"role":"user","content":"Say ok in one word."}]}'
+EOF
+sed 's/"messages"/"stream":true,"messages"/' "$work/json.lua" >"$work/sse.lua"
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# wrk → "rps p50_us p99_us requests"
+run_wrk() {
+  local url=$1 script=$2
+  taskset -c "$CLIENT_CORE" wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$script" "$url" >"$work/wrk.out"
+  python3 - "$work/wrk.out" <<'EOF'
+import re, sys
+text = open(sys.argv[1]).read()
+def us(v):
+    n, unit = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+    return float(n) * {"us": 1, "ms": 1000, "s": 1e6}[unit]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+p50 = us(re.search(r"50%\s+(\S+)", text).group(1))
+p99 = us(re.search(r"99%\s+(\S+)", text).group(1))
+reqs = int(re.search(r"(\d+) requests in", text).group(1))
+errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+if errors:
+    sys.exit(f"wrk saw {errors.group(1)} failed responses:\n{text}")
+print(f"{rps:.0f} {p50:.0f} {p99:.0f} {reqs}")
+EOF
+}
+
+declare -A R
+for mode in json sse; do
+  for arm in direct passthrough gateway; do
+    case $arm in
+      direct) url="http://127.0.0.1:$MOCK_PORT/v1/chat/completions"; pid="" ;;
+      passthrough) url="http://127.0.0.1:$PASS_PORT/v1/chat/completions"; pid=$PASS_PID ;;
+      gateway) url="http://127.0.0.1:$GW_PORT/v1/chat/completions"; pid=$GW_PID ;;
+    esac
+    before=0; [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+    read -r rps p50 p99 reqs < <(run_wrk "$url" "$work/$mode.lua")
+    cpu="-"
+    if [ -n "$pid" ]; then
+      after=$(cpu_ticks "$pid")
+      cpu=$(python3 -c "print(round(($after - $before) * 1e6 / $(getconf CLK_TCK) / $reqs))")
+    fi
+    R[$mode.$arm]="$rps $p50 $p99 $cpu"
+  done
+done
+
+echo
+echo "Load: wrk -t1 -c$CONNS -d$DURATION on core $CLIENT_CORE; proxy and mock on core $SERVER_CORE; $(nproc) cores, $(date -u +%F)"
+printf '%-5s %-12s %10s %10s %10s %14s\n' mode arm req/s p50_us p99_us cpu_us/req
+for mode in json sse; do
+  for arm in direct passthrough gateway; do
+    read -r rps p50 p99 cpu <<<"${R[$mode.$arm]}"
+    printf '%-5s %-12s %10s %10s %10s %14s\n' "$mode" "$arm" "$rps" "$p50" "$p99" "$cpu"
+  done
+done
+echo
+for mode in json sse; do
+  read -r prps pp50 pp99 _ <<<"${R[$mode.passthrough]}"
+  read -r grps gp50 gp99 _ <<<"${R[$mode.gateway]}"
+  python3 -c "print(f'$mode: gateway adds p50 {int($gp50) - int($pp50)} us, p99 {int($gp99) - int($pp99)} us over the pass-through, at {100 * $grps / $prps:.0f}% of its req/s (targets: <= 100 us, <= 500 us, >= 70%)')"
+done
+
+# Memory: idle concurrent streams (the mock sends one chunk, then waits a minute).
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+before=$(rss_kib "$GW_PID")
+python3 - "$GW_PORT" "$IDLE_STREAMS" "$KEY" "$GW_PID" >"$work/idle.out" <<'EOF' || true
+import asyncio, json, sys
+port, n, key, pid = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+body = json.dumps({"model": "budget", "stream": True, "messages": [{"role": "user", "content": "hi"}],
+                   "mock": {"chunks": 2, "gap_ms": 60000}}).encode()
+req = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+       f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+async def one():
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(req)
+    await w.drain()
+    got = b""
+    while b"tok0" not in got:
+        got += await r.read(4096)
+    return r, w
+async def main():
+    conns = []
+    for i in range(0, n, 100):
+        conns += await asyncio.gather(*(one() for _ in range(min(100, n - i))))
+    rss = [l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS")][0].split()[1]
+    print(f"{len(conns)} {rss}")
+    for _, w in conns:
+        w.close()
+asyncio.run(main())
+EOF
+read -r streams during <"$work/idle.out" || { streams=0; during=0; }
+if [ "$streams" -gt 0 ]; then
+  echo "idle streams: $streams open, gateway RSS $before KiB -> $during KiB: $(( (during - before) * 1024 / streams )) bytes per stream (target < 65536)"
+fi
