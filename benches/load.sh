@@ -89,14 +89,17 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # wrk → "rps p50_us p99_us requests"
 run_wrk() {
-  local url=$1 script=$2
-  taskset -c "$CLIENT_CORE" wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$script" "$url" >"$work/wrk.out"
+  local url=$1 script=$2 conns=${3:-$CONNS}
+  taskset -c "$CLIENT_CORE" wrk -t1 -c"$conns" -d"$DURATION" --latency -s "$script" "$url" >"$work/wrk.out"
   python3 - "$work/wrk.out" <<'EOF'
 import re, sys
 text = open(sys.argv[1]).read()
 def us(v):
-    n, unit = re.match(r"([\d.]+)(us|ms|s)", v).groups()
-    return float(n) * {"us": 1, "ms": 1000, "s": 1e6}[unit]
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", v)
+    if not m:
+        sys.exit(f"cannot read latency {v!r} in wrk's output:\n{text}")
+    n, unit = m.groups()
+    return float(n) * {"us": 1, "ms": 1000, "s": 1e6, "m": 6e7}[unit]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
 p50 = us(re.search(r"50%\s+(\S+)", text).group(1))
 p99 = us(re.search(r"99%\s+(\S+)", text).group(1))
@@ -117,30 +120,39 @@ for mode in json sse; do
       gateway) url="http://127.0.0.1:$GW_PORT/v1/chat/completions"; pid=$GW_PID ;;
     esac
     before=0; [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+    # PERF_ARM=sse.gateway (say) records a CPU profile of that arm into $PERF_OUT.
+    perf_pid=""
+    if [ "${PERF_ARM:-}" = "$mode.$arm" ] && [ -n "$pid" ]; then
+      perf record -F 2999 -g -p "$pid" -o "${PERF_OUT:-perf.data}" -- sleep "${DURATION%s}" >/dev/null 2>&1 &
+      perf_pid=$!
+    fi
     read -r rps p50 p99 reqs < <(run_wrk "$url" "$work/$mode.lua")
+    [ -n "$perf_pid" ] && wait "$perf_pid"
     cpu="-"
     if [ -n "$pid" ]; then
       after=$(cpu_ticks "$pid")
       cpu=$(python3 -c "print(round(($after - $before) * 1e6 / $(getconf CLK_TCK) / $reqs))")
     fi
-    R[$mode.$arm]="$rps $p50 $p99 $cpu"
+    # Latency without queueing: one connection, so each figure is the request's own time.
+    read -r _ l50 l99 _ < <(run_wrk "$url" "$work/$mode.lua" 1)
+    R[$mode.$arm]="$rps $p50 $p99 $cpu $l50 $l99"
   done
 done
 
 echo
-echo "Load: wrk -t1 -c$CONNS -d$DURATION on core $CLIENT_CORE; proxy and mock on core $SERVER_CORE; $(nproc) cores, $(date -u +%F)"
-printf '%-5s %-12s %10s %10s %10s %14s\n' mode arm req/s p50_us p99_us cpu_us/req
+echo "Load: wrk -t1 -c$CONNS -d$DURATION on core $CLIENT_CORE (latency: -c1); proxy and mock on core $SERVER_CORE; $(nproc) cores, $(date -u +%F)"
+printf '%-5s %-12s %9s %11s %11s %11s %11s %11s\n' mode arm req/s "p50_us@$CONNS" "p99_us@$CONNS" cpu_us/req p50_us@1 p99_us@1
 for mode in json sse; do
   for arm in direct passthrough gateway; do
-    read -r rps p50 p99 cpu <<<"${R[$mode.$arm]}"
-    printf '%-5s %-12s %10s %10s %10s %14s\n' "$mode" "$arm" "$rps" "$p50" "$p99" "$cpu"
+    read -r rps p50 p99 cpu l50 l99 <<<"${R[$mode.$arm]}"
+    printf '%-5s %-12s %9s %11s %11s %11s %11s %11s\n' "$mode" "$arm" "$rps" "$p50" "$p99" "$cpu" "$l50" "$l99"
   done
 done
 echo
 for mode in json sse; do
-  read -r prps pp50 pp99 _ <<<"${R[$mode.passthrough]}"
-  read -r grps gp50 gp99 _ <<<"${R[$mode.gateway]}"
-  python3 -c "print(f'$mode: gateway adds p50 {int($gp50) - int($pp50)} us, p99 {int($gp99) - int($pp99)} us over the pass-through, at {100 * $grps / $prps:.0f}% of its req/s (targets: <= 100 us, <= 500 us, >= 70%)')"
+  read -r prps _ _ pcpu pl50 pl99 <<<"${R[$mode.passthrough]}"
+  read -r grps _ _ gcpu gl50 gl99 <<<"${R[$mode.gateway]}"
+  python3 -c "print(f'$mode: gateway adds p50 {int($gl50) - int($pl50)} us, p99 {int($gl99) - int($pl99)} us over the pass-through (one connection), {int($gcpu) - int($pcpu)} us of CPU per request, at {100 * $grps / $prps:.0f}% of its req/s under load (targets: <= 100 us, <= 500 us, >= 70%)')"
 done
 
 # Memory: idle concurrent streams (the mock sends one chunk, then waits a minute).

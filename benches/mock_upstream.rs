@@ -135,6 +135,14 @@ fn main() -> io::Result<()> {
     })
 }
 
+/// Sleeps, but not at all for zero: a zero-length tokio sleep still waits for the next timer tick
+/// (about a millisecond), which would swamp every latency figure.
+async fn pause(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
 async fn stats_handler(State(s): State<AppState>) -> impl IntoResponse {
     let last = s
         .stats
@@ -172,7 +180,7 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
         });
     }
     let k = Knobs::new(&s.args, &req);
-    tokio::time::sleep(k.ttft).await;
+    pause(k.ttft).await;
     if let Some(status) = k.status {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return error_response(status, "mock: injected failure", k.retry_after_s);
@@ -222,7 +230,7 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
         }
         for i in 0..k.chunks {
             if i > 0 {
-                tokio::time::sleep(k.gap).await;
+                pause(k.gap).await;
             }
             if i == k.fault_after {
                 match k.fault.as_deref() {

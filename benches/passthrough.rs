@@ -36,10 +36,16 @@ fn main() {
         eprintln!("UPSTREAM must be host:port ({e})");
         std::process::exit(2);
     });
-    let conf = ServerConf { threads, grace_period_seconds: Some(0), graceful_shutdown_timeout_seconds: Some(1), ..ServerConf::default() };
+    let conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, Passthrough { upstream });
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, Passthrough { upstream });
     proxy.add_tcp(&listen);
     server.add_service(proxy);
     server.run_forever();

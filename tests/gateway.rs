@@ -140,6 +140,8 @@ async fn streams_pass_through_and_the_usage_chunk_is_only_for_those_who_ask() {
     let r = relay.post(body.clone()).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/event-stream");
+    // Chunked framing, so the connection is reusable after the stream.
+    assert_eq!(r.headers()["transfer-encoding"], "chunked");
     let events = read_events(r).await;
     assert_eq!(events.last().map(String::as_str), Some("data: [DONE]"));
     assert!(

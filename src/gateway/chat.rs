@@ -210,6 +210,9 @@ fn response_header(
     match len {
         Some(n) => h.insert_header("content-length", n.to_string())?,
         None => {
+            // Chunked framing keeps the connection reusable; without it the body would end only
+            // when the connection closes.
+            h.insert_header("transfer-encoding", "chunked")?;
             h.insert_header("cache-control", "no-cache")?;
             h.insert_header("x-accel-buffering", "no")?;
         }

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 /// Settlements written in one transaction at most.
 const BATCH_MAX: usize = 512;
+/// How long the first settlement of a batch waits for others to join it.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// An account idle this long gives its unpromised lease back.
 const LEASE_IDLE_MS: i64 = 30_000;
 const RESOLVE_EVERY: Duration = Duration::from_secs(30);
@@ -133,11 +135,14 @@ impl BackgroundService for Worker {
                     }
                 }
                 Some(first) = rx.recv() => {
+                    // Gather for a moment: one transaction for many requests is what makes
+                    // usage logging cheap under load.
                     let mut batch = vec![first];
+                    let until = tokio::time::Instant::now() + BATCH_WINDOW;
                     while batch.len() < BATCH_MAX {
-                        match rx.try_recv() {
-                            Ok(s) => batch.push(s),
-                            Err(_) => break,
+                        match tokio::time::timeout_at(until, rx.recv()).await {
+                            Ok(Some(s)) => batch.push(s),
+                            _ => break,
                         }
                     }
                     write(&store, &gw.node_id, batch).await;

@@ -13,6 +13,9 @@ use crate::money::NanoUsd;
 use crate::time::now_ms;
 use sqlx::Row;
 
+/// Rows per multi-row statement (19 parameters a usage row: well under either database's limit).
+const ROWS_PER_STATEMENT: usize = 100;
+
 /// One settled request, as the gateway's flusher hands it to the store.
 #[derive(Debug, Clone)]
 pub struct Settlement {
@@ -152,9 +155,10 @@ impl Store {
         ))
     }
 
-    /// Writes a batch of settled requests in one transaction: for each, a usage ledger entry that
-    /// debits the node's lease, and the usage record. A request already recorded (a retried batch)
-    /// is skipped whole, so nothing is billed twice.
+    /// Writes a batch of settled requests in one transaction: the usage records, a usage ledger
+    /// entry for each billed one, and the debit of the node's lease per account, in a few
+    /// multi-row statements. A request already recorded (a retried batch) is skipped whole, so
+    /// nothing is billed twice; a debit the lease cannot cover refuses the whole batch.
     pub async fn settle_batch(
         &self,
         node_id: &str,
@@ -164,42 +168,75 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.begin_write().await?;
-        for s in batch {
-            let r = &s.record;
-            let new = super::usage::insert_usage(&mut tx, r).await?;
-            if !new || !s.billed.is_positive() {
-                continue;
-            }
+        let mut new_ids = std::collections::HashSet::new();
+        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+            let records: Vec<&UsageRecord> = chunk.iter().map(|s| &s.record).collect();
+            new_ids.extend(super::usage::insert_usage_rows(&mut tx, self.backend, &records).await?);
+        }
+        let billed: Vec<&Settlement> = batch
+            .iter()
+            .filter(|s| s.billed.is_positive() && new_ids.contains(&s.record.request_id))
+            .collect();
+        // One debit per account.
+        let mut per_account: std::collections::BTreeMap<i64, (i64, i64)> =
+            std::collections::BTreeMap::new();
+        for s in &billed {
+            let e = per_account.entry(s.record.account_id).or_insert((0, 0));
+            e.0 =
+                e.0.checked_add(s.billed.nanos())
+                    .ok_or(crate::money::MoneyError::Overflow)?;
+            e.1 = e.1.max(s.record.finished_at);
+        }
+        for (account_id, (amount, at)) in per_account {
             let debited = sqlx::query(
                 "UPDATE credit_leases SET amount_nano = amount_nano - $1, updated_at = $2
                  WHERE account_id = $3 AND node_id = $4 AND amount_nano >= $1",
             )
-            .bind(s.billed.nanos())
-            .bind(r.finished_at)
-            .bind(r.account_id)
+            .bind(amount)
+            .bind(at)
+            .bind(account_id)
             .bind(node_id)
             .execute(&mut *tx)
             .await?
             .rows_affected();
             if debited == 0 {
                 return Err(StoreError::Invalid(format!(
-                    "request {}: node {node_id} holds no lease of {} for account {}",
-                    r.request_id, s.billed, r.account_id
+                    "node {node_id} holds no lease of {} for account {account_id}",
+                    NanoUsd::from_nanos(amount)
                 )));
             }
-            sqlx::query(
-                "INSERT INTO ledger (account_id, kind, amount_nano, external_ref, created_at)
-                 VALUES ($1, 'usage', $2, $3, $4)",
-            )
-            .bind(r.account_id)
-            .bind(-s.billed.nanos())
-            .bind(format!("usage:{}", r.request_id))
-            .bind(r.finished_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| {
+        }
+        for chunk in billed.chunks(ROWS_PER_STATEMENT) {
+            let mut sql = String::from(
+                "INSERT INTO ledger (account_id, kind, amount_nano, external_ref, created_at) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                let b = i * 4;
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push('(');
+                super::placeholder(&mut sql, self.backend, b + 1);
+                sql.push_str(", 'usage', ");
+                for n in 2..=4 {
+                    super::placeholder(&mut sql, self.backend, b + n);
+                    if n < 4 {
+                        sql.push_str(", ");
+                    }
+                }
+                sql.push(')');
+            }
+            let mut q = sqlx::query(&sql);
+            for s in chunk {
+                q = q
+                    .bind(s.record.account_id)
+                    .bind(-s.billed.nanos())
+                    .bind(format!("usage:{}", s.record.request_id))
+                    .bind(s.record.finished_at);
+            }
+            q.execute(&mut *tx).await.map_err(|e| {
                 if is_unique_violation(&e) {
-                    StoreError::DuplicateReference(format!("usage:{}", r.request_id))
+                    StoreError::DuplicateReference("usage ledger entry".into())
                 } else {
                     e.into()
                 }

@@ -196,6 +196,19 @@ impl Store {
     }
 }
 
+/// Appends the `n`th bind placeholder of a generated multi-row statement. SQLite gets anonymous
+/// `?` (numbered names cost a linear search per bind there, quadratic over a large statement);
+/// PostgreSQL gets `$n`.
+fn placeholder(sql: &mut String, backend: Backend, n: usize) {
+    use std::fmt::Write;
+    match backend {
+        Backend::Sqlite => sql.push('?'),
+        Backend::Postgres => {
+            let _ = write!(sql, "${n}");
+        }
+    }
+}
+
 /// Insert an audit-log row inside a caller's transaction.
 async fn audit(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,

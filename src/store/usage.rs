@@ -63,41 +63,60 @@ const USAGE_COLUMNS: &str = "request_id, account_id, key_id, tier, provider, ups
      input_tokens, output_tokens, provider_cost_nano, billed_nano, http_status, error_code, attempts, \
      latency_ms, ttft_ms, started_at, finished_at";
 
-/// Inserts one record inside a caller's transaction; `false` when its request id is already
-/// stored.
-pub(super) async fn insert_usage(
+/// Inserts records inside a caller's transaction in one statement; returns the request ids that
+/// were new (a request id already stored is skipped).
+pub(super) async fn insert_usage_rows(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
-    r: &UsageRecord,
-) -> Result<bool, StoreError> {
-    let sql = format!(
-        "INSERT INTO usage_records ({USAGE_COLUMNS}, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
-         ON CONFLICT (request_id) DO NOTHING"
-    );
-    let n = sqlx::query(&sql)
-        .bind(&r.request_id)
-        .bind(r.account_id)
-        .bind(r.key_id)
-        .bind(&r.tier)
-        .bind(r.provider.as_deref())
-        .bind(r.upstream_model.as_deref())
-        .bind(i64::from(r.stream))
-        .bind(r.input_tokens)
-        .bind(r.output_tokens)
-        .bind(r.provider_cost.nanos())
-        .bind(r.billed.nanos())
-        .bind(r.http_status)
-        .bind(r.error_code.as_deref())
-        .bind(r.attempts)
-        .bind(r.latency_ms)
-        .bind(r.ttft_ms)
-        .bind(r.started_at)
-        .bind(r.finished_at)
-        .bind(now_ms())
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    Ok(n == 1)
+    backend: crate::conf::Backend,
+    rows: &[&UsageRecord],
+) -> Result<Vec<String>, StoreError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sql = format!("INSERT INTO usage_records ({USAGE_COLUMNS}, created_at) VALUES ");
+    for i in 0..rows.len() {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..19 {
+            if c > 0 {
+                sql.push(',');
+            }
+            super::placeholder(&mut sql, backend, i * 19 + c + 1);
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
+    let now = now_ms();
+    let mut q = sqlx::query(&sql);
+    for r in rows {
+        q = q
+            .bind(&r.request_id)
+            .bind(r.account_id)
+            .bind(r.key_id)
+            .bind(&r.tier)
+            .bind(r.provider.as_deref())
+            .bind(r.upstream_model.as_deref())
+            .bind(i64::from(r.stream))
+            .bind(r.input_tokens)
+            .bind(r.output_tokens)
+            .bind(r.provider_cost.nanos())
+            .bind(r.billed.nanos())
+            .bind(r.http_status)
+            .bind(r.error_code.as_deref())
+            .bind(r.attempts)
+            .bind(r.latency_ms)
+            .bind(r.ttft_ms)
+            .bind(r.started_at)
+            .bind(r.finished_at)
+            .bind(now);
+    }
+    let inserted = q.fetch_all(&mut **tx).await?;
+    inserted
+        .iter()
+        .map(|r| Ok(r.try_get::<String, _>(0)?))
+        .collect()
 }
 
 impl Store {
@@ -109,8 +128,9 @@ impl Store {
         }
         let mut tx = self.begin_write().await?;
         let mut inserted = 0;
-        for r in records {
-            inserted += u64::from(insert_usage(&mut tx, r).await?);
+        for chunk in records.chunks(200) {
+            let rows: Vec<&UsageRecord> = chunk.iter().collect();
+            inserted += insert_usage_rows(&mut tx, self.backend, &rows).await?.len() as u64;
         }
         tx.commit().await?;
         Ok(inserted)
