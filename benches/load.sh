@@ -101,8 +101,8 @@ def us(v):
     n, unit = m.groups()
     return float(n) * {"us": 1, "ms": 1000, "s": 1e6, "m": 6e7}[unit]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
-p50 = us(re.search(r"50%\s+(\S+)", text).group(1))
-p99 = us(re.search(r"99%\s+(\S+)", text).group(1))
+p50 = us(re.search(r"^\s+50%\s+(\S+)", text, re.M).group(1))
+p99 = us(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))
 reqs = int(re.search(r"(\d+) requests in", text).group(1))
 errors = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
 if errors:

@@ -523,3 +523,48 @@ async fn revocation_suspension_and_verification_reach_the_gateway_within_a_secon
             .is_some_and(|m| m.contains("Verify your e-mail"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_api_key_usage_without_usage_and_a_stalled_stream() {
+    let relay = Relay::start(Backend::Sqlite, "1").await;
+    // Clients that send `x-api-key` instead of a bearer token.
+    let r = relay
+        .client
+        .post(format!("{}/v1/chat/completions", relay.base))
+        .header("x-api-key", &relay.key)
+        .json(&chat("budget"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), 200);
+
+    // An upstream that reports no usage: the gateway counts the text with tiktoken.
+    let mut body = chat("budget");
+    body["mock"] = json!({"usage": false, "chunks": 5});
+    let v: Value = relay.post(body.clone()).await.json().await.expect("json");
+    assert!(v.get("usage").is_none_or(Value::is_null), "{v}");
+    body["stream"] = json!(true);
+    let events = read_events(relay.post(body).await).await;
+    assert!(!events.iter().any(|e| e.contains("\"usage\"")));
+    let records = relay.usage(3).await;
+    let counted = duang::gateway::relay::count_tokens("tok0 tok1 tok2 tok3 tok4 ") as i64;
+    let prompt = duang::gateway::relay::count_tokens("Say ok in one word.\n") as i64;
+    for r in records.iter().filter(|r| r.output_tokens != 4) {
+        assert_eq!(
+            (r.input_tokens, r.output_tokens),
+            (prompt, counted),
+            "{r:?}"
+        );
+        assert_eq!(r.billed, NanoUsd::from_nanos(prompt * 120 + counted * 480));
+    }
+
+    // A stream that stalls past the provider's idle timeout (1.5 s) ends with an SSE error.
+    let mut body = chat("budget");
+    body["stream"] = json!(true);
+    body["mock"] = json!({"chunks": 4, "fault": "stall", "fault_after": 2});
+    let events = read_events(relay.post(body).await).await;
+    let last = events.last().expect("events");
+    assert!(last.contains("upstream_timeout"), "{events:?}");
+    assert_eq!(events.iter().filter(|e| e.contains("tok")).count(), 2);
+    relay.credit().await;
+}
