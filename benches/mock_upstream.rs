@@ -235,6 +235,9 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
             if i == k.fault_after {
                 match k.fault.as_deref() {
                     Some("reset") => {
+                        // Let the chunks already sent leave the socket first: an error drops
+                        // whatever the server still had buffered.
+                        pause(Duration::from_millis(100)).await;
                         let _ = tx
                             .send(Err(io::Error::new(
                                 io::ErrorKind::ConnectionReset,

@@ -29,28 +29,43 @@ pub struct ChatRequest {
     pub input_upper_bound: u64,
 }
 
-/// Reads the request body, refusing it at once when it is larger than `limit`.
+/// A too-large body is still read (and dropped) up to this much, so the client gets to read our
+/// 413 instead of a broken pipe; past it the connection is simply closed.
+const DRAIN_MAX: u64 = 64 * 1024 * 1024;
+
+/// Reads the request body; a body larger than `limit` is refused with 413 (and drained, so the
+/// client can read the answer).
 pub async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, ApiError> {
-    let too_large = ApiError::BodyTooLarge { limit_bytes: limit };
     let declared = session
         .req_header()
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(too_large);
-    }
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(4096).min(limit) as usize);
+    let mut too_large = declared.is_some_and(|n| n > limit);
+    let capacity = if too_large {
+        0
+    } else {
+        declared.unwrap_or(4096).min(limit) as usize
+    };
+    let mut buf = BytesMut::with_capacity(capacity);
+    let mut seen: u64 = 0;
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
-                if (buf.len() + chunk.len()) as u64 > limit {
-                    return Err(too_large);
+                seen += chunk.len() as u64;
+                too_large |= seen > limit;
+                if !too_large {
+                    buf.extend_from_slice(&chunk);
+                } else if seen > DRAIN_MAX {
+                    break;
                 }
-                buf.extend_from_slice(&chunk);
             }
             Ok(None) => break,
+            Err(e) if too_large => {
+                tracing::debug!(error = %e, "the client stopped sending a too-large body");
+                break;
+            }
             Err(e) => {
                 return Err(ApiError::InvalidRequest {
                     message: format!("Could not read the request body: {e}"),
@@ -58,6 +73,9 @@ pub async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, ApiEr
                 });
             }
         }
+    }
+    if too_large {
+        return Err(ApiError::BodyTooLarge { limit_bytes: limit });
     }
     Ok(buf.freeze())
 }
