@@ -104,8 +104,16 @@ impl ApiError {
         k.to_owned()
     }
 
-    /// OpenAI's `code` field, also the low-cardinality metric label.
+    /// OpenAI's `code` field: ours, or the upstream's when it refused the request.
     pub fn code(&self) -> &str {
+        match self {
+            ApiError::Upstream { code: Some(c), .. } => c,
+            other => other.label(),
+        }
+    }
+
+    /// Our own code, a low-cardinality label for metrics (never an upstream-supplied string).
+    pub fn label(&self) -> &'static str {
         match self {
             ApiError::NotFound { .. } => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -125,31 +133,7 @@ impl ApiError {
             ApiError::NoUpstream { .. } => "no_upstream",
             ApiError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ApiError::UpstreamTimeout { .. } => "upstream_timeout",
-            ApiError::Upstream { code: Some(c), .. } => c,
             ApiError::Upstream { .. } => "upstream_error",
-            ApiError::StoreUnavailable => "store_unavailable",
-            ApiError::Internal => "internal_error",
-        }
-    }
-
-    /// Low-cardinality label for metrics (never an upstream-supplied string).
-    pub fn label(&self) -> &'static str {
-        match self {
-            ApiError::Upstream { .. } => "upstream_error",
-            ApiError::NotFound { .. } => "not_found",
-            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
-            ApiError::MissingKey | ApiError::InvalidKey { .. } => "invalid_api_key",
-            ApiError::KeySuspended { .. } => "key_suspended",
-            ApiError::AccountBlocked { .. } => "account_blocked",
-            ApiError::EmailNotVerified => "email_not_verified",
-            ApiError::ModelNotAllowed { .. } => "model_not_allowed",
-            ApiError::ModelNotFound { .. } => "model_not_found",
-            ApiError::InvalidRequest { .. } => "invalid_request",
-            ApiError::BodyTooLarge { .. } => "request_too_large",
-            ApiError::InsufficientCredits { .. } => "insufficient_quota",
-            ApiError::NoUpstream { .. } => "no_upstream",
-            ApiError::UpstreamUnavailable { .. } => "upstream_unavailable",
-            ApiError::UpstreamTimeout { .. } => "upstream_timeout",
             ApiError::StoreUnavailable => "store_unavailable",
             ApiError::Internal => "internal_error",
         }

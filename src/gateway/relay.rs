@@ -115,23 +115,28 @@ impl SseRelay {
                 continue;
             };
             if let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii()) {
-                for c in v
-                    .get("choices")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    if let Some(t) = c
-                        .get("delta")
-                        .and_then(|d| d.get("content"))
-                        .and_then(Value::as_str)
-                    {
-                        text.push_str(t);
-                    }
-                }
+                push_choice_text(&v, "delta", &mut text);
             }
         }
         count_tokens(&text)
+    }
+}
+
+/// Appends the `content` of each choice's `field` (`message` in answers, `delta` in chunks).
+fn push_choice_text(v: &Value, field: &str, text: &mut String) {
+    let choices = v
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten();
+    for c in choices {
+        if let Some(t) = c
+            .get(field)
+            .and_then(|m| m.get("content"))
+            .and_then(Value::as_str)
+        {
+            text.push_str(t);
+        }
     }
 }
 
@@ -153,20 +158,7 @@ fn event_json(event: &[u8]) -> Option<Value> {
 /// Output tokens of a whole JSON answer without `usage`.
 pub fn counted_json_output_tokens(v: &Value) -> u64 {
     let mut text = String::new();
-    for c in v
-        .get("choices")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        if let Some(t) = c
-            .get("message")
-            .and_then(|m| m.get("content"))
-            .and_then(Value::as_str)
-        {
-            text.push_str(t);
-        }
-    }
+    push_choice_text(v, "message", &mut text);
     count_tokens(&text)
 }
 
