@@ -11,6 +11,41 @@ use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use support::relay::{PROVIDER_KEY, Relay, new_key};
 
+/// Runs each case as a test on SQLite and as a test on PostgreSQL.
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    completion_is_routed_billed_and_recorded,
+    concurrent_requests_never_overdraw,
+    streams_pass_through_and_the_usage_chunk_is_only_for_those_who_ask,
+    stream_chunks_reach_the_client_while_the_upstream_is_still_sending,
+    bodies_of_any_size_up_to_the_limit_are_forwarded,
+    the_error_table,
+    fallback_before_the_first_byte_and_an_sse_error_after_it,
+    a_client_that_leaves_stops_the_upstream_and_pays_for_what_it_got,
+    revocation_suspension_and_verification_reach_the_gateway_within_a_second,
+    x_api_key_usage_without_usage_and_a_stalled_stream,
+);
+
 fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "Say ok in one word."}]})
 }
@@ -114,16 +149,6 @@ async fn completion_is_routed_billed_and_recorded(backend: Backend) {
     assert_eq!(ledger[0].amount, budget_cost(4).checked_neg().expect("neg"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn completion_sqlite() {
-    completion_is_routed_billed_and_recorded(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn completion_postgres() {
-    completion_is_routed_billed_and_recorded(Backend::Postgres).await;
-}
-
 async fn read_events(r: reqwest::Response) -> Vec<String> {
     let text = r.text().await.expect("body");
     text.split("\n\n")
@@ -132,9 +157,8 @@ async fn read_events(r: reqwest::Response) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_pass_through_and_the_usage_chunk_is_only_for_those_who_ask() {
-    let relay = Relay::start(Backend::Sqlite, "1").await;
+async fn streams_pass_through_and_the_usage_chunk_is_only_for_those_who_ask(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
     let mut body = chat("budget");
     body["stream"] = json!(true);
     let r = relay.post(body.clone()).await;
@@ -170,9 +194,8 @@ async fn streams_pass_through_and_the_usage_chunk_is_only_for_those_who_ask() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stream_chunks_reach_the_client_while_the_upstream_is_still_sending() {
-    let relay = Relay::start(Backend::Sqlite, "1").await;
+async fn stream_chunks_reach_the_client_while_the_upstream_is_still_sending(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
     let mut body = chat("budget");
     body["stream"] = json!(true);
     body["mock"] = json!({"chunks": 6, "gap_ms": 150});
@@ -195,9 +218,8 @@ async fn stream_chunks_reach_the_client_while_the_upstream_is_still_sending() {
     assert!(text.contains("tok5") && text.ends_with("data: [DONE]\n\n"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bodies_of_any_size_up_to_the_limit_are_forwarded() {
-    let relay = Relay::start(Backend::Sqlite, "100").await;
+async fn bodies_of_any_size_up_to_the_limit_are_forwarded(backend: Backend) {
+    let relay = Relay::start(backend, "100").await;
     for size in [1024usize, 200 * 1024, 5 * 1024 * 1024] {
         let mut body = chat("budget");
         body["messages"][0]["content"] = json!("x".repeat(size));
@@ -220,9 +242,8 @@ async fn bodies_of_any_size_up_to_the_limit_are_forwarded() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_error_table() {
-    let relay = Relay::start(Backend::Sqlite, "0.0003").await;
+async fn the_error_table(backend: Backend) {
+    let relay = Relay::start(backend, "0.0003").await;
     let valid = chat("budget").to_string().into_bytes();
 
     let (s, e) = error_of(relay.post_raw(valid.clone(), None).await).await;
@@ -320,9 +341,8 @@ async fn the_error_table() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fallback_before_the_first_byte_and_an_sse_error_after_it() {
-    let relay = Relay::start(Backend::Sqlite, "1").await;
+async fn fallback_before_the_first_byte_and_an_sse_error_after_it(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
     // premium's first pick is a dead address; the mock behind it answers.
     let r = relay.post(chat("premium")).await;
     assert_eq!(r.status(), 200);
@@ -349,9 +369,8 @@ async fn fallback_before_the_first_byte_and_an_sse_error_after_it() {
     relay.credit().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_leaves_stops_the_upstream_and_pays_for_what_it_got() {
-    let relay = Relay::start(Backend::Sqlite, "1").await;
+async fn a_client_that_leaves_stops_the_upstream_and_pays_for_what_it_got(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
     let mut body = chat("budget");
     body["stream"] = json!(true);
     body["mock"] = json!({"chunks": 200, "gap_ms": 20});
@@ -425,16 +444,6 @@ async fn concurrent_requests_never_overdraw(backend: Backend) {
     assert_eq!(after, before.checked_sub(billed).expect("sub"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_requests_sqlite() {
-    concurrent_requests_never_overdraw(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_requests_postgres() {
-    concurrent_requests_never_overdraw(Backend::Postgres).await;
-}
-
 /// Polls until the gateway answers `status` for the key, and returns how long that took.
 async fn until_status(relay: &Relay, key: &str, status: u16) -> Duration {
     let start = Instant::now();
@@ -453,9 +462,10 @@ async fn until_status(relay: &Relay, key: &str, status: u16) -> Duration {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revocation_suspension_and_verification_reach_the_gateway_within_a_second() {
-    let relay = Relay::start(Backend::Sqlite, "1").await;
+async fn revocation_suspension_and_verification_reach_the_gateway_within_a_second(
+    backend: Backend,
+) {
+    let relay = Relay::start(backend, "1").await;
     assert_eq!(relay.post(chat("budget")).await.status(), 200);
     relay
         .store()
@@ -524,9 +534,8 @@ async fn revocation_suspension_and_verification_reach_the_gateway_within_a_secon
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn x_api_key_usage_without_usage_and_a_stalled_stream() {
-    let relay = Relay::start(Backend::Sqlite, "1").await;
+async fn x_api_key_usage_without_usage_and_a_stalled_stream(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
     // Clients that send `x-api-key` instead of a bearer token.
     let r = relay
         .client
