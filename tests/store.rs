@@ -498,21 +498,9 @@ fn usage(request_id: &str, account_id: i64, key_id: i64, started_at: i64) -> Usa
 
 async fn usage_batches_are_idempotent_and_paged(store: &Store) {
     let id = account(store, "kim@example.com").await;
-    let m = duang::keys::generate();
-    let key = store
-        .create_key(
-            &NewKey {
-                account_id: id,
-                name: "k".into(),
-                ..Default::default()
-            },
-            &m.hash,
-            &m.display_prefix,
-        )
-        .await
-        .expect("key");
+    let (_, key_id) = support::new_key(store, id).await;
     let batch: Vec<_> = (0..5)
-        .map(|i| usage(&format!("req_{i}"), id, key.id, 1_000 + i))
+        .map(|i| usage(&format!("req_{i}"), id, key_id, 1_000 + i))
         .collect();
     assert_eq!(store.insert_usage_batch(&batch).await.expect("batch"), 5);
     // The same batch again (a retry after a lost acknowledgement) records nothing twice.
@@ -567,19 +555,7 @@ async fn stripe_events_and_sessions_are_unique(store: &Store) {
 
 async fn leases_move_credit_and_settlement_debits_them(store: &Store) {
     let id = account(store, "mo@example.com").await;
-    let m = duang::keys::generate();
-    let key = store
-        .create_key(
-            &NewKey {
-                account_id: id,
-                name: "k".into(),
-                ..Default::default()
-            },
-            &m.hash,
-            &m.display_prefix,
-        )
-        .await
-        .expect("key");
+    let (_, key_id) = support::new_key(store, id).await;
     store
         .append_ledger(&entry(id, LedgerKind::TopUp, "3", "cs_lease"))
         .await
@@ -611,7 +587,7 @@ async fn leases_move_credit_and_settlement_debits_them(store: &Store) {
     assert!(proof.holds());
 
     // Settling debits the lease and writes the ledger entry and the usage record together.
-    let mut record = usage("req_lease_1", id, key.id, 5_000);
+    let mut record = usage("req_lease_1", id, key_id, 5_000);
     record.billed = usd("0.25");
     let batch = [Settlement {
         billed: usd("0.25"),
@@ -632,7 +608,7 @@ async fn leases_move_credit_and_settlement_debits_them(store: &Store) {
     );
 
     // A settlement the lease cannot cover is refused whole.
-    let mut big = usage("req_lease_2", id, key.id, 6_000);
+    let mut big = usage("req_lease_2", id, key_id, 6_000);
     big.billed = usd("9");
     let r = store
         .settle_batch(

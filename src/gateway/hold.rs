@@ -38,7 +38,6 @@ pub struct CreditBook {
 /// unsettled returns everything.
 #[must_use = "a hold must be settled, or dropped to release it"]
 pub struct Hold {
-    account_id: i64,
     amount: NanoUsd,
     credit: Arc<AccountCredit>,
     book_in_flight: Arc<CreditBook>,
@@ -48,10 +47,6 @@ pub struct Hold {
 impl Hold {
     pub fn amount(&self) -> NanoUsd {
         self.amount
-    }
-
-    pub fn account_id(&self) -> i64 {
-        self.account_id
     }
 
     /// Keeps `cost` (never more than the hold) and gives the rest back; returns what is billed.
@@ -140,7 +135,6 @@ impl CreditBook {
         credit.in_flight.fetch_add(1, Ordering::Relaxed);
         self.holds_in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(Hold {
-            account_id,
             amount,
             credit,
             book_in_flight: self.clone(),

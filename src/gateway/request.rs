@@ -19,7 +19,6 @@ pub const MAX_CHOICES: u64 = 16;
 pub struct ChatRequest {
     pub tier: usize,
     pub body: Map<String, Value>,
-    pub body_len: usize,
     pub stream: bool,
     /// The client asked for the usage chunk itself (otherwise we drop it).
     pub client_wants_usage: bool,
@@ -217,7 +216,6 @@ pub fn parse_chat(conf: &Conf, body: &[u8]) -> Result<ChatRequest, ApiError> {
     Ok(ChatRequest {
         tier,
         body: map,
-        body_len: body.len(),
         stream,
         client_wants_usage,
         max_output_tokens: per_choice * n,

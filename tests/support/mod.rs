@@ -201,4 +201,23 @@ pub fn parse_conf(text: &str, env: &[(&str, &str)]) -> Result<Conf, String> {
     })
     .map_err(|e| e.to_string())
 }
+
+/// Creates a key for an account; returns the plaintext and the key id.
+pub async fn new_key(store: &Store, account_id: i64) -> (String, i64) {
+    let m = duang::keys::generate();
+    let k = store
+        .create_key(
+            &duang::store::NewKey {
+                account_id,
+                name: "test".into(),
+                ..Default::default()
+            },
+            &m.hash,
+            &m.display_prefix,
+        )
+        .await
+        .expect("key");
+    (m.plaintext.expose().clone(), k.id)
+}
+
 pub mod relay;

@@ -4,9 +4,7 @@
 use super::{GATEWAY_BIN, TestStore, free_port};
 use duang::conf::Backend;
 use duang::money::NanoUsd;
-use duang::store::{
-    AccountRef, LedgerKind, NewAccount, NewKey, NewLedgerEntry, Role, Store, UsageRecord,
-};
+use duang::store::{AccountRef, LedgerKind, NewAccount, NewLedgerEntry, Role, Store, UsageRecord};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -284,19 +282,4 @@ impl Relay {
     }
 }
 
-pub async fn new_key(store: &Store, account_id: i64) -> (String, i64) {
-    let m = duang::keys::generate();
-    let k = store
-        .create_key(
-            &NewKey {
-                account_id,
-                name: "test".into(),
-                ..Default::default()
-            },
-            &m.hash,
-            &m.display_prefix,
-        )
-        .await
-        .expect("key");
-    (m.plaintext.expose().clone(), k.id)
-}
+pub use super::new_key;
