@@ -15,6 +15,7 @@
 //! Faults: `status` answers with that HTTP status and an OpenAI error body; `fault` is one of
 //! `reset` (cut the connection after `fault_after` chunks), `malformed` (send a chunk that is not
 //! JSON), `stall` (stop sending without closing), `error_body` (200 with an error object).
+//! With `--tls-cert` and `--tls-key` it serves HTTPS instead (and prints `https://`).
 //! `GET /_mock/stats` reports requests served, connections and streams open now, and the last request seen
 //! (its body and the `authorization` header), so tests can check what the gateway sent.
 
@@ -25,6 +26,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use clap::Parser;
+use pingora::tls::{CertificateDer, PrivateKeyDer, ServerConfig, ServerTlsStream, TlsAcceptor};
 use serde_json::{Value, json};
 use std::io;
 use std::pin::Pin;
@@ -58,6 +60,12 @@ struct Args {
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -114,7 +122,12 @@ fn main() -> io::Result<()> {
         .build()?;
     rt.block_on(async move {
         let listener = TcpListener::bind(&args.listen).await?;
-        println!("listening on http://{}", listener.local_addr()?);
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+            _ => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        println!("listening on {scheme}://{}", listener.local_addr()?);
         let stats = Arc::new(Stats::default());
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
@@ -127,6 +140,7 @@ fn main() -> io::Result<()> {
         axum::serve(
             CountingListener {
                 inner: listener,
+                tls,
                 stats,
             },
             app,
@@ -296,14 +310,36 @@ impl Drop for StreamOpen {
     }
 }
 
-/// A listener whose connections count themselves open until dropped.
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> io::Result<TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    let bad =
+        |e: &dyn std::fmt::Display| io::Error::new(io::ErrorKind::InvalidInput, e.to_string());
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad(&e))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(&e))?;
+    pingora::tls::install_default_crypto_provider();
+    let config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| bad(&e))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A listener whose connections count themselves open until dropped; with TLS when asked.
 struct CountingListener {
     inner: TcpListener,
+    tls: Option<TlsAcceptor>,
     stats: Arc<Stats>,
 }
 
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<ServerTlsStream<TcpStream>>),
+}
+
 struct CountedStream {
-    inner: TcpStream,
+    inner: Conn,
     stats: Arc<Stats>,
 }
 
@@ -322,10 +358,22 @@ impl axum::serve::Listener for CountingListener {
             match self.inner.accept().await {
                 Ok((stream, addr)) => {
                     let _ = stream.set_nodelay(true);
+                    let inner = match &self.tls {
+                        None => Conn::Plain(stream),
+                        // A client that refuses our certificate ends here; wait for the next one.
+                        Some(tls) => {
+                            match tokio::time::timeout(Duration::from_secs(5), tls.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(s)) => Conn::Tls(Box::new(s)),
+                                _ => continue,
+                            }
+                        }
+                    };
                     self.stats.open_connections.fetch_add(1, Ordering::SeqCst);
                     return (
                         CountedStream {
-                            inner: stream,
+                            inner,
                             stats: self.stats.clone(),
                         },
                         addr,
@@ -347,7 +395,10 @@ impl AsyncRead for CountedStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        match &mut self.inner {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
     }
 }
 
@@ -357,12 +408,21 @@ impl AsyncWrite for CountedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        match &mut self.inner {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match &mut self.inner {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        match &mut self.inner {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
     }
 }

@@ -525,3 +525,46 @@ fn store_and_redis_urls_are_checked_and_secrets_stay_in_the_environment() {
     .expect("redis");
     assert!(conf.redis.is_some());
 }
+
+#[test]
+fn a_providers_ca_file_is_read_and_checked_at_load() {
+    let ca = format!("{}/tests/fixtures/tls/ca.pem", env!("CARGO_MANIFEST_DIR"));
+    let openai = r#"base_url = "https://api.openai.com/v1""#;
+    let conf = parse_conf(
+        &shipped_with(openai, &format!("{openai}\nca_file = {ca:?}")),
+        &[],
+    )
+    .expect("a PEM CA file is accepted");
+    let p = conf
+        .providers
+        .iter()
+        .find(|p| p.name == "openai")
+        .expect("openai");
+    assert_eq!(p.ca_certs.len(), 1);
+
+    let e = err(
+        &shipped_with(openai, &format!("{openai}\nca_file = \"/no/such/ca.pem\"")),
+        &[],
+    );
+    assert!(
+        e.starts_with("test.toml: providers.openai.ca_file: cannot read /no/such/ca.pem:"),
+        "{e}"
+    );
+
+    let not_pem = format!("{}/Cargo.toml", env!("CARGO_MANIFEST_DIR"));
+    let e = err(
+        &shipped_with(openai, &format!("{openai}\nca_file = {not_pem:?}")),
+        &[],
+    );
+    assert!(e.contains("no PEM certificate in the file"), "{e}");
+
+    let demo = r#"base_url = "http://127.0.0.1:8081/demo/v1""#;
+    let e = err(
+        &shipped_with(demo, &format!("{demo}\nca_file = {ca:?}")),
+        &[],
+    );
+    assert!(
+        e.starts_with("test.toml: providers.demo.ca_file:") && e.contains("not https://"),
+        "{e}"
+    );
+}

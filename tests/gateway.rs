@@ -44,6 +44,7 @@ on_both_stores!(
     a_client_that_leaves_stops_the_upstream_and_pays_for_what_it_got,
     revocation_suspension_and_verification_reach_the_gateway_within_a_second,
     x_api_key_usage_without_usage_and_a_stalled_stream,
+    https_upstreams_trust_the_providers_own_ca,
 );
 
 fn chat(model: &str) -> Value {
@@ -576,4 +577,53 @@ async fn x_api_key_usage_without_usage_and_a_stalled_stream(backend: Backend) {
     assert!(last.contains("upstream_timeout"), "{events:?}");
     assert_eq!(events.iter().filter(|e| e.contains("tok")).count(), 2);
     relay.credit().await;
+}
+
+/// `tiers.secure` reaches the mock over HTTPS, trusting the test CA named in the provider's
+/// `ca_file`; `tiers.untrusted` is the same server without it, so its certificate is refused.
+async fn https_upstreams_trust_the_providers_own_ca(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
+    for _ in 0..2 {
+        let r = relay.post(chat("secure")).await;
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["model"], "mock-small");
+        assert_eq!(v["usage"]["completion_tokens"], 4);
+    }
+    let mut body = chat("secure");
+    body["stream"] = json!(true);
+    let r = relay.post(body).await;
+    assert_eq!(r.status(), 200);
+    let events = read_events(r).await;
+    assert_eq!(events.iter().filter(|e| e.contains("tok")).count(), 4);
+    assert_eq!(events.last().map(String::as_str), Some("data: [DONE]"));
+
+    let (status, e) = error_of(relay.post(chat("untrusted")).await).await;
+    assert_eq!(status, 502);
+    assert_eq!(e["code"], "upstream_unavailable");
+    let message = e["message"].as_str().unwrap_or_default();
+    assert!(message.contains("TLS handshake failed"), "{message}");
+
+    let records = relay.usage(4).await;
+    let served: Vec<_> = records
+        .iter()
+        .map(|u| (u.provider.as_deref(), u.http_status))
+        .collect();
+    assert_eq!(
+        served
+            .iter()
+            .filter(|s| **s == (Some("secure"), 200))
+            .count(),
+        3,
+        "{served:?}"
+    );
+    // The refused attempt cost nothing.
+    assert_eq!(
+        records
+            .iter()
+            .filter(|u| u.http_status == 502)
+            .map(|u| u.billed)
+            .sum::<NanoUsd>(),
+        NanoUsd::ZERO
+    );
 }

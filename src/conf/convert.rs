@@ -416,6 +416,20 @@ impl Checker<'_> {
             (_, Some(_)) => api_key.is_some(),
             (_, None) => true,
         };
+        let ca_certs = match (&p.ca_file, &base_url) {
+            (None, _) => Some(Vec::new()),
+            (Some(path), Some(url)) if url.scheme() != "https" => {
+                self.err(
+                    format!("{at}.ca_file"),
+                    format!("{path:?} is set but base_url is not https://; a CA file only applies to TLS"),
+                );
+                None
+            }
+            (Some(path), _) => {
+                let r = read_ca_file(Path::new(path));
+                self.ok(&format!("{at}.ca_file"), r)
+            }
+        };
         let connect = self.duration_ms(&format!("{at}.connect_timeout_ms"), p.connect_timeout_ms);
         let first_byte = self.duration_ms(
             &format!("{at}.first_byte_timeout_ms"),
@@ -451,6 +465,8 @@ impl Checker<'_> {
             base_url: base_url?,
             api_key_env: p.api_key_env.clone(),
             api_key: api_key.map(Secret::new),
+            ca_file: p.ca_file.as_ref().map(PathBuf::from),
+            ca_certs: ca_certs?,
             enabled,
             demo: p.demo,
             connect_timeout: connect?,
@@ -724,4 +740,31 @@ impl Checker<'_> {
             outbox_dir: PathBuf::from(&s.outbox_dir),
         })
     }
+}
+
+/// Reads the PEM certificates of a provider's `ca_file` and checks each is a usable trust root.
+fn read_ca_file(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for cert in CertificateDer::pem_slice_iter(&text) {
+        let cert =
+            cert.map_err(|e| format!("{}: not a PEM certificate file ({e})", path.display()))?;
+        let mut roots = pingora::tls::RootCertStore::empty();
+        roots.add(cert.clone()).map_err(|e| {
+            format!(
+                "{}: a certificate cannot be a trust root ({e})",
+                path.display()
+            )
+        })?;
+        out.push(cert.to_vec());
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "{}: no PEM certificate in the file (expected -----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(out)
 }

@@ -188,6 +188,10 @@ pub struct Provider {
     /// The env var named by `api_key_env`, if any.
     pub api_key_env: Option<String>,
     pub api_key: Option<Secret<String>>,
+    /// `ca_file` and the DER certificates read from it: the only roots trusted for this provider.
+    /// Without it, the system's roots are used.
+    pub ca_file: Option<PathBuf>,
+    pub ca_certs: Vec<Vec<u8>>,
     pub enabled: bool,
     pub demo: bool,
     pub connect_timeout: Duration,

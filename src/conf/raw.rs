@@ -156,6 +156,8 @@ pub struct RawProvider {
     pub kind: String,
     pub base_url: String,
     pub api_key_env: Option<String>,
+    /// PEM file of extra trust roots for an https base URL (a self-hosted model behind a private CA).
+    pub ca_file: Option<String>,
     pub enabled: Option<bool>,
     #[serde(default)]
     pub demo: bool,

@@ -10,10 +10,12 @@ use bytes::Bytes;
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::tls::CaType;
 use pingora::upstreams::peer::HttpPeer;
+use pingora::utils::tls::{WrappedX509, parse_x509};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 /// How long an idle pooled upstream connection is kept.
@@ -27,6 +29,11 @@ pub struct Endpoint {
     /// Path of the base URL without a trailing slash, e.g. `/v1`.
     pub base_path: String,
     pub addr: RwLock<Option<SocketAddr>>,
+    /// The provider's own trust roots (`ca_file`), shared by every peer built for it.
+    pub ca: Option<Arc<CaType>>,
+    /// Keeps each provider's pooled connections apart: two providers on one address may differ
+    /// in trust roots (a connection verified with one's `ca_file` must never serve the other).
+    pub pool_group: u64,
 }
 
 impl Endpoint {
@@ -41,6 +48,19 @@ impl Endpoint {
             tls,
             base_path: url.path().trim_end_matches('/').to_owned(),
             addr: RwLock::new(None),
+            pool_group: {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                p.name.hash(&mut h);
+                h.finish()
+            },
+            ca: (!p.ca_certs.is_empty()).then(|| {
+                p.ca_certs
+                    .iter()
+                    .map(|der| WrappedX509::new(der.clone(), parse_x509))
+                    .collect::<Vec<_>>()
+                    .into()
+            }),
         }
     }
 
@@ -119,6 +139,8 @@ fn peer_for(ep: &Endpoint, p: &Provider) -> Option<HttpPeer> {
     peer.options.connection_timeout = Some(p.connect_timeout);
     peer.options.total_connection_timeout = Some(p.connect_timeout.saturating_mul(2));
     peer.options.idle_timeout = Some(POOL_IDLE);
+    peer.options.ca = ep.ca.clone();
+    peer.group_key = ep.pool_group;
     Some(peer)
 }
 
@@ -205,8 +227,14 @@ async fn attempt(
 fn classify(e: &pingora::Error, host: &str) -> AttemptError {
     use pingora::ErrorType::*;
     match e.etype() {
-        ConnectTimedout | ReadTimedout | WriteTimedout => {
+        ConnectTimedout | ReadTimedout | WriteTimedout | TLSHandshakeTimedout => {
             AttemptError::Timeout(format!("{host}: {}", e.etype().as_str()))
+        }
+        TLSHandshakeFailure | InvalidCert | HandshakeError | TLSWantX509Lookup => {
+            AttemptError::Connect(format!(
+                "{host}: TLS handshake failed ({}; is its certificate trusted? see the provider's ca_file)",
+                e.etype().as_str()
+            ))
         }
         _ => AttemptError::Connect(format!("{host}: {}", e.etype().as_str())),
     }

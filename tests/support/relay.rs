@@ -69,8 +69,10 @@ pub fn conf_text(
     gateway_port: u16,
     metrics: u16,
     mock_port: u16,
+    tls_mock_port: u16,
     dead_port: u16,
 ) -> String {
+    let ca_file = tls_fixture("ca.pem");
     format!(
         r#"
 [gateway]
@@ -99,6 +101,16 @@ input_usd_per_mtok = "1"
 output_usd_per_mtok = "1"
 upstreams = [{{ provider = "dead", model = "dead-model" }}]
 
+[tiers.secure]
+input_usd_per_mtok = "1"
+output_usd_per_mtok = "1"
+upstreams = [{{ provider = "secure", model = "mock-small" }}]
+
+[tiers.untrusted]
+input_usd_per_mtok = "1"
+output_usd_per_mtok = "1"
+upstreams = [{{ provider = "untrusted", model = "mock-small" }}]
+
 [tiers.slow]
 input_usd_per_mtok = "1"
 output_usd_per_mtok = "1"
@@ -120,6 +132,17 @@ base_url = "http://127.0.0.1:{mock_port}/v1"
 first_byte_timeout_ms = 300
 models."mock-small" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
 
+[providers.secure]
+kind = "openai"
+base_url = "https://localhost:{tls_mock_port}/v1"
+ca_file = "{ca_file}"
+models."mock-small" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
+
+[providers.untrusted]
+kind = "openai"
+base_url = "https://localhost:{tls_mock_port}/v1"
+models."mock-small" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
+
 [providers.dead]
 kind = "openai"
 base_url = "http://127.0.0.1:{dead_port}/v1"
@@ -129,9 +152,16 @@ models."dead-model" = {{ input_usd_per_mtok = "1", output_usd_per_mtok = "1" }}
     )
 }
 
+/// A file of `tests/fixtures/tls` (a test CA and a `localhost` certificate it signed).
+pub fn tls_fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/tls/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
 pub struct Relay {
     pub t: TestStore,
     pub mock: Mock,
+    /// The same mock behind HTTPS, with a certificate from the test CA.
+    pub tls_mock: Mock,
     pub base: String,
     /// The gateway's metrics URL.
     pub metrics: String,
@@ -148,13 +178,28 @@ impl Relay {
     pub async fn start(backend: Backend, balance_usd: &str) -> Relay {
         let t = TestStore::new(backend).await;
         let mock = Mock::start(&["--chunks", "4"]);
+        let tls_mock = Mock::start(&[
+            "--chunks",
+            "4",
+            "--tls-cert",
+            &tls_fixture("localhost.pem"),
+            "--tls-key",
+            &tls_fixture("localhost.key"),
+        ]);
         let dir = tempfile::tempdir().expect("dir");
         let port = free_port();
         let metrics_port = free_port();
         let conf = dir.path().join("duang.toml");
         std::fs::write(
             &conf,
-            conf_text(&t.url, port, metrics_port, mock.port, free_port()),
+            conf_text(
+                &t.url,
+                port,
+                metrics_port,
+                mock.port,
+                tls_mock.port,
+                free_port(),
+            ),
         )
         .expect("conf");
         let account = t
@@ -211,6 +256,7 @@ impl Relay {
         Relay {
             t,
             mock,
+            tls_mock,
             base,
             metrics,
             key,
