@@ -568,3 +568,51 @@ fn a_providers_ca_file_is_read_and_checked_at_load() {
         "{e}"
     );
 }
+
+#[test]
+fn the_admin_signing_secret_comes_from_the_environment_and_is_long_enough() {
+    let support = r#"support_email = "support@duang-duang.com""#;
+    let with_env = shipped_with(
+        support,
+        &format!("{support}\nsecret_env = \"DUANG_ADMIN_SECRET\""),
+    );
+    let e = err(&with_env, &[]);
+    assert!(
+        e.starts_with(
+            "test.toml: admin.secret_env: environment variable DUANG_ADMIN_SECRET is not set"
+        ),
+        "{e}"
+    );
+    let e = err(&with_env, &[("DUANG_ADMIN_SECRET", "short")]);
+    assert!(
+        e.contains("is too short: use at least 32 random characters"),
+        "{e}"
+    );
+    let long = "0123456789abcdef0123456789abcdef";
+    let conf = parse_conf(&with_env, &[("DUANG_ADMIN_SECRET", long)]).expect("parses");
+    assert_eq!(
+        conf.admin.signing_secret.map(|s| s.expose().clone()),
+        Some(long.to_owned())
+    );
+    assert!(
+        parse_conf(&shipped_conf_text(), &[])
+            .expect("parses")
+            .admin
+            .signing_secret
+            .is_none()
+    );
+
+    let e = err(
+        &shipped_with("session_ttl_hours = 168", "session_ttl_hours = 0"),
+        &[],
+    );
+    assert!(
+        e.starts_with("test.toml: admin.session_ttl_hours: 0 is out of range"),
+        "{e}"
+    );
+    let e = err(&shipped_with("expiry_days = 365", "expiry_days = -1"), &[]);
+    assert!(
+        e.starts_with("test.toml: limits.key_max.expiry_days: -1 is out of range"),
+        "{e}"
+    );
+}

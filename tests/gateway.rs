@@ -11,29 +11,7 @@ use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use support::relay::{PROVIDER_KEY, Relay, new_key};
 
-/// Runs each case as a test on SQLite and as a test on PostgreSQL.
-macro_rules! on_both_stores {
-    ($($case:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    super::$case(super::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
-on_both_stores!(
+support::on_both_stores!(
     completion_is_routed_billed_and_recorded,
     concurrent_requests_never_overdraw,
     streams_pass_through_and_the_usage_chunk_is_only_for_those_who_ask,

@@ -1,5 +1,16 @@
-//! The admin (control plane): the operator CLI ([`cli`]) and the HTTP server ([`server`]).
+//! The admin (control plane): the operator CLI ([`cli`]) and the HTTP server ([`server`]): the
+//! dashboard pages and the JSON API for customers, accounts and keys.
 
+mod account;
 pub mod cli;
+mod dashboard;
 mod demo;
+mod error;
+mod keys_web;
+mod limiter;
+pub mod mail;
+mod pages;
+mod policies;
 pub mod server;
+mod signing;
+mod web;

@@ -1,28 +1,144 @@
 //! The admin's HTTP server. `app(state)` builds the router so tests can call it without a socket.
 //!
-//! This build serves `/healthz` and the local demo upstream (`/demo/v1`); the dashboard, the JSON
-//! API and Stripe arrive with issue #4.
+//! Routes: public pages (`/`, `/pricing`, `/quickstart`, `/policies/*`), accounts (`/signup`,
+//! `/login`, `/logout`, `/verify`, `/password/*`), the customer's dashboard and keys, the JSON
+//! API under `/api/v1`, `/healthz`, and the local demo upstream at `/demo/v1`.
 
+use super::limiter::Limiter;
+use super::mail::Mailer;
+use super::signing::Signer;
+use super::{account, dashboard, keys_web, pages, web};
 use crate::conf::Conf;
 use crate::store::Store;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Login and mail limits (in this process).
+pub struct Limits {
+    /// Failed log-ins per account: 5 per 15 minutes.
+    pub login_account: Limiter,
+    /// Log-in attempts per client address: 30 per 15 minutes.
+    pub login_ip: Limiter,
+    /// Verification and reset mails per account: 5 per hour.
+    pub mail: Limiter,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            login_account: Limiter::new(5, Duration::from_secs(15 * 60)),
+            login_ip: Limiter::new(30, Duration::from_secs(15 * 60)),
+            mail: Limiter::new(5, Duration::from_secs(3600)),
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct AppState {
     pub conf: Arc<Conf>,
     pub store: Store,
+    pub signer: Arc<Signer>,
+    pub mailer: Arc<Mailer>,
+    pub limits: Arc<Limits>,
+}
+
+impl AppState {
+    /// Builds the state: the signing key from `admin.secret_env`, or the one kept in the store
+    /// (made on first start).
+    pub async fn new(conf: Arc<Conf>, store: Store) -> Result<AppState, String> {
+        let key = match &conf.admin.signing_secret {
+            Some(s) => s.expose().clone(),
+            None => store
+                .setting_or_init("signing_key", || hex::encode(rand::random::<[u8; 32]>()))
+                .await
+                .map_err(|e| e.to_string())?,
+        };
+        let mailer = Mailer::new(&conf.mail)?;
+        Ok(AppState {
+            signer: Arc::new(Signer::new(key.as_bytes())),
+            mailer: Arc::new(mailer),
+            limits: Arc::new(Limits::default()),
+            conf,
+            store,
+        })
+    }
 }
 
 pub fn app(state: AppState) -> Router {
+    let site = Router::new()
+        .route("/", get(pages::home))
+        .route("/pricing", get(pages::pricing))
+        .route("/quickstart", get(pages::quickstart))
+        .route("/policies/{slug}", get(pages::policy))
+        .route(
+            "/signup",
+            get(account::signup_page).post(account::signup_submit),
+        )
+        .route(
+            "/login",
+            get(account::login_page).post(account::login_submit),
+        )
+        .route("/logout", post(account::logout_submit))
+        .route("/verify", get(account::verify_page))
+        .route("/verify/resend", post(account::resend_submit))
+        .route(
+            "/password/forgot",
+            get(account::forgot_page).post(account::forgot_submit),
+        )
+        .route(
+            "/password/reset",
+            get(account::reset_page).post(account::reset_submit),
+        )
+        .route("/dashboard", get(dashboard::dashboard))
+        .route(
+            "/keys",
+            get(keys_web::list_page).post(keys_web::create_submit),
+        )
+        .route("/keys/{id}/revoke", post(keys_web::revoke_submit))
+        .route("/api/v1/signup", post(account::api_signup))
+        .route("/api/v1/login", post(account::api_login))
+        .route("/api/v1/logout", post(account::api_logout))
+        .route("/api/v1/me", get(account::api_me))
+        .route("/api/v1/verify", post(account::api_verify))
+        .route("/api/v1/verify/resend", post(account::api_resend))
+        .route("/api/v1/password/forgot", post(account::api_forgot))
+        .route("/api/v1/password/reset", post(account::api_reset))
+        .route("/api/v1/balance", get(dashboard::api_balance))
+        .route("/api/v1/requests", get(dashboard::api_requests))
+        .route(
+            "/api/v1/keys",
+            get(keys_web::api_list).post(keys_web::api_create),
+        )
+        .route("/api/v1/keys/{id}/revoke", post(keys_web::api_revoke))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            web::session_layer,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/static/app.css", get(pages::stylesheet))
         .nest("/demo/v1", super::demo::router())
+        .merge(site)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            web::security_headers,
+        ))
         .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri, visitor: web::Visitor) -> axum::response::Response {
+    let e = super::error::AdminError::NotFound(format!("Nothing lives at {}.", uri.path()));
+    if web::is_api(uri.path()) {
+        e.into_json()
+    } else {
+        e.into_page(Some(&visitor))
+    }
 }
 
 /// Healthy when the store answers.
@@ -48,7 +164,10 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

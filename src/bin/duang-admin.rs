@@ -80,15 +80,10 @@ async fn serve_admin(conf: Conf) -> anyhow::Result<()> {
     let store = Store::open(&conf.store).await?;
     let listener = bind_admin(&conf).await?;
     tracing::info!(listen = %conf.admin.listen, "admin server started");
-    serve(
-        AppState {
-            conf: Arc::new(conf),
-            store,
-        },
-        listener,
-        shutdown_signal(),
-    )
-    .await?;
+    let state = AppState::new(Arc::new(conf), store)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    serve(state, listener, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -114,13 +109,15 @@ async fn up(conf_path: &Path, conf: Conf) -> anyhow::Result<()> {
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", gateway.display()))?;
     eprintln!(
-        "duang relay is up\n  gateway  http://{}  (API base URL {})\n  admin    http://{}\nCreate an account and a key:  duang-admin account create --email you@example.com --verified\nStop with Ctrl-C.",
-        conf.gateway.listen, conf.gateway.public_base_url, conf.admin.listen,
+        "duang relay is up\n  gateway  http://{}  (API base URL {})\n  admin    {}  (dashboard: sign up there; mails go to {} while SMTP is off)\nOr from the command line:  duang-admin account create --email you@example.com --verified\nStop with Ctrl-C.",
+        conf.gateway.listen,
+        conf.gateway.public_base_url,
+        conf.admin.public_url,
+        conf.mail.outbox_dir.display(),
     );
-    let state = AppState {
-        conf: Arc::new(conf),
-        store,
-    };
+    let state = AppState::new(Arc::new(conf), store)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve(state, listener, async move {
         let _ = stop_rx.await;

@@ -96,6 +96,7 @@ impl Checker<'_> {
         let store = self.store(&raw);
         let redis = self.redis(&raw);
         let default_key = self.key_limits("limits.default_key", &raw.limits.default_key);
+        let key_max = self.key_max(&raw.limits.key_max);
         let providers = self.providers(&raw);
         let tiers = providers.as_ref().and_then(|p| self.tiers(&raw.tiers, p));
         let stripe = self.stripe(&raw.stripe);
@@ -108,6 +109,7 @@ impl Checker<'_> {
             redis: redis?,
             limits: LimitsConf {
                 default_key: default_key?,
+                key_max: key_max?,
             },
             tiers: tiers?,
             providers: providers?,
@@ -207,10 +209,45 @@ impl Checker<'_> {
                 format!("{:?} is not an e-mail address", a.support_email),
             );
         }
+        let signing_secret = match &a.secret_env {
+            None => Some(None),
+            Some(var) => match self.env_var(var) {
+                Some(v) if v.len() >= 32 => Some(Some(Secret::new(v))),
+                Some(_) => {
+                    self.err("admin.secret_env", format!("environment variable {var} is too short: use at least 32 random characters (e.g. `openssl rand -hex 32`)"));
+                    None
+                }
+                None => {
+                    self.err("admin.secret_env", format!("environment variable {var} is not set; set it or remove secret_env to let the admin keep its own key in the store"));
+                    None
+                }
+            },
+        };
+        let ttl_hours = self.positive::<u64>(
+            "admin.session_ttl_hours",
+            a.session_ttl_hours,
+            24 * 366,
+            "hours (a year)",
+        );
+        let low = if a.low_balance_warning_cents < 0 {
+            self.err(
+                "admin.low_balance_warning_cents",
+                format!(
+                    "{} is negative; use 0 to turn the warning off",
+                    a.low_balance_warning_cents
+                ),
+            );
+            None
+        } else {
+            crate::money::NanoUsd::from_cents(a.low_balance_warning_cents).ok()
+        };
         Some(AdminConf {
             listen: listen?,
             public_url: public_url?,
             support_email: a.support_email.clone(),
+            signing_secret: signing_secret?,
+            session_ttl: Duration::from_secs(ttl_hours? * 3600),
+            low_balance_warning: low?,
         })
     }
 
@@ -316,6 +353,34 @@ impl Checker<'_> {
                 None
             }
         }
+    }
+
+    fn key_max(&mut self, raw: &super::raw::RawKeyMax) -> Option<KeyMax> {
+        let limits = self.key_limits(
+            "limits.key_max",
+            &RawKeyLimits {
+                requests_per_minute: raw.requests_per_minute,
+                tokens_per_minute: raw.tokens_per_minute,
+                in_flight: raw.in_flight,
+            },
+        );
+        let cap = self.positive::<i64>(
+            "limits.key_max.spend_cap_cents",
+            raw.spend_cap_cents,
+            1_000_000_000_000,
+            "cents",
+        );
+        let days = self.positive::<u32>(
+            "limits.key_max.expiry_days",
+            raw.expiry_days,
+            36_500,
+            "days",
+        );
+        Some(KeyMax {
+            limits: limits?,
+            spend_cap: crate::money::NanoUsd::from_cents(cap?).ok()?,
+            expiry_days: NonZeroU32::new(days?)?,
+        })
     }
 
     fn key_limits(&mut self, key: &str, raw: &RawKeyLimits) -> Option<KeyLimits> {

@@ -91,6 +91,11 @@ pub struct AdminConf {
     pub listen: SocketAddr,
     pub public_url: Url,
     pub support_email: String,
+    /// Signs e-mailed links and CSRF tokens; `None`: a random key made once and kept in the store.
+    pub signing_secret: Option<Secret<String>>,
+    pub session_ttl: Duration,
+    /// The dashboard warns below this balance.
+    pub low_balance_warning: crate::money::NanoUsd,
 }
 
 /// Which database the store talks to.
@@ -116,6 +121,15 @@ pub struct RedisConf {
 #[derive(Debug, Clone)]
 pub struct LimitsConf {
     pub default_key: KeyLimits,
+    pub key_max: KeyMax,
+}
+
+/// Bounds on what a customer may set on their own keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyMax {
+    pub limits: KeyLimits,
+    pub spend_cap: crate::money::NanoUsd,
+    pub expiry_days: NonZeroU32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

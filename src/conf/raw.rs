@@ -59,6 +59,9 @@ pub struct RawAdmin {
     pub listen: String,
     pub public_url: String,
     pub support_email: String,
+    pub secret_env: Option<String>,
+    pub session_ttl_hours: i64,
+    pub low_balance_warning_cents: i64,
 }
 
 impl Default for RawAdmin {
@@ -67,6 +70,9 @@ impl Default for RawAdmin {
             listen: "127.0.0.1:8081".into(),
             public_url: "http://127.0.0.1:8081".into(),
             support_email: "support@duang-duang.com".into(),
+            secret_env: None,
+            session_ttl_hours: 168,
+            low_balance_warning_cents: 100,
         }
     }
 }
@@ -100,6 +106,30 @@ pub struct RawRedis {
 #[serde(deny_unknown_fields, default)]
 pub struct RawLimits {
     pub default_key: RawKeyLimits,
+    pub key_max: RawKeyMax,
+}
+
+/// The most a customer may set on one of their own keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawKeyMax {
+    pub requests_per_minute: i64,
+    pub tokens_per_minute: i64,
+    pub in_flight: i64,
+    pub spend_cap_cents: i64,
+    pub expiry_days: i64,
+}
+
+impl Default for RawKeyMax {
+    fn default() -> Self {
+        RawKeyMax {
+            requests_per_minute: 6_000,
+            tokens_per_minute: 20_000_000,
+            in_flight: 256,
+            spend_cap_cents: 10_000_000,
+            expiry_days: 365,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

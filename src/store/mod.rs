@@ -11,6 +11,7 @@ mod accounts;
 mod keys;
 mod leases;
 mod ledger;
+mod sessions;
 mod usage;
 
 pub use accounts::{Account, AccountRef, AccountStatus, LimitOverrides, NewAccount, Role};

@@ -220,4 +220,31 @@ pub async fn new_key(store: &Store, account_id: i64) -> (String, i64) {
     (m.plaintext.expose().clone(), k.id)
 }
 
+pub mod admin;
 pub mod relay;
+
+/// Runs each named `async fn case(backend: Backend)` as a test on SQLite and as a test on
+/// PostgreSQL: `on_both_stores!(case_a, case_b);` in a test file.
+#[allow(unused_macros, reason = "each test binary uses a different part of this module")]
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(duang::conf::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(duang::conf::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports, reason = "each test binary uses a different part of this module")]
+pub(crate) use on_both_stores;

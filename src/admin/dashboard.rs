@@ -1,0 +1,148 @@
+//! The customer's dashboard: balance (with the low-balance warning), the e-mail verification
+//! state, and the most recent requests; the JSON API's balance and request log.
+
+use super::account::account_json;
+use super::error::{AdminError, ApiError};
+use super::pages::{csrf_field, page, quickstart_body};
+use super::server::AppState;
+use super::web::SignedIn;
+use crate::store::{AccountStatus, UsageRecord};
+use crate::time::format_utc;
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
+use maud::{Markup, html};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Notices {
+    welcome: Option<String>,
+    sent: Option<String>,
+}
+
+pub fn requests_table(records: &[UsageRecord]) -> Markup {
+    html! {
+        table #requests {
+            thead { tr { th { "Time (UTC)" } th { "Tier" } th { "Status" } th { "Tokens in / out" } th { "Cost" } th { "First token" } th { "Latency" } } }
+            tbody {
+                @for r in records {
+                    tr {
+                        td { (format_utc(r.started_at)) }
+                        td { code { (r.tier) } }
+                        td { (r.http_status) @if let Some(c) = &r.error_code { " " span.muted { (c) } } }
+                        td { (r.input_tokens) " / " (r.output_tokens) }
+                        td { (r.billed) }
+                        td { @if let Some(t) = r.ttft_ms { (t) " ms" } @else { "—" } }
+                        td { (r.latency_ms) " ms" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub async fn dashboard(
+    State(state): State<AppState>,
+    s: SignedIn,
+    Query(n): Query<Notices>,
+) -> Response {
+    let recent = match state.store.usage_page(s.account.id, None, 10).await {
+        Ok(r) => r,
+        Err(e) => return AdminError::from(e).into_page(Some(&s.visitor)),
+    };
+    let a = &s.account;
+    let low = a.balance < state.conf.admin.low_balance_warning;
+    page(&state, "Dashboard", Some(&s.visitor), html! {
+        @if n.welcome.is_some() {
+            p.success { "Welcome! We sent a verification link to " (a.email) "." }
+        }
+        @if n.sent.is_some() {
+            p.success { "We sent a new verification link to " (a.email) "." }
+        }
+        @if a.status == AccountStatus::Suspended {
+            p.notice { "This account is suspended under the Acceptable Use Policy: its keys are refused. Contact " (state.conf.admin.support_email) "." }
+        }
+        @if !a.is_verified() {
+            div.notice #verify-notice {
+                "Verify your e-mail address: until you do, you cannot buy credits or use API keys. "
+                form.inline method="post" action="/verify/resend" {
+                    (csrf_field(&s.visitor))
+                    button.link type="submit" { "Send the link again" }
+                }
+            }
+        }
+        section.grid {
+            div.card {
+                h2 { "Balance" }
+                p.balance #balance { (a.balance) }
+                @if low { p.notice #low-balance { "Your balance is low. Requests that cannot be covered are refused with 402." } }
+            }
+            div.card {
+                h2 { "Get started" }
+                p { a href="/keys" { "Create an API key" } ", then point your app at the base URL below." }
+            }
+        }
+        section.card {
+            h2 { "Recent requests" }
+            @if recent.is_empty() { p.muted { "No requests yet." } } @else { (requests_table(&recent)) }
+        }
+        section.card { (quickstart_body(&state)) }
+    })
+    .into_response()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Page {
+    limit: Option<i64>,
+    /// Only records that started before this time (ms), for the next page.
+    before_ms: Option<i64>,
+}
+
+pub fn usage_json(r: &UsageRecord) -> Value {
+    json!({
+        "request_id": r.request_id,
+        "key_id": r.key_id,
+        "tier": r.tier,
+        "provider": r.provider,
+        "model": r.upstream_model,
+        "stream": r.stream,
+        "status": r.http_status,
+        "error_code": r.error_code,
+        "input_tokens": r.input_tokens,
+        "output_tokens": r.output_tokens,
+        "billed_usd": r.billed.to_string().trim_start_matches('$').replace(',', ""),
+        "billed_nano_usd": r.billed.nanos(),
+        "latency_ms": r.latency_ms,
+        "ttft_ms": r.ttft_ms,
+        "started_at_ms": r.started_at,
+    })
+}
+
+pub async fn api_balance(State(state): State<AppState>, s: SignedIn) -> Json<Value> {
+    Json(account_json(&state, &s.account))
+}
+
+pub async fn api_requests(
+    State(state): State<AppState>,
+    s: SignedIn,
+    Query(p): Query<Page>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(AdminError::invalid("limit", "limit must be from 1 to 500.").into());
+    }
+    let records = state
+        .store
+        .usage_page(s.account.id, p.before_ms, limit)
+        .await?;
+    let next = (records.len() as i64 == limit)
+        .then(|| records.last().map(|r| r.started_at))
+        .flatten();
+    Ok(Json(json!({
+        "data": records.iter().map(usage_json).collect::<Vec<_>>(),
+        "next_before_ms": next,
+    })))
+}

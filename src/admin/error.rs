@@ -1,0 +1,149 @@
+//! The admin's errors: one enum, its status and code decided here, shown as JSON to the API and
+//! as a page to browsers. Store failures are logged and shown as a generic message.
+
+use crate::store::StoreError;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminError {
+    /// Bad input in a named field.
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    /// The input clashes with what exists (a second sign-up with one e-mail).
+    Conflict {
+        field: &'static str,
+        message: String,
+    },
+    /// Not signed in, or wrong credentials.
+    Unauthorized(String),
+    /// Signed in but not allowed (or a form without a valid CSRF token).
+    Forbidden(String),
+    NotFound(String),
+    /// Too many attempts; try again after this many seconds.
+    TooMany {
+        retry_after_s: u64,
+        message: String,
+    },
+    /// Something on our side; details are in the log, not in the answer.
+    Internal,
+}
+
+impl AdminError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        AdminError::Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AdminError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            AdminError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AdminError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Conflict { .. } => StatusCode::CONFLICT,
+            AdminError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AdminError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            AdminError::Invalid { .. } => "invalid_input",
+            AdminError::Conflict { .. } => "conflict",
+            AdminError::Unauthorized(_) => "unauthorized",
+            AdminError::Forbidden(_) => "forbidden",
+            AdminError::NotFound(_) => "not_found",
+            AdminError::TooMany { .. } => "too_many_attempts",
+            AdminError::Internal => "internal_error",
+        }
+    }
+
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            AdminError::Invalid { field, .. } | AdminError::Conflict { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            AdminError::Invalid { message, .. } | AdminError::Conflict { message, .. } => {
+                message.clone()
+            }
+            AdminError::Unauthorized(m)
+            | AdminError::Forbidden(m)
+            | AdminError::NotFound(m)
+            | AdminError::TooMany { message: m, .. } => m.clone(),
+            AdminError::Internal => {
+                "Something went wrong on our side. Please try again in a moment.".into()
+            }
+        }
+    }
+
+    fn retry_after(&self, r: &mut Response) {
+        if let AdminError::TooMany { retry_after_s, .. } = self
+            && let Ok(v) = HeaderValue::from_str(&retry_after_s.to_string())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+
+    /// The JSON answer: `{"error": {"message", "code", "field"}}`.
+    pub fn into_json(self) -> Response {
+        let body = json!({"error": {"message": self.message(), "code": self.code(), "field": self.field()}});
+        let mut r = (self.status(), axum::Json(body)).into_response();
+        self.retry_after(&mut r);
+        r
+    }
+
+    /// A page that says what went wrong (for errors not shown inside a form).
+    pub fn into_page(self, visitor: Option<&super::web::Visitor>) -> Response {
+        let page = super::pages::error_page(visitor, self.status(), &self.message());
+        let mut r = (self.status(), page).into_response();
+        self.retry_after(&mut r);
+        r
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound { what, .. } => AdminError::NotFound(format!("No such {what}.")),
+            StoreError::DuplicateEmail(_) => AdminError::Conflict {
+                field: "email",
+                message:
+                    "An account with this e-mail already exists. Log in, or reset your password."
+                        .into(),
+            },
+            StoreError::Invalid(m) => AdminError::Invalid {
+                field: "input",
+                message: m,
+            },
+            other => {
+                tracing::error!(error = %other, "store error in the admin");
+                AdminError::Internal
+            }
+        }
+    }
+}
+
+/// JSON API handlers return this so errors come back as JSON.
+pub struct ApiError(pub AdminError);
+
+impl<E: Into<AdminError>> From<E> for ApiError {
+    fn from(e: E) -> Self {
+        ApiError(e.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.0.into_json()
+    }
+}

@@ -1,0 +1,274 @@
+//! The dashboard's shared layout and its public pages: home, pricing, quick start, policies.
+//! Pages are rendered on the server with `maud` (escaping by default); one stylesheet, no
+//! third-party assets, so the strict Content-Security-Policy in `web.rs` holds.
+
+use super::policies;
+use super::server::AppState;
+use super::web::Visitor;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use maud::{DOCTYPE, Markup, html};
+
+pub const PRODUCT: &str = "Duang Duang";
+
+/// Wraps a page body in the layout: navigation for the visitor's state, footer with policies.
+pub fn layout(state_support: &str, title: &str, visitor: Option<&Visitor>, body: Markup) -> Markup {
+    let account = visitor.and_then(|v| v.account.as_ref());
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · " (PRODUCT) }
+                link rel="stylesheet" href="/static/app.css";
+            }
+            body {
+                header.top {
+                    a.brand href="/" { (PRODUCT) }
+                    nav {
+                        @if let Some(a) = account {
+                            a href="/dashboard" { "Dashboard" }
+                            a href="/keys" { "API keys" }
+                            a href="/pricing" { "Pricing" }
+                            a href="/quickstart" { "Quick start" }
+                            @if a.role == crate::store::Role::Operator {
+                                a href="/operator" { "Operator" }
+                            }
+                            span.who { (a.email) }
+                            form.inline method="post" action="/logout" {
+                                input type="hidden" name="csrf" value=(visitor.map(|v| v.csrf.as_str()).unwrap_or_default());
+                                button.link type="submit" { "Log out" }
+                            }
+                        } @else {
+                            a href="/pricing" { "Pricing" }
+                            a href="/quickstart" { "Quick start" }
+                            a href="/login" { "Log in" }
+                            a.button href="/signup" { "Sign up" }
+                        }
+                    }
+                }
+                main { (body) }
+                footer {
+                    nav {
+                        @for p in policies::POLICIES {
+                            a href={ "/policies/" (p.slug) } { (p.title) }
+                        }
+                    }
+                    p { "Support: " a href={ "mailto:" (state_support) } { (state_support) } }
+                }
+            }
+        }
+    }
+}
+
+pub fn page(state: &AppState, title: &str, visitor: Option<&Visitor>, body: Markup) -> Markup {
+    layout(&state.conf.admin.support_email, title, visitor, body)
+}
+
+pub fn error_page(visitor: Option<&Visitor>, status: StatusCode, message: &str) -> Markup {
+    let title = status.canonical_reason().unwrap_or("Error");
+    layout(
+        policies::SEED_SUPPORT_EMAIL,
+        title,
+        visitor,
+        html! {
+            section.card {
+                h1 { (title) }
+                p.error { (message) }
+                p { a href="/" { "Back to the start page" } }
+            }
+        },
+    )
+}
+
+/// A form error next to the form, or nothing.
+pub fn form_error(message: Option<&str>) -> Markup {
+    html! {
+        @if let Some(m) = message {
+            p.error role="alert" { (m) }
+        }
+    }
+}
+
+pub fn csrf_field(v: &Visitor) -> Markup {
+    html! { input type="hidden" name="csrf" value=(v.csrf); }
+}
+
+fn tier_rows(state: &AppState) -> Markup {
+    html! {
+        table.prices {
+            thead { tr { th { "Tier (" code { "model" } ")" } th { "Input" } th { "Output" } th { "For" } } }
+            tbody {
+                @for t in &state.conf.tiers {
+                    tr {
+                        td { code { (t.name) } }
+                        td { "$" (t.prices.input.usd_per_mtok_string()) " / 1M tokens" }
+                        td { "$" (t.prices.output.usd_per_mtok_string()) " / 1M tokens" }
+                        td { (t.description) }
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub async fn home(State(state): State<AppState>, visitor: Visitor) -> Markup {
+    page(
+        &state,
+        "Prepaid AI API credits",
+        Some(&visitor),
+        html! {
+            section.hero {
+                h1 { "Prepaid AI API credits for multi-model access" }
+                p { (PRODUCT) " gives developers one API key for routing requests across supported AI model providers. Customers buy prepaid credits, track usage, and choose budget, standard, or premium model tiers." }
+                p {
+                    @if visitor.account.is_some() { a.button href="/dashboard" { "Go to the dashboard" } }
+                    @else { a.button href="/signup" { "Create an account" } " " a href="/login" { "Log in" } }
+                }
+            }
+            section.grid {
+                div.card { h2 { "Unified API" } p { "Use one API interface and one customer key to access supported model providers through a managed gateway." } }
+                div.card { h2 { "Prepaid credits" } p { "Buy credits before use, avoid surprise invoices, and monitor balance and token usage in real time." } }
+                div.card { h2 { "Model routing" } p { "Choose budget, standard, or premium tiers depending on cost, speed, and quality needs." } }
+            }
+            section.card {
+                h2 { "Usage controls" }
+                p { "Accounts have credit balances, API keys, rate limits, and usage logs." }
+                p { "Customers must follow our " a href="/policies/terms" { "Terms" } ", " a href="/policies/privacy" { "Privacy Policy" } ", " a href="/policies/refunds" { "Refund Policy" } ", " a href="/policies/acceptable-use" { "Acceptable Use Policy" } ", and upstream provider rules." }
+            }
+        },
+    )
+}
+
+pub async fn pricing(State(state): State<AppState>, visitor: Visitor) -> Markup {
+    page(
+        &state,
+        "Pricing",
+        Some(&visitor),
+        html! {
+            section.card {
+                h1 { "Pricing" }
+                p { "Credits are prepaid in USD cents. Usage is deducted based on selected model, input tokens, and output tokens. Tiers route to supported provider models and are priced as " (PRODUCT) " customer rates." }
+                (tier_rows(&state))
+                p.muted { "A request's cost is its input tokens times the input price plus its output tokens times the output price. A request that fails before any output costs nothing." }
+            }
+        },
+    )
+}
+
+pub fn quickstart_body(state: &AppState) -> Markup {
+    let base = state
+        .conf
+        .gateway
+        .public_base_url
+        .as_str()
+        .trim_end_matches('/')
+        .to_owned();
+    let curl = format!(
+        "curl {base}/chat/completions \\\n  -H \"Authorization: Bearer sk-relay_YOUR_KEY\" \\\n  -H \"Content-Type: application/json\" \\\n  -d '{{\n  \"model\": \"budget\",\n  \"messages\": [\n    {{\"role\": \"user\", \"content\": \"Say ok in one word.\"}}\n  ],\n  \"max_tokens\": 50\n}}'"
+    );
+    html! {
+        h2 { "Base URL" }
+        pre { code #base-url { (base) } }
+        p { "Use your " (PRODUCT) " key as the API key and set the base URL to our endpoint." }
+        pre { code { "OPENAI_API_KEY=sk-relay_YOUR_KEY OPENAI_BASE_URL=" (base) } }
+        pre { code { (curl) } }
+        p.muted { "Compatibility depends on whether your app supports a custom OpenAI-compatible base URL. Name a tier (" code { "budget" } ", " code { "standard" } " or " code { "premium" } ") as the model." }
+        ol {
+            li { "Sign up in the dashboard and verify your email before using credits or API keys." }
+            li { "Buy a preset credit package or enter a custom amount. Stripe handles payment securely." }
+            li { "Generate a key that starts with " code { "sk-relay_" } ". Copy it when it is shown." }
+            li { "Set the base URL to " code { (base) } " in compatible tools or apps." }
+        }
+    }
+}
+
+pub async fn quickstart(State(state): State<AppState>, visitor: Visitor) -> Markup {
+    page(
+        &state,
+        "Quick start",
+        Some(&visitor),
+        html! {
+            section.card { h1 { "Quick start" } (quickstart_body(&state)) }
+        },
+    )
+}
+
+pub async fn policy(
+    State(state): State<AppState>,
+    visitor: Visitor,
+    Path(slug): Path<String>,
+) -> Response {
+    let Some(p) = policies::by_slug(&slug) else {
+        return super::error::AdminError::NotFound("No such policy.".into())
+            .into_page(Some(&visitor));
+    };
+    let support = &state.conf.admin.support_email;
+    page(
+        &state,
+        p.title,
+        Some(&visitor),
+        html! {
+            section.card.policy {
+                h1 { (p.title) }
+                @for para in p.paragraphs {
+                    p { (para.replace(policies::SEED_SUPPORT_EMAIL, support)) }
+                }
+                p { "Contact: " a href={ "mailto:" (support) } { (support) } }
+            }
+        },
+    )
+    .into_response()
+}
+
+pub async fn stylesheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        STYLESHEET,
+    )
+        .into_response()
+}
+
+const STYLESHEET: &str = r#"
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2330;background:#f5f6fa}
+a{color:#3552d4}
+header.top{display:flex;align-items:center;justify-content:space-between;padding:.75rem 1.5rem;background:#fff;border-bottom:1px solid #e2e5ee}
+header.top nav{display:flex;gap:1rem;align-items:center;flex-wrap:wrap}
+.brand{font-weight:700;font-size:1.1rem;text-decoration:none;color:#1d2330}
+.who{color:#6b7385;font-size:.9rem}
+main{max-width:960px;margin:1.5rem auto;padding:0 1rem}
+footer{max-width:960px;margin:2rem auto;padding:1rem;color:#6b7385;font-size:.9rem;border-top:1px solid #e2e5ee}
+footer nav{display:flex;gap:1rem;flex-wrap:wrap}
+.card{background:#fff;border:1px solid #e2e5ee;border-radius:8px;padding:1.25rem 1.5rem;margin-bottom:1rem}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(220px,1fr));gap:1rem;margin-bottom:1rem}
+.grid .card{margin:0}
+.hero{padding:1.5rem 0}
+.hero h1{font-size:2rem;margin:.2rem 0 .6rem}
+.button,button{display:inline-block;background:#3552d4;color:#fff;border:0;border-radius:6px;padding:.5rem 1rem;font:inherit;cursor:pointer;text-decoration:none}
+button.secondary{background:#e8ebf5;color:#1d2330}
+button.danger{background:#c0392b}
+button.link{background:none;color:#3552d4;padding:0;text-decoration:underline}
+form.inline{display:inline}
+form.stack{display:flex;flex-direction:column;gap:.75rem;max-width:420px}
+form.row{display:flex;gap:.75rem;flex-wrap:wrap;align-items:flex-end}
+label{display:flex;flex-direction:column;gap:.25rem;font-weight:600;font-size:.9rem}
+input,select{font:inherit;padding:.45rem .6rem;border:1px solid #c9cedb;border-radius:6px;font-weight:400}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:.45rem .5rem;border-bottom:1px solid #eceef4;font-size:.92rem}
+th{color:#6b7385;font-weight:600}
+pre{background:#1d2330;color:#e8ebf5;padding:.75rem 1rem;border-radius:6px;overflow-x:auto}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace}
+.error{color:#b42318;font-weight:600}
+.notice{background:#fff7e0;border:1px solid #f0d58a;border-radius:8px;padding:.75rem 1rem;margin-bottom:1rem}
+.success{background:#e8f7ee;border:1px solid #9fd8b5;border-radius:8px;padding:.75rem 1rem;margin-bottom:1rem}
+.muted{color:#6b7385}
+.balance{font-size:2rem;font-weight:700}
+.key{font-size:1.05rem;word-break:break-all;background:#f0f2f8;padding:.6rem;border-radius:6px}
+.status-revoked,.status-suspended{color:#b42318}
+"#;

@@ -1,0 +1,754 @@
+//! The admin through `app(state)` (no socket) over real stores: sign-up, e-mail verification from
+//! the outbox, log-in and log-out, password reset, CSRF, log-in limits, keys, the pages a
+//! customer reads, and one account never reaching another's keys.
+
+mod support;
+
+use axum::http::{Method, StatusCode};
+use duang::conf::Backend;
+use duang::store::{AccountRef, KeyStatus};
+use serde_json::json;
+use support::admin::{Admin, Browser};
+
+support::on_both_stores!(
+    sign_up_verify_from_the_outbox_log_out_and_in,
+    sign_up_refuses_bad_input_and_changes_nothing,
+    verification_links_that_are_tampered_expired_or_foreign_are_refused,
+    forms_without_a_valid_csrf_token_are_refused,
+    log_ins_are_limited_per_account_and_per_address,
+    a_password_reset_ends_old_sessions_and_its_link_works_once,
+    keys_are_shown_once_bounded_and_revocable,
+    one_account_never_reaches_anothers_keys,
+    the_json_api_signs_up_logs_in_and_manages_keys,
+);
+
+const PASSWORD: &str = "correct horse 42";
+
+/// Signs up through the form; the browser is then logged in.
+async fn sign_up(b: &mut Browser<'_>, email: &str) {
+    let r = b
+        .submit(
+            "/signup",
+            "/signup",
+            &[("email", email), ("password", PASSWORD)],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.location(), "/dashboard?welcome=1");
+}
+
+async fn sign_up_verify_from_the_outbox_log_out_and_in(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+
+    let r = b.get("/signup").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let cookie = r.headers["set-cookie"].to_str().expect("ascii");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
+    assert_eq!(r.headers["x-frame-options"], "DENY");
+    assert!(
+        r.headers["content-security-policy"]
+            .to_str()
+            .expect("csp")
+            .contains("default-src 'self'")
+    );
+    let anonymous = b.cookie.clone();
+
+    sign_up(&mut b, "Ann@Example.com").await;
+    assert_ne!(b.cookie, anonymous, "signing in rotates the session id");
+    let dash = b.get("/dashboard?welcome=1").await;
+    assert_eq!(dash.status, StatusCode::OK);
+    assert!(dash.body.contains("ann@example.com"));
+    assert!(
+        dash.body.contains("verify-notice"),
+        "unverified notice shown"
+    );
+    assert!(
+        dash.body.contains("id=\"low-balance\""),
+        "a zero balance is low"
+    );
+
+    let account = admin.account("ann@example.com").await;
+    assert!(!account.is_verified());
+    let stored = admin.t.store.password_hash(account.id).await.expect("hash");
+    assert!(stored.is_some_and(|h| h.starts_with("$argon2id$")));
+
+    // The link in the mail verifies the address.
+    let link = admin.link_in_mail("ann@example.com", "/verify");
+    let path = link.trim_start_matches("http://127.0.0.1:8081");
+    let r = b.get(path).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains("Your e-mail is verified"));
+    let account = admin
+        .t
+        .store
+        .account(&AccountRef::Id(account.id))
+        .await
+        .expect("account");
+    assert!(account.is_verified());
+    assert!(!b.get("/dashboard").await.body.contains("verify-notice"));
+
+    // Log out: the session is gone, the dashboard sends us to log in.
+    let csrf = b.get("/dashboard").await.csrf();
+    let r = b.post_form("/logout", &[("csrf", &csrf)]).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert!(b.cookie.is_none(), "the cookie is cleared");
+    let r = b.get("/dashboard").await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(r.location(), "/login?next=%2Fdashboard");
+
+    // Log in again, landing where we were going; a foreign `next` is ignored.
+    let r = b
+        .submit(
+            "/login",
+            "/login",
+            &[
+                ("email", "ann@example.com"),
+                ("password", PASSWORD),
+                ("next", "/keys"),
+            ],
+        )
+        .await;
+    assert_eq!((r.status, r.location()), (StatusCode::SEE_OTHER, "/keys"));
+    let mut other = admin.browser([10, 0, 0, 2]);
+    let r = other
+        .submit(
+            "/login",
+            "/login",
+            &[
+                ("email", "ann@example.com"),
+                ("password", PASSWORD),
+                ("next", "//evil.example/x"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.location()),
+        (StatusCode::SEE_OTHER, "/dashboard")
+    );
+}
+
+async fn sign_up_refuses_bad_input_and_changes_nothing(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    for (email, password, status, message) in [
+        (
+            "not-an-email",
+            PASSWORD,
+            400,
+            "Enter a valid e-mail address",
+        ),
+        (
+            "bob@example.com",
+            "short1",
+            400,
+            "The password is too short",
+        ),
+        (
+            "bob@example.com",
+            "onlyletterslong",
+            400,
+            "The password is too weak",
+        ),
+    ] {
+        let r = b
+            .submit(
+                "/signup",
+                "/signup",
+                &[("email", email), ("password", password)],
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), status, "{email} {password}");
+        assert!(r.body.contains(message), "{message}: {}", r.body);
+        assert!(
+            b.get("/dashboard").await.status == StatusCode::SEE_OTHER,
+            "not signed in"
+        );
+    }
+    assert!(
+        admin
+            .t
+            .store
+            .search_accounts("", 10)
+            .await
+            .expect("list")
+            .is_empty(),
+        "nothing was created"
+    );
+    sign_up(&mut b, "bob@example.com").await;
+    let mut again = admin.browser([10, 0, 0, 2]);
+    let r = again
+        .submit(
+            "/signup",
+            "/signup",
+            &[("email", "BOB@example.com"), ("password", PASSWORD)],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert!(r.body.contains("already exists"));
+    assert_eq!(
+        admin
+            .t
+            .store
+            .search_accounts("", 10)
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+    assert_eq!(
+        admin.mails_to("bob@example.com").len(),
+        1,
+        "one verification mail"
+    );
+}
+
+async fn verification_links_that_are_tampered_expired_or_foreign_are_refused(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    sign_up(&mut b, "cat@example.com").await;
+    let link = admin.link_in_mail("cat@example.com", "/verify");
+    let token = link.split("token=").nth(1).expect("token").to_owned();
+    let account = admin.account("cat@example.com").await;
+
+    let mut tampered = token.clone();
+    tampered.pop();
+    tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+    let expired = admin.state.signer.link_token(
+        "verify",
+        account.id,
+        duang::time::now_ms() - 1,
+        &account.email,
+    );
+    let other_purpose = admin.state.signer.link_token(
+        "reset",
+        account.id,
+        duang::time::now_ms() + 60_000,
+        &account.email,
+    );
+    for (t, says) in [
+        (tampered.as_str(), "not valid"),
+        ("garbage", "not valid"),
+        (expired.as_str(), "expired"),
+        (other_purpose.as_str(), "not valid"),
+    ] {
+        let r = b.get(&format!("/verify?token={t}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{t}");
+        assert!(r.body.contains(says), "{says}: {}", r.body);
+    }
+    let csrf = b.get("/dashboard").await.csrf();
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/verify",
+            Some(json!({"token": expired})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.json()["error"]["field"], "token");
+    let account = admin
+        .t
+        .store
+        .account(&AccountRef::Id(account.id))
+        .await
+        .expect("account");
+    assert!(!account.is_verified(), "no bad link verified anything");
+}
+
+async fn forms_without_a_valid_csrf_token_are_refused(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    sign_up(&mut b, "dan@example.com").await;
+    let mut other = admin.browser([10, 0, 0, 2]);
+    let foreign = other.get("/signup").await.csrf();
+
+    for fields in [
+        vec![("name", "k")],
+        vec![("name", "k"), ("csrf", foreign.as_str())],
+    ] {
+        let r = b.post_form("/keys", &fields).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert!(
+            r.body
+                .contains("This form has expired or came from another site")
+        );
+    }
+    // A signed-in JSON call needs the header; a cross-site text/plain post is refused too.
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/keys",
+            Some(json!({"name": "k"})),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.json()["error"]["code"], "forbidden");
+    let r = b
+        .send(
+            axum::http::Request::post("/api/v1/login")
+                .header("content-type", "text/plain")
+                .body(axum::body::Body::from("{}"))
+                .expect("req"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let account = admin.account("dan@example.com").await;
+    assert!(
+        admin
+            .t
+            .store
+            .list_keys(account.id)
+            .await
+            .expect("keys")
+            .is_empty()
+    );
+}
+
+async fn log_ins_are_limited_per_account_and_per_address(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    sign_up(&mut b, "eve@example.com").await;
+    let mut attacker = admin.browser([10, 0, 0, 66]);
+    for _ in 0..5 {
+        let r = attacker
+            .submit(
+                "/login",
+                "/login",
+                &[
+                    ("email", "eve@example.com"),
+                    ("password", "wrong password 1"),
+                ],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert!(r.body.contains("The e-mail or the password is wrong."));
+    }
+    // Now even the right password waits, from any address.
+    let mut owner = admin.browser([10, 0, 0, 2]);
+    let r = owner
+        .submit(
+            "/login",
+            "/login",
+            &[("email", "eve@example.com"), ("password", PASSWORD)],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers.contains_key("retry-after"));
+    assert!(r.body.contains("Too many failed log-ins for this account"));
+
+    // Per address: 30 attempts over any accounts, then the address waits.
+    let mut sprayer = admin.browser([10, 0, 0, 99]);
+    for i in 0..30 {
+        let email = format!("nobody{i}@example.com");
+        let r = sprayer
+            .submit(
+                "/login",
+                "/login",
+                &[("email", &email), ("password", "wrong password 1")],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let r = sprayer
+        .json(
+            Method::POST,
+            "/api/v1/login",
+            Some(json!({"email": "x@example.com", "password": "y"})),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.json()["error"]["code"], "too_many_attempts");
+}
+
+async fn a_password_reset_ends_old_sessions_and_its_link_works_once(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    sign_up(&mut b, "fay@example.com").await;
+    let mut stranger = admin.browser([10, 0, 0, 2]);
+    for email in ["fay@example.com", "nobody@example.com"] {
+        let r = stranger
+            .submit("/password/forgot", "/password/forgot", &[("email", email)])
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(
+            r.body.contains("If an account uses that address"),
+            "same answer for both"
+        );
+    }
+    assert!(admin.mails_to("nobody@example.com").is_empty());
+    let link = admin.link_in_mail("fay@example.com", "/password/reset");
+    let path = link.trim_start_matches("http://127.0.0.1:8081");
+    let token = path.split("token=").nth(1).expect("token").to_owned();
+
+    let r = stranger
+        .submit(
+            path,
+            "/password/reset",
+            &[("token", &token), ("password", "short")],
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::BAD_REQUEST,
+        "a weak new password is refused"
+    );
+    let r = stranger
+        .submit(
+            path,
+            "/password/reset",
+            &[("token", &token), ("password", "brand new pass 7")],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.location()),
+        (StatusCode::SEE_OTHER, "/login?reset=1")
+    );
+
+    // The old session ended; the old password is gone; the link cannot be used twice.
+    assert_eq!(b.get("/dashboard").await.status, StatusCode::SEE_OTHER);
+    let r = stranger
+        .submit(
+            "/login",
+            "/login",
+            &[("email", "fay@example.com"), ("password", PASSWORD)],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = stranger
+        .submit(
+            path,
+            "/password/reset",
+            &[("token", &token), ("password", "another pass 8")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("already been used"));
+    let r = stranger
+        .submit(
+            "/login",
+            "/login",
+            &[
+                ("email", "fay@example.com"),
+                ("password", "brand new pass 7"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    let account = admin.account("fay@example.com").await;
+    assert!(
+        account.is_verified(),
+        "a reset from the mailbox proves the address"
+    );
+}
+
+async fn keys_are_shown_once_bounded_and_revocable(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    sign_up(&mut b, "gus@example.com").await;
+    let r = b
+        .submit(
+            "/keys",
+            "/keys",
+            &[
+                ("name", "my app"),
+                ("expires_in_days", "30"),
+                ("requests_per_minute", "60"),
+                ("spend_cap_usd", "25.50"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let at = r.body.find("sk-relay_").expect("the key is shown");
+    let plaintext: String = r.body[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .collect();
+    assert_eq!(plaintext.len(), "sk-relay_".len() + 40);
+    let listed = b.get("/keys").await;
+    assert!(!listed.body.contains(&plaintext), "never shown again");
+    assert!(
+        listed.body.contains(&plaintext[..15]),
+        "the prefix is shown"
+    );
+
+    let stored = admin
+        .t
+        .store
+        .key_by_hash(&duang::keys::hash(&plaintext))
+        .await
+        .expect("lookup")
+        .expect("stored by its hash");
+    assert_eq!(stored.name, "my app");
+    assert_eq!(stored.limits.requests_per_minute, Some(60));
+    assert_eq!(stored.spend_cap, Some("25.50".parse().expect("usd")));
+    assert!(stored.expires_at.is_some());
+
+    for (field, value, says) in [
+        ("name", "", "Give the key a name"),
+        (
+            "requests_per_minute",
+            "6001",
+            "Requests per minute must be a whole number from 1 to 6000",
+        ),
+        ("requests_per_minute", "0", "from 1 to"),
+        (
+            "expires_in_days",
+            "366",
+            "Expiry in days must be a whole number from 1 to 365",
+        ),
+        (
+            "spend_cap_usd",
+            "0.001",
+            "The spend cap must be an amount in dollars and cents",
+        ),
+        ("spend_cap_usd", "-5", "The spend cap"),
+    ] {
+        let mut fields = vec![("name", "x")];
+        fields.retain(|(k, _)| *k != field);
+        fields.push((field, value));
+        let r = b.submit("/keys", "/keys", &fields).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{field}={value}");
+        assert!(r.body.contains(says), "{says}: {field}={value}");
+    }
+    assert_eq!(
+        admin
+            .t
+            .store
+            .list_keys(stored.account_id)
+            .await
+            .expect("keys")
+            .len(),
+        1,
+        "no bad request made a key"
+    );
+
+    let r = b
+        .submit("/keys", &format!("/keys/{}/revoke", stored.id), &[])
+        .await;
+    assert_eq!((r.status, r.location()), (StatusCode::SEE_OTHER, "/keys"));
+    let key = admin.t.store.key(stored.id).await.expect("key");
+    assert_eq!(key.status, KeyStatus::Revoked);
+    let audit = admin
+        .t
+        .store
+        .audit_log(stored.account_id)
+        .await
+        .expect("audit");
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action == "key.revoke" && e.key_id == Some(stored.id))
+    );
+}
+
+async fn one_account_never_reaches_anothers_keys(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut a = admin.browser([10, 0, 0, 1]);
+    sign_up(&mut a, "a@example.com").await;
+    let csrf_a = a.get("/dashboard").await.csrf();
+    let r = a
+        .json(
+            Method::POST,
+            "/api/v1/keys",
+            Some(json!({"name": "a's key"})),
+            Some(&csrf_a),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let key_id = r.json()["id"].as_i64().expect("id");
+
+    let mut b = admin.browser([10, 0, 0, 2]);
+    sign_up(&mut b, "b@example.com").await;
+    let csrf_b = b.get("/dashboard").await.csrf();
+    let r = b.json(Method::GET, "/api/v1/keys", None, None).await;
+    assert_eq!(r.json()["data"], json!([]), "B lists only B's keys");
+    let r = b
+        .json(
+            Method::POST,
+            &format!("/api/v1/keys/{key_id}/revoke"),
+            None,
+            Some(&csrf_b),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "not 403: ids are not probeable"
+    );
+    let r = b
+        .submit("/keys", &format!("/keys/{key_id}/revoke"), &[])
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(!b.get("/keys").await.body.contains("a&#39;s key"));
+    assert_eq!(
+        admin.t.store.key(key_id).await.expect("key").status,
+        KeyStatus::Active
+    );
+    // Anonymous callers reach nothing.
+    let mut anon = admin.browser([10, 0, 0, 3]);
+    let r = anon.json(Method::GET, "/api/v1/keys", None, None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(anon.get("/keys").await.status, StatusCode::SEE_OTHER);
+}
+
+async fn the_json_api_signs_up_logs_in_and_manages_keys(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/signup",
+            Some(json!({"email": "hal@example.com", "password": PASSWORD})),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["account"]["email"], "hal@example.com");
+    assert_eq!(v["account"]["email_verified"], false);
+    assert_eq!(v["account"]["balance_usd"], "0.00");
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/signup",
+            Some(json!({"email": "hal@example.com", "password": PASSWORD})),
+            None,
+        )
+        .await;
+    // Signed in now, so the same call needs a token; with it, the duplicate is a 409.
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let csrf = v["csrf_token"].as_str().expect("token").to_owned();
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/signup",
+            Some(json!({"email": "hal@example.com", "password": PASSWORD})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.json()["error"]["field"], "email");
+
+    let r = b
+        .json(Method::POST, "/api/v1/logout", None, Some(&csrf))
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        b.json(Method::GET, "/api/v1/me", None, None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/login",
+            Some(json!({"email": "hal@example.com", "password": PASSWORD})),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let csrf = r.json()["csrf_token"].as_str().expect("token").to_owned();
+    let me = b.json(Method::GET, "/api/v1/me", None, None).await.json();
+    assert_eq!(me["account"]["email"], "hal@example.com");
+    assert_eq!(me["csrf_token"], csrf.as_str());
+
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/keys",
+            Some(json!({"name": "ci", "tokens_per_minute": 1000, "in_flight": "4"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let k = r.json();
+    assert!(k["key"].as_str().expect("key").starts_with("sk-relay_"));
+    assert_eq!(k["tokens_per_minute"], 1000);
+    assert_eq!(k["in_flight"], 4);
+    let listed = b.json(Method::GET, "/api/v1/keys", None, None).await.json();
+    assert_eq!(listed["data"].as_array().expect("list").len(), 1);
+    assert!(
+        listed["data"][0].get("key").is_none(),
+        "the plaintext is never listed"
+    );
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/keys",
+            Some(json!({"name": "bad", "in_flight": 100000})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.json()["error"]["field"], "in_flight");
+    let id = k["id"].as_i64().expect("id");
+    let r = b
+        .json(
+            Method::POST,
+            &format!("/api/v1/keys/{id}/revoke"),
+            None,
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.json()["status"], "revoked");
+    let r = b
+        .json(Method::GET, "/api/v1/requests?limit=0", None, None)
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = b.json(Method::GET, "/api/v1/requests", None, None).await;
+    assert_eq!(r.json()["data"], json!([]));
+}
+
+#[tokio::test]
+async fn public_pages_show_the_conf_prices_the_base_url_and_the_policies() {
+    let admin = Admin::new(Backend::Sqlite).await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    let pricing = b.get("/pricing").await;
+    assert_eq!(pricing.status, StatusCode::OK);
+    for t in &admin.state.conf.tiers {
+        assert!(pricing.body.contains(&format!("<code>{}</code>", t.name)));
+        assert!(pricing.body.contains(&format!(
+            "${} / 1M tokens",
+            t.prices.input.usd_per_mtok_string()
+        )));
+    }
+    assert!(
+        pricing.body.contains("$0.12 / 1M tokens") && pricing.body.contains("$18.00 / 1M tokens")
+    );
+    let qs = b.get("/quickstart").await;
+    assert!(qs.body.contains("OPENAI_BASE_URL=http://127.0.0.1:8080/v1"));
+    assert!(
+        qs.body
+            .contains("curl http://127.0.0.1:8080/v1/chat/completions")
+    );
+    for (slug, text) in [
+        (
+            "terms",
+            "Customers are responsible for keeping API keys secure",
+        ),
+        ("privacy", "Payment processing is handled by Stripe."),
+        (
+            "refunds",
+            "Prepaid credits are generally refundable only for unused balances",
+        ),
+        (
+            "acceptable-use",
+            "We may throttle, suspend, or terminate accounts and API keys",
+        ),
+    ] {
+        let r = b.get(&format!("/policies/{slug}")).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.body.contains(text), "{slug}");
+        assert!(r.body.contains("support@duang-duang.com"));
+    }
+    assert_eq!(b.get("/policies/nope").await.status, StatusCode::NOT_FOUND);
+    let r = b.get("/api/v1/nope").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.json()["error"]["code"], "not_found");
+    assert_eq!(b.get("/static/app.css").await.status, StatusCode::OK);
+}
