@@ -32,9 +32,69 @@ pub fn format_utc(ms: i64) -> String {
     )
 }
 
+/// `2026-11-22` for a millisecond timestamp (UTC).
+pub fn format_date(ms: i64) -> String {
+    format_utc(ms)[..10].to_owned()
+}
+
+/// The first millisecond of a `YYYY-MM-DD` day (UTC); `None` for anything else.
+pub fn parse_date(text: &str) -> Option<i64> {
+    let t = text.trim();
+    let mut parts = t.split('-');
+    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return None;
+    }
+    let (y, m, d): (i64, i64, i64) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&m) || d < 1 || d > days_in[(m - 1) as usize] {
+        return None;
+    }
+    // Days since 1970-01-01 from a civil date (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some((era * 146_097 + doe - 719_468) * 86_400_000)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::format_utc;
+    use super::{format_date, format_utc, parse_date};
+
+    #[test]
+    fn dates_round_trip() {
+        for d in ["1970-01-01", "2000-02-29", "2026-11-22", "2024-12-31"] {
+            assert_eq!(format_date(parse_date(d).expect(d)), d);
+        }
+        assert_eq!(parse_date("2026-11-22"), Some(1_795_305_600_000));
+        for bad in [
+            "2026-02-29",
+            "2026-13-01",
+            "2026-1-01",
+            "26-01-01",
+            "2026-01-01x",
+            "",
+        ] {
+            assert_eq!(parse_date(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn formats_known_instants() {

@@ -6,9 +6,10 @@ mod support;
 
 use axum::http::{Method, StatusCode};
 use duang::conf::Backend;
-use duang::store::{AccountRef, KeyStatus};
+use duang::money::NanoUsd;
+use duang::store::{AccountRef, KeyStatus, UsageRecord};
 use serde_json::json;
-use support::admin::{Admin, Browser};
+use support::admin::{Admin, PASSWORD};
 
 support::on_both_stores!(
     sign_up_verify_from_the_outbox_log_out_and_in,
@@ -20,22 +21,8 @@ support::on_both_stores!(
     keys_are_shown_once_bounded_and_revocable,
     one_account_never_reaches_anothers_keys,
     the_json_api_signs_up_logs_in_and_manages_keys,
+    usage_is_charted_filtered_paged_and_exported,
 );
-
-const PASSWORD: &str = "correct horse 42";
-
-/// Signs up through the form; the browser is then logged in.
-async fn sign_up(b: &mut Browser<'_>, email: &str) {
-    let r = b
-        .submit(
-            "/signup",
-            "/signup",
-            &[("email", email), ("password", PASSWORD)],
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
-    assert_eq!(r.location(), "/dashboard?welcome=1");
-}
 
 async fn sign_up_verify_from_the_outbox_log_out_and_in(backend: Backend) {
     let admin = Admin::new(backend).await;
@@ -57,7 +44,7 @@ async fn sign_up_verify_from_the_outbox_log_out_and_in(backend: Backend) {
     );
     let anonymous = b.cookie.clone();
 
-    sign_up(&mut b, "Ann@Example.com").await;
+    b.sign_up("Ann@Example.com").await;
     assert_ne!(b.cookie, anonymous, "signing in rotates the session id");
     let dash = b.get("/dashboard?welcome=1").await;
     assert_eq!(dash.status, StatusCode::OK);
@@ -178,15 +165,9 @@ async fn sign_up_refuses_bad_input_and_changes_nothing(backend: Backend) {
             .is_empty(),
         "nothing was created"
     );
-    sign_up(&mut b, "bob@example.com").await;
+    b.sign_up("bob@example.com").await;
     let mut again = admin.browser([10, 0, 0, 2]);
-    let r = again
-        .submit(
-            "/signup",
-            "/signup",
-            &[("email", "BOB@example.com"), ("password", PASSWORD)],
-        )
-        .await;
+    let r = again.try_sign_up("BOB@example.com").await;
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert!(r.body.contains("already exists"));
     assert_eq!(
@@ -209,7 +190,7 @@ async fn sign_up_refuses_bad_input_and_changes_nothing(backend: Backend) {
 async fn verification_links_that_are_tampered_expired_or_foreign_are_refused(backend: Backend) {
     let admin = Admin::new(backend).await;
     let mut b = admin.browser([10, 0, 0, 1]);
-    sign_up(&mut b, "cat@example.com").await;
+    b.sign_up("cat@example.com").await;
     let link = admin.link_in_mail("cat@example.com", "/verify");
     let token = link.split("token=").nth(1).expect("token").to_owned();
     let account = admin.account("cat@example.com").await;
@@ -262,7 +243,7 @@ async fn verification_links_that_are_tampered_expired_or_foreign_are_refused(bac
 async fn forms_without_a_valid_csrf_token_are_refused(backend: Backend) {
     let admin = Admin::new(backend).await;
     let mut b = admin.browser([10, 0, 0, 1]);
-    sign_up(&mut b, "dan@example.com").await;
+    b.sign_up("dan@example.com").await;
     let mut other = admin.browser([10, 0, 0, 2]);
     let foreign = other.get("/signup").await.csrf();
 
@@ -312,7 +293,7 @@ async fn forms_without_a_valid_csrf_token_are_refused(backend: Backend) {
 async fn log_ins_are_limited_per_account_and_per_address(backend: Backend) {
     let admin = Admin::new(backend).await;
     let mut b = admin.browser([10, 0, 0, 1]);
-    sign_up(&mut b, "eve@example.com").await;
+    b.sign_up("eve@example.com").await;
     let mut attacker = admin.browser([10, 0, 0, 66]);
     for _ in 0..5 {
         let r = attacker
@@ -369,7 +350,7 @@ async fn log_ins_are_limited_per_account_and_per_address(backend: Backend) {
 async fn a_password_reset_ends_old_sessions_and_its_link_works_once(backend: Backend) {
     let admin = Admin::new(backend).await;
     let mut b = admin.browser([10, 0, 0, 1]);
-    sign_up(&mut b, "fay@example.com").await;
+    b.sign_up("fay@example.com").await;
     let mut stranger = admin.browser([10, 0, 0, 2]);
     for email in ["fay@example.com", "nobody@example.com"] {
         let r = stranger
@@ -450,7 +431,7 @@ async fn a_password_reset_ends_old_sessions_and_its_link_works_once(backend: Bac
 async fn keys_are_shown_once_bounded_and_revocable(backend: Backend) {
     let admin = Admin::new(backend).await;
     let mut b = admin.browser([10, 0, 0, 1]);
-    sign_up(&mut b, "gus@example.com").await;
+    b.sign_up("gus@example.com").await;
     let r = b
         .submit(
             "/keys",
@@ -550,7 +531,7 @@ async fn keys_are_shown_once_bounded_and_revocable(backend: Backend) {
 async fn one_account_never_reaches_anothers_keys(backend: Backend) {
     let admin = Admin::new(backend).await;
     let mut a = admin.browser([10, 0, 0, 1]);
-    sign_up(&mut a, "a@example.com").await;
+    a.sign_up("a@example.com").await;
     let csrf_a = a.get("/dashboard").await.csrf();
     let r = a
         .json(
@@ -564,7 +545,7 @@ async fn one_account_never_reaches_anothers_keys(backend: Backend) {
     let key_id = r.json()["id"].as_i64().expect("id");
 
     let mut b = admin.browser([10, 0, 0, 2]);
-    sign_up(&mut b, "b@example.com").await;
+    b.sign_up("b@example.com").await;
     let csrf_b = b.get("/dashboard").await.csrf();
     let r = b.json(Method::GET, "/api/v1/keys", None, None).await;
     assert_eq!(r.json()["data"], json!([]), "B lists only B's keys");
@@ -751,4 +732,192 @@ async fn public_pages_show_the_conf_prices_the_base_url_and_the_policies() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.json()["error"]["code"], "not_found");
     assert_eq!(b.get("/static/app.css").await.status, StatusCode::OK);
+}
+
+fn record(
+    account_id: i64,
+    key_id: i64,
+    n: i64,
+    day_ms: i64,
+    tier: &str,
+    status: i64,
+) -> UsageRecord {
+    UsageRecord {
+        request_id: format!("req-{account_id}-{n}"),
+        account_id,
+        key_id,
+        tier: tier.into(),
+        provider: Some("mock".into()),
+        upstream_model: Some("mock-small".into()),
+        stream: n % 2 == 0,
+        input_tokens: 10,
+        output_tokens: if status == 200 { 5 } else { 0 },
+        provider_cost: NanoUsd::from_nanos(100),
+        billed: NanoUsd::from_nanos(if status == 200 {
+            1_000_000 * (n + 1)
+        } else {
+            0
+        }),
+        http_status: status,
+        error_code: (status != 200).then(|| "=upstream_unavailable".to_owned()),
+        attempts: 1,
+        latency_ms: 40,
+        ttft_ms: Some(12),
+        started_at: day_ms + n * 1000,
+        finished_at: day_ms + n * 1000 + 40,
+    }
+}
+
+async fn usage_is_charted_filtered_paged_and_exported(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    b.sign_up("ivy@example.com").await;
+    let me = admin.account("ivy@example.com").await;
+    let (_, key_a) = support::new_key(&admin.t.store, me.id).await;
+    let (_, key_b) = support::new_key(&admin.t.store, me.id).await;
+    let day1 = duang::time::parse_date("2026-11-01").expect("date");
+    let day2 = duang::time::parse_date("2026-11-03").expect("date");
+    let mut records = Vec::new();
+    for n in 0..6 {
+        let (day, tier, key) = if n < 4 {
+            (day1, "budget", key_a)
+        } else {
+            (day2, "premium", key_b)
+        };
+        records.push(record(
+            me.id,
+            key,
+            n,
+            day,
+            tier,
+            if n == 3 { 502 } else { 200 },
+        ));
+    }
+    // Someone else's usage, on the same days, never shows.
+    let other = admin
+        .t
+        .store
+        .create_account(&duang::store::NewAccount {
+            email: "other@example.com".into(),
+            password_hash: None,
+            role: duang::store::Role::Customer,
+            verified: true,
+        })
+        .await
+        .expect("account");
+    let (_, key_o) = support::new_key(&admin.t.store, other.id).await;
+    records.push(record(other.id, key_o, 0, day1, "budget", 200));
+    admin
+        .t
+        .store
+        .insert_usage_batch(&records)
+        .await
+        .expect("usage");
+
+    let range = "from=2026-11-01&to=2026-11-03";
+    let daily = b
+        .json(
+            Method::GET,
+            &format!("/api/v1/usage/daily?{range}"),
+            None,
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(daily["from"], "2026-11-01");
+    assert_eq!(daily["to"], "2026-11-03");
+    // Budget: 1 + 2 + 3 millionths... in nano-USD 1e6*(n+1) for n = 0, 1, 2 (n = 3 failed, free).
+    assert_eq!(
+        daily["data"],
+        json!([
+            {"date": "2026-11-01", "tier": "budget", "requests": 4, "input_tokens": 40, "output_tokens": 15, "billed_usd": "0.006"},
+            {"date": "2026-11-03", "tier": "premium", "requests": 2, "input_tokens": 20, "output_tokens": 10, "billed_usd": "0.011"},
+        ])
+    );
+    assert_eq!(daily["total_billed_usd"], "0.017");
+
+    let get = |q: String| {
+        let mut bb = admin.browser([10, 0, 0, 1]);
+        bb.cookie = b.cookie.clone();
+        async move {
+            bb.json(Method::GET, &format!("/api/v1/requests?{q}"), None, None)
+                .await
+        }
+    };
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|r| r["request_id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+    let all = get(range.to_owned()).await.json();
+    assert_eq!(ids(&all).len(), 6, "only this account's records");
+    assert_eq!(
+        ids(&get(format!("{range}&tier=premium")).await.json()),
+        ["req-{}-5", "req-{}-4"].map(|f| f.replace("{}", &me.id.to_string()))
+    );
+    let failed = get(format!("{range}&status=error")).await.json();
+    assert_eq!(ids(&failed), [format!("req-{}-3", me.id)]);
+    assert_eq!(
+        get(format!("{range}&status=502")).await.json()["data"],
+        failed["data"]
+    );
+    assert_eq!(
+        ids(&get(format!("{range}&key_id={key_b}")).await.json()).len(),
+        2
+    );
+    assert_eq!(
+        ids(&get("from=2026-11-02&to=2026-11-02".into()).await.json()).len(),
+        0
+    );
+    // Pages of two, newest first, with a cursor.
+    let p1 = get(format!("{range}&limit=2")).await.json();
+    let cursor = p1["next_before_ms"].as_i64().expect("cursor");
+    let p2 = get(format!("{range}&limit=2&before_ms={cursor}"))
+        .await
+        .json();
+    let mut both = ids(&p1);
+    both.extend(ids(&p2));
+    assert_eq!(both, ids(&all)[..4]);
+    for (q, field) in [
+        ("from=2026-13-01", "from"),
+        ("tier=nope", "tier"),
+        ("status=teapot", "status"),
+        ("from=2026-11-05&to=2026-11-01", "from"),
+        ("limit=501", "limit"),
+    ] {
+        let r = get(q.into()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}");
+        assert_eq!(r.json()["error"]["field"], field, "{q}");
+    }
+
+    let page = b.get(&format!("/usage?{range}")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("id=\"usage-chart\""));
+    assert_eq!(
+        page.body.matches("<rect x=").count(),
+        2,
+        "one bar segment per day and tier"
+    );
+    assert!(page.body.contains("$0.017"), "the range's total");
+    let csv = b.get(&format!("/usage.csv?{range}&tier=budget")).await;
+    assert_eq!(csv.headers["content-type"], "text/csv; charset=utf-8");
+    assert!(
+        csv.headers["content-disposition"]
+            .to_str()
+            .expect("ascii")
+            .contains("duang-usage-2026-11-01-to-2026-11-03.csv")
+    );
+    let lines: Vec<&str> = csv.body.lines().collect();
+    assert_eq!(lines.len(), 5, "{}", csv.body);
+    assert!(lines[0].starts_with("started_at_utc,request_id,key_id,tier"));
+    assert!(
+        lines.iter().any(|l| l.contains(",'=upstream_unavailable,")),
+        "formulas are defused"
+    );
+    assert!(!csv.body.contains("other@"), "nothing of the other account");
+    let dash = b.get("/dashboard").await;
+    assert!(dash.body.contains("id=\"usage-chart\""));
 }

@@ -2,7 +2,7 @@
 //! state, and the most recent requests; the JSON API's balance and request log.
 
 use super::account::account_json;
-use super::error::{AdminError, ApiError};
+use super::error::AdminError;
 use super::pages::{csrf_field, page, quickstart_body};
 use super::server::AppState;
 use super::web::SignedIn;
@@ -48,8 +48,19 @@ pub async fn dashboard(
     s: SignedIn,
     Query(n): Query<Notices>,
 ) -> Response {
-    let recent = match state.store.usage_page(s.account.id, None, 10).await {
-        Ok(r) => r,
+    let to_ms = (crate::time::now_ms().div_euclid(86_400_000) + 1) * 86_400_000;
+    let from_ms = to_ms - 14 * 86_400_000;
+    let loaded = async {
+        let recent = state.store.usage_page(s.account.id, None, 10).await?;
+        let days = state
+            .store
+            .usage_daily(s.account.id, from_ms, to_ms)
+            .await?;
+        Ok::<_, crate::store::StoreError>((recent, days))
+    }
+    .await;
+    let (recent, days) = match loaded {
+        Ok(v) => v,
         Err(e) => return AdminError::from(e).into_page(Some(&s.visitor)),
     };
     let a = &s.account;
@@ -78,11 +89,17 @@ pub async fn dashboard(
                 h2 { "Balance" }
                 p.balance #balance { (a.balance) }
                 @if low { p.notice #low-balance { "Your balance is low. Requests that cannot be covered are refused with 402." } }
+                p { a.button href="/credits" { "Buy credits" } }
             }
             div.card {
                 h2 { "Get started" }
                 p { a href="/keys" { "Create an API key" } ", then point your app at the base URL below." }
             }
+        }
+        section.card {
+            h2 { "Spend, last 14 days" }
+            (super::usage::chart(&state, &days, from_ms, to_ms))
+            p { a href="/usage" { "All usage" } }
         }
         section.card {
             h2 { "Recent requests" }
@@ -91,14 +108,6 @@ pub async fn dashboard(
         section.card { (quickstart_body(&state)) }
     })
     .into_response()
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Page {
-    limit: Option<i64>,
-    /// Only records that started before this time (ms), for the next page.
-    before_ms: Option<i64>,
 }
 
 pub fn usage_json(r: &UsageRecord) -> Value {
@@ -123,26 +132,4 @@ pub fn usage_json(r: &UsageRecord) -> Value {
 
 pub async fn api_balance(State(state): State<AppState>, s: SignedIn) -> Json<Value> {
     Json(account_json(&state, &s.account))
-}
-
-pub async fn api_requests(
-    State(state): State<AppState>,
-    s: SignedIn,
-    Query(p): Query<Page>,
-) -> Result<Json<Value>, ApiError> {
-    let limit = p.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(AdminError::invalid("limit", "limit must be from 1 to 500.").into());
-    }
-    let records = state
-        .store
-        .usage_page(s.account.id, p.before_ms, limit)
-        .await?;
-    let next = (records.len() as i64 == limit)
-        .then(|| records.last().map(|r| r.started_at))
-        .flatten();
-    Ok(Json(json!({
-        "data": records.iter().map(usage_json).collect::<Vec<_>>(),
-        "next_before_ms": next,
-    })))
 }

@@ -28,6 +28,8 @@ pub enum AdminError {
         retry_after_s: u64,
         message: String,
     },
+    /// A part we depend on (Stripe, or a feature the operator has not turned on) is not there.
+    Unavailable(String),
     /// Something on our side; details are in the log, not in the answer.
     Internal,
 }
@@ -48,6 +50,7 @@ impl AdminError {
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
             AdminError::Conflict { .. } => StatusCode::CONFLICT,
             AdminError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AdminError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -60,6 +63,7 @@ impl AdminError {
             AdminError::Forbidden(_) => "forbidden",
             AdminError::NotFound(_) => "not_found",
             AdminError::TooMany { .. } => "too_many_attempts",
+            AdminError::Unavailable(_) => "unavailable",
             AdminError::Internal => "internal_error",
         }
     }
@@ -79,6 +83,7 @@ impl AdminError {
             AdminError::Unauthorized(m)
             | AdminError::Forbidden(m)
             | AdminError::NotFound(m)
+            | AdminError::Unavailable(m)
             | AdminError::TooMany { message: m, .. } => m.clone(),
             AdminError::Internal => {
                 "Something went wrong on our side. Please try again in a moment.".into()

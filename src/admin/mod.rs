@@ -3,6 +3,7 @@
 
 mod account;
 pub mod cli;
+mod credits;
 mod dashboard;
 mod demo;
 mod error;
@@ -13,4 +14,6 @@ mod pages;
 mod policies;
 pub mod server;
 mod signing;
+pub mod stripe;
+mod usage;
 mod web;

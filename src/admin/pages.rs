@@ -31,6 +31,8 @@ pub fn layout(state_support: &str, title: &str, visitor: Option<&Visitor>, body:
                         @if let Some(a) = account {
                             a href="/dashboard" { "Dashboard" }
                             a href="/keys" { "API keys" }
+                            a href="/usage" { "Usage" }
+                            a href="/credits" { "Credits" }
                             a href="/pricing" { "Pricing" }
                             a href="/quickstart" { "Quick start" }
                             @if a.role == crate::store::Role::Operator {

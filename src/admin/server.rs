@@ -7,7 +7,8 @@
 use super::limiter::Limiter;
 use super::mail::Mailer;
 use super::signing::Signer;
-use super::{account, dashboard, keys_web, pages, web};
+use super::stripe::StripeClient;
+use super::{account, credits, dashboard, keys_web, pages, usage, web};
 use crate::conf::Conf;
 use crate::store::Store;
 use axum::Router;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub signer: Arc<Signer>,
     pub mailer: Arc<Mailer>,
     pub limits: Arc<Limits>,
+    /// `None` while `stripe.enabled` is false.
+    pub stripe: Option<Arc<StripeClient>>,
 }
 
 impl AppState {
@@ -63,6 +66,7 @@ impl AppState {
             signer: Arc::new(Signer::new(key.as_bytes())),
             mailer: Arc::new(mailer),
             limits: Arc::new(Limits::default()),
+            stripe: conf.stripe.as_ref().map(|s| Arc::new(StripeClient::new(s))),
             conf,
             store,
         })
@@ -100,6 +104,11 @@ pub fn app(state: AppState) -> Router {
             get(keys_web::list_page).post(keys_web::create_submit),
         )
         .route("/keys/{id}/revoke", post(keys_web::revoke_submit))
+        .route("/usage", get(usage::usage_page))
+        .route("/usage.csv", get(usage::usage_csv))
+        .route("/credits", get(credits::credits))
+        .route("/credits/checkout", post(credits::checkout_submit))
+        .route("/credits/success", get(credits::success))
         .route("/api/v1/signup", post(account::api_signup))
         .route("/api/v1/login", post(account::api_login))
         .route("/api/v1/logout", post(account::api_logout))
@@ -109,12 +118,15 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/password/forgot", post(account::api_forgot))
         .route("/api/v1/password/reset", post(account::api_reset))
         .route("/api/v1/balance", get(dashboard::api_balance))
-        .route("/api/v1/requests", get(dashboard::api_requests))
+        .route("/api/v1/requests", get(usage::api_requests))
+        .route("/api/v1/usage/daily", get(usage::api_daily))
         .route(
             "/api/v1/keys",
             get(keys_web::api_list).post(keys_web::api_create),
         )
         .route("/api/v1/keys/{id}/revoke", post(keys_web::api_revoke))
+        .route("/api/v1/credits", get(credits::api_options))
+        .route("/api/v1/credits/checkout", post(credits::api_checkout))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -123,6 +135,8 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/static/app.css", get(pages::stylesheet))
+        // Outside the session layer: Stripe signs its requests instead of sending a CSRF token.
+        .route("/stripe/webhook", post(credits::webhook))
         .nest("/demo/v1", super::demo::router())
         .merge(site)
         .layer(axum::middleware::from_fn_with_state(

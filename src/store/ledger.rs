@@ -115,66 +115,36 @@ impl Store {
     /// an amount of the wrong sign for its kind, an adjustment without actor and reason, a debit
     /// the balance cannot cover, and a reference that was already used.
     pub async fn append_ledger(&self, e: &NewLedgerEntry) -> Result<LedgerEntry, StoreError> {
-        validate(e)?;
-        let amount = e.amount.nanos();
-        // The largest balance this credit may land on without overflowing i64 (SQLite would
-        // silently turn an overflowing integer into a float).
-        let max_before = i64::MAX - amount.max(0);
-        // The smallest balance this debit may land on without going below zero.
-        let min_before = if amount < 0 {
-            e.amount.checked_neg()?.nanos()
-        } else {
-            0
-        };
-        let now = now_ms();
         let mut tx = self.begin_write().await?;
-        let updated = sqlx::query(
-            "UPDATE accounts SET balance_nano = balance_nano + $1, updated_at = $2
-             WHERE id = $3 AND balance_nano >= $4 AND balance_nano <= $5",
-        )
-        .bind(amount)
-        .bind(now)
-        .bind(e.account_id)
-        .bind(min_before)
-        .bind(max_before)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            drop(tx);
-            let account = self.account(&AccountRef::Id(e.account_id)).await?;
-            if account.balance.nanos() > max_before {
-                return Err(MoneyError::Overflow.into());
+        match append_in(&mut tx, e).await? {
+            Ok(entry) => {
+                tx.commit().await?;
+                Ok(entry)
             }
-            return Err(StoreError::InsufficientBalance {
-                needed: e.amount.checked_neg()?,
-                available: account.balance,
-            });
+            Err(refused) => {
+                drop(tx);
+                Err(self.explain_refusal(e, refused).await)
+            }
         }
-        let row = sqlx::query(
-            "INSERT INTO ledger (account_id, kind, amount_nano, external_ref, actor, reason, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             RETURNING id, account_id, kind, amount_nano, external_ref, actor, reason, created_at",
-        )
-        .bind(e.account_id)
-        .bind(e.kind.as_str())
-        .bind(amount)
-        .bind(&e.external_ref)
-        .bind(e.actor.as_deref())
-        .bind(e.reason.as_deref())
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|err| {
-            if is_unique_violation(&err) {
-                StoreError::DuplicateReference(e.external_ref.clone())
-            } else {
-                err.into()
-            }
-        })?;
-        let entry = LedgerEntry::from_row(&row)?;
-        tx.commit().await?;
-        Ok(entry)
+    }
+
+    /// Why [`append_in`] could not move the balance, in the caller's terms.
+    pub(super) async fn explain_refusal(&self, e: &NewLedgerEntry, refused: Refused) -> StoreError {
+        let Refused { max_before } = refused;
+        let account = match self.account(&AccountRef::Id(e.account_id)).await {
+            Ok(a) => a,
+            Err(err) => return err,
+        };
+        if account.balance.nanos() > max_before {
+            return MoneyError::Overflow.into();
+        }
+        match e.amount.checked_neg() {
+            Ok(needed) => StoreError::InsufficientBalance {
+                needed,
+                available: account.balance,
+            },
+            Err(m) => m.into(),
+        }
     }
 
     /// An account's ledger, newest first.
@@ -248,4 +218,67 @@ fn validate(e: &NewLedgerEntry) -> Result<(), StoreError> {
         }
         _ => Ok(()),
     }
+}
+
+/// The balance could not take the entry (a debit it cannot cover, an overflow, or no account);
+/// [`Store::explain_refusal`] says which.
+pub(super) struct Refused {
+    max_before: i64,
+}
+
+/// Appends one entry and moves the cached balance with it, inside the caller's transaction.
+/// `Ok(Err(Refused))`: nothing was written and the caller should roll back.
+pub(super) async fn append_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    e: &NewLedgerEntry,
+) -> Result<Result<LedgerEntry, Refused>, StoreError> {
+    validate(e)?;
+    let amount = e.amount.nanos();
+    // The largest balance this credit may land on without overflowing i64 (SQLite would
+    // silently turn an overflowing integer into a float).
+    let max_before = i64::MAX - amount.max(0);
+    // The smallest balance this debit may land on without going below zero.
+    let min_before = if amount < 0 {
+        e.amount.checked_neg()?.nanos()
+    } else {
+        0
+    };
+    let now = now_ms();
+    let updated = sqlx::query(
+        "UPDATE accounts SET balance_nano = balance_nano + $1, updated_at = $2
+         WHERE id = $3 AND balance_nano >= $4 AND balance_nano <= $5",
+    )
+    .bind(amount)
+    .bind(now)
+    .bind(e.account_id)
+    .bind(min_before)
+    .bind(max_before)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        return Ok(Err(Refused { max_before }));
+    }
+    let row = sqlx::query(
+        "INSERT INTO ledger (account_id, kind, amount_nano, external_ref, actor, reason, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
+         RETURNING id, account_id, kind, amount_nano, external_ref, actor, reason, created_at",
+    )
+    .bind(e.account_id)
+    .bind(e.kind.as_str())
+    .bind(amount)
+    .bind(&e.external_ref)
+    .bind(e.actor.as_deref())
+    .bind(e.reason.as_deref())
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(|err| {
+        if is_unique_violation(&err) {
+            StoreError::DuplicateReference(e.external_ref.clone())
+        } else {
+            err.into()
+        }
+    })?;
+    Ok(Ok(LedgerEntry::from_row(&row)?))
 }

@@ -12,13 +12,15 @@ mod keys;
 mod leases;
 mod ledger;
 mod sessions;
+mod stripe;
 mod usage;
 
 pub use accounts::{Account, AccountRef, AccountStatus, LimitOverrides, NewAccount, Role};
 pub use keys::{ApiKey, KeyAuth, KeyStatus, NewKey};
 pub use leases::Settlement;
 pub use ledger::{BalanceProof, LedgerEntry, LedgerKind, NewLedgerEntry};
-pub use usage::UsageRecord;
+pub use stripe::{CheckoutCredit, PaidSession};
+pub use usage::{DailyUsage, StatusFilter, UsageFilter, UsageRecord};
 
 use crate::conf::{Backend, StoreConf};
 use crate::money::{MoneyError, NanoUsd};

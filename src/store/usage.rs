@@ -1,7 +1,7 @@
 //! Usage records (one per request, written in batches off the request path) and the Stripe
 //! bookkeeping tables (checkout sessions, processed event ids).
 
-use super::{Store, StoreError, is_unique_violation};
+use super::{Store, StoreError};
 use crate::money::NanoUsd;
 use crate::time::now_ms;
 use sqlx::Row;
@@ -143,64 +143,121 @@ impl Store {
         before_started_at: Option<i64>,
         limit: i64,
     ) -> Result<Vec<UsageRecord>, StoreError> {
+        self.usage_filtered(
+            account_id,
+            &UsageFilter {
+                before_ms: before_started_at,
+                ..UsageFilter::default()
+            },
+            limit,
+        )
+        .await
+    }
+
+    /// An account's usage records matching `f`, newest first.
+    pub async fn usage_filtered(
+        &self,
+        account_id: i64,
+        f: &UsageFilter,
+        limit: i64,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let (status_lo, status_hi) = match f.status {
+            Some(StatusFilter::Exact(s)) => (s, s),
+            Some(StatusFilter::Ok) => (200, 299),
+            Some(StatusFilter::Error) => (300, 999),
+            None => (0, 999),
+        };
         let rows = sqlx::query(&format!(
             "SELECT {USAGE_COLUMNS} FROM usage_records
-             WHERE account_id = $1 AND started_at < $2
-             ORDER BY started_at DESC, id DESC LIMIT $3"
+             WHERE account_id = $1 AND started_at < $2 AND started_at >= $3
+               AND ($4 = 0 OR key_id = $5) AND ($6 = '' OR tier = $6)
+               AND http_status >= $7 AND http_status <= $8
+             ORDER BY started_at DESC, id DESC LIMIT $9"
         ))
         .bind(account_id)
-        .bind(before_started_at.unwrap_or(i64::MAX))
+        .bind(
+            f.before_ms
+                .unwrap_or(i64::MAX)
+                .min(f.to_ms.unwrap_or(i64::MAX)),
+        )
+        .bind(f.from_ms.unwrap_or(0))
+        .bind(i64::from(f.key_id.is_some()))
+        .bind(f.key_id.unwrap_or(0))
+        .bind(f.tier.clone().unwrap_or_default())
+        .bind(status_lo)
+        .bind(status_hi)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(UsageRecord::from_row).collect()
     }
 
-    /// Remembers a Checkout Session the admin created, so its webhook can be matched to an account.
-    pub async fn record_checkout_session(
+    /// Requests, tokens and billed amount per UTC day and tier in `[from_ms, to_ms)`.
+    pub async fn usage_daily(
         &self,
-        session_id: &str,
         account_id: i64,
-        amount_cents: i64,
-        currency: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO stripe_checkout_sessions (session_id, account_id, amount_cents, currency, created_at)
-             VALUES ($1, $2, $3, $4, $5)",
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<DailyUsage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT started_at / 86400000 AS day, tier, COUNT(*) AS requests,
+                    CAST(SUM(input_tokens) AS BIGINT) AS input_tokens,
+                    CAST(SUM(output_tokens) AS BIGINT) AS output_tokens,
+                    CAST(SUM(billed_nano) AS BIGINT) AS billed_nano
+             FROM usage_records
+             WHERE account_id = $1 AND started_at >= $2 AND started_at < $3
+             GROUP BY started_at / 86400000, tier ORDER BY day, tier",
         )
-        .bind(session_id)
         .bind(account_id)
-        .bind(amount_cents)
-        .bind(currency)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Invalid(format!("checkout session {session_id} is already recorded"))
-            } else {
-                e.into()
-            }
-        })?;
-        Ok(())
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DailyUsage {
+                    day_start_ms: r.try_get::<i64, _>("day")? * 86_400_000,
+                    tier: r.try_get("tier")?,
+                    requests: r.try_get("requests")?,
+                    input_tokens: r.try_get("input_tokens")?,
+                    output_tokens: r.try_get("output_tokens")?,
+                    billed: NanoUsd::from_nanos(r.try_get("billed_nano")?),
+                })
+            })
+            .collect()
     }
+}
 
-    /// Records a Stripe event id; `false` when it was already processed (a replay).
-    pub async fn record_stripe_event(
-        &self,
-        event_id: &str,
-        event_type: &str,
-    ) -> Result<bool, StoreError> {
-        let n = sqlx::query(
-            "INSERT INTO stripe_events (event_id, event_type, received_at) VALUES ($1, $2, $3)
-             ON CONFLICT (event_id) DO NOTHING",
-        )
-        .bind(event_id)
-        .bind(event_type)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n == 1)
-    }
+/// Which usage records to show. Empty fields match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageFilter {
+    pub key_id: Option<i64>,
+    pub tier: Option<String>,
+    pub status: Option<StatusFilter>,
+    /// Started at or after (ms).
+    pub from_ms: Option<i64>,
+    /// Started before (ms).
+    pub to_ms: Option<i64>,
+    /// Started before (ms): the cursor of the next page.
+    pub before_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    Exact(i64),
+    /// 2xx.
+    Ok,
+    /// Anything else.
+    Error,
+}
+
+/// One UTC day of one tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DailyUsage {
+    pub day_start_ms: i64,
+    pub tier: String,
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub billed: NanoUsd,
 }

@@ -18,7 +18,86 @@ pub struct Admin {
     pub t: TestStore,
     pub state: AppState,
     pub outbox: PathBuf,
+    /// The Stripe fake, when the admin was started with Stripe on.
+    pub stripe: Option<StripeFake>,
+    /// The admin's real listener (for the fake's webhook deliveries), when Stripe is on.
+    pub admin_url: Option<String>,
     _dir: tempfile::TempDir,
+}
+
+pub const STRIPE_KEY: &str = "sk_test_duang_fake";
+pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_duang_fake";
+pub const STRIPE_FAKE_BIN: &str = env!("CARGO_BIN_EXE_duang-mock-stripe");
+
+/// `duang-mock-stripe` as a process: Stripe's API and hosted Checkout page on loopback.
+pub struct StripeFake {
+    pub url: String,
+    pub http: reqwest::Client,
+    proc: super::relay::Proc,
+}
+
+impl StripeFake {
+    pub fn start(webhook_url: &str) -> StripeFake {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(STRIPE_FAKE_BIN)
+            .args([
+                "--api-key",
+                STRIPE_KEY,
+                "--webhook-secret",
+                STRIPE_WEBHOOK_SECRET,
+            ])
+            .args(["--webhook-url", webhook_url])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn duang-mock-stripe");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the fake prints its address");
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected banner {line:?}"))
+            .to_owned();
+        StripeFake {
+            url,
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("client"),
+            proc: super::relay::Proc(child),
+        }
+    }
+
+    /// Stops the fake (Stripe is down from now on).
+    pub fn stop(&mut self) {
+        let _ = self.proc.0.kill();
+        let _ = self.proc.0.wait();
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .expect("fake answers");
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        r.json().await.expect("json")
+    }
+
+    pub async fn get(&self, path: &str) -> serde_json::Value {
+        self.http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("fake answers")
+            .json()
+            .await
+            .expect("json")
+    }
 }
 
 impl Admin {
@@ -28,25 +107,69 @@ impl Admin {
     }
 
     pub async fn with_conf(backend: Backend, edit: impl FnOnce(String) -> String) -> Admin {
+        Admin::build(backend, false, edit).await
+    }
+
+    /// The admin with Stripe on, against the Stripe fake, serving webhooks on a real socket.
+    pub async fn with_stripe(backend: Backend) -> Admin {
+        Admin::build(backend, true, |t| t).await
+    }
+
+    async fn build(backend: Backend, stripe: bool, edit: impl FnOnce(String) -> String) -> Admin {
         let t = TestStore::new(backend).await;
         let dir = tempfile::tempdir().expect("dir");
         let outbox = dir.path().join("outbox");
-        let text = shipped_conf_text()
+        let mut text = shipped_conf_text()
             .replace("sqlite://data/duang.db", &t.url)
             .replace(
                 "\"data/outbox\"",
                 &format!("{:?}", outbox.display().to_string()),
             );
-        let conf = parse_conf(&edit(text), &[]).expect("test conf parses");
+        let mut fake = None;
+        let mut listener = None;
+        if stripe {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let admin_url = format!("http://{}", l.local_addr().expect("addr"));
+            let f = StripeFake::start(&format!("{admin_url}/stripe/webhook"));
+            text = text
+                .replace("[stripe]\nenabled = false", "[stripe]\nenabled = true")
+                .replace("https://api.stripe.com", &f.url)
+                .replace(
+                    "public_url = \"http://127.0.0.1:8081\"",
+                    &format!("public_url = {admin_url:?}"),
+                );
+            fake = Some(f);
+            listener = Some((l, admin_url));
+        }
+        let env = [
+            ("STRIPE_SECRET_KEY", STRIPE_KEY),
+            ("STRIPE_WEBHOOK_SECRET", STRIPE_WEBHOOK_SECRET),
+        ];
+        let conf = parse_conf(&edit(text), &env).expect("test conf parses");
         let state = AppState::new(Arc::new(conf), t.store.clone())
             .await
             .expect("admin state");
+        let admin_url = listener.map(|(l, url)| {
+            let s = state.clone();
+            tokio::spawn(async move {
+                let _ = duang::admin::server::serve(s, l, std::future::pending()).await;
+            });
+            url
+        });
         Admin {
             t,
             state,
             outbox,
+            stripe: fake,
+            admin_url,
             _dir: dir,
         }
+    }
+
+    pub fn fake(&self) -> &StripeFake {
+        self.stripe.as_ref().expect("started with_stripe")
     }
 
     pub async fn account(&self, email: &str) -> duang::store::Account {
@@ -134,7 +257,27 @@ pub struct Browser<'a> {
     addr: SocketAddr,
 }
 
+/// The password test accounts sign up with.
+pub const PASSWORD: &str = "correct horse 42";
+
 impl Browser<'_> {
+    /// Posts the sign-up form; returns the answer (303 to the dashboard when it worked).
+    pub async fn try_sign_up(&mut self, email: &str) -> Resp {
+        self.submit(
+            "/signup",
+            "/signup",
+            &[("email", email), ("password", PASSWORD)],
+        )
+        .await
+    }
+
+    /// Signs up through the form; the browser is then logged in.
+    pub async fn sign_up(&mut self, email: &str) {
+        let r = self.try_sign_up(email).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+        assert_eq!(r.location(), "/dashboard?welcome=1");
+    }
+
     pub async fn send(&mut self, req: Request<Body>) -> Resp {
         let mut req = req;
         req.extensions_mut().insert(ConnectInfo(self.addr));

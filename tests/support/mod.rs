@@ -225,7 +225,10 @@ pub mod relay;
 
 /// Runs each named `async fn case(backend: Backend)` as a test on SQLite and as a test on
 /// PostgreSQL: `on_both_stores!(case_a, case_b);` in a test file.
-#[allow(unused_macros, reason = "each test binary uses a different part of this module")]
+#[allow(
+    unused_macros,
+    reason = "each test binary uses a different part of this module"
+)]
 macro_rules! on_both_stores {
     ($($case:ident),* $(,)?) => {
         mod sqlite {
@@ -246,5 +249,8 @@ macro_rules! on_both_stores {
         }
     };
 }
-#[allow(unused_imports, reason = "each test binary uses a different part of this module")]
+#[allow(
+    unused_imports,
+    reason = "each test binary uses a different part of this module"
+)]
 pub(crate) use on_both_stores;

@@ -1,0 +1,386 @@
+//! Buying credits through Stripe Checkout, against `duang-mock-stripe` (a local fake that speaks
+//! Stripe's wire format and signs its webhook events as Stripe does), with the admin's webhook on
+//! a real socket: a package and a custom amount, the browser's trip through the hosted page,
+//! redeliveries and concurrent deliveries crediting once, delayed payments, and every kind of
+//! bad input changing nothing.
+
+mod support;
+
+use axum::http::{Method, StatusCode};
+use duang::conf::Backend;
+use duang::money::NanoUsd;
+use duang::store::LedgerKind;
+use serde_json::{Value, json};
+use support::admin::{Admin, Browser};
+
+support::on_both_stores!(
+    a_package_bought_through_checkout_is_credited_once,
+    concurrent_deliveries_of_one_payment_credit_once,
+    a_delayed_payment_is_credited_when_it_succeeds,
+    webhooks_that_are_not_genuine_change_nothing,
+    amounts_outside_the_offer_and_unverified_accounts_are_refused,
+);
+
+/// A verified, signed-in customer.
+async fn customer<'a>(admin: &'a Admin, email: &str) -> (Browser<'a>, i64) {
+    let mut b = admin.browser([10, 0, 0, 1]);
+    let r = b.try_sign_up(email).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let id = admin.account(email).await.id;
+    admin.t.store.mark_verified(id).await.expect("verify");
+    (b, id)
+}
+
+async fn balance(admin: &Admin, id: i64) -> NanoUsd {
+    let proof = admin.t.store.balance_proof(id).await.expect("proof");
+    assert!(proof.holds(), "{proof:?}");
+    proof.cached
+}
+
+async fn topups(admin: &Admin, id: i64) -> usize {
+    admin
+        .t
+        .store
+        .ledger(id, 100)
+        .await
+        .expect("ledger")
+        .iter()
+        .filter(|e| e.kind == LedgerKind::TopUp)
+        .count()
+}
+
+async fn no_payments(admin: &Admin, id: i64) -> bool {
+    let sessions = admin.t.store.checkout_sessions(id, 10).await;
+    sessions.expect("sessions").is_empty()
+}
+
+/// Starts a Checkout through the credits page; returns the session id.
+async fn checkout(b: &mut Browser<'_>, fields: &[(&str, &str)]) -> String {
+    let r = b.submit("/credits", "/credits/checkout", fields).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let url = r.location().to_owned();
+    url.rsplit('/').next().expect("session id").to_owned()
+}
+
+async fn a_package_bought_through_checkout_is_credited_once(backend: Backend) {
+    let admin = Admin::with_stripe(backend).await;
+    let fake = admin.fake();
+    let (mut b, id) = customer(&admin, "ann@example.com").await;
+    let page = b.get("/credits").await;
+    assert!(page.body.contains("Buy $20.00"), "packages offered");
+
+    let session = checkout(
+        &mut b,
+        &[("package_cents", "2000"), ("nonce", "abcdef0123456789")],
+    )
+    .await;
+    assert!(session.starts_with("cs_test_"), "{session}");
+    // What reached "Stripe": a form-encoded Checkout Session with an idempotency key.
+    let requests = fake.get("/_fake/requests").await;
+    let create = requests
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|r| r["path"] == "/v1/checkout/sessions")
+        .expect("a Checkout Session was created");
+    assert_eq!(
+        create["params"]["line_items[0][price_data][unit_amount]"],
+        "2000"
+    );
+    assert_eq!(
+        create["params"]["line_items[0][price_data][currency]"],
+        "usd"
+    );
+    assert_eq!(create["params"]["metadata[account_id]"], id.to_string());
+    assert_eq!(create["params"]["mode"], "payment");
+    assert!(
+        create["idempotency_key"]
+            .as_str()
+            .is_some_and(|k| k.contains("abcdef0123456789"))
+    );
+
+    // The same click again (same nonce) gets the same session, not a second one.
+    let again = checkout(
+        &mut b,
+        &[("package_cents", "2000"), ("nonce", "abcdef0123456789")],
+    )
+    .await;
+    assert_eq!(again, session);
+    assert_eq!(
+        admin
+            .t
+            .store
+            .checkout_sessions(id, 10)
+            .await
+            .expect("sessions")
+            .len(),
+        1
+    );
+    assert_eq!(
+        balance(&admin, id).await,
+        NanoUsd::ZERO,
+        "nothing before payment"
+    );
+
+    // The browser pays on the hosted page and comes back to the success page.
+    let r = fake
+        .http
+        .post(format!("{}/pay/{session}", fake.url))
+        .send()
+        .await
+        .expect("pay");
+    assert_eq!(r.status(), 303);
+    let back = r.headers()["location"].to_str().expect("ascii").to_owned();
+    assert!(
+        back.ends_with(&format!("/credits/success?session_id={session}")),
+        "{back}"
+    );
+    let path = back.trim_start_matches(admin.admin_url.as_deref().expect("url"));
+    let done = b.get(path).await;
+    assert!(
+        done.body.contains("$20.00 was added to your balance"),
+        "{}",
+        done.body
+    );
+    assert_eq!(balance(&admin, id).await, "20".parse().expect("usd"));
+
+    // Stripe delivers the same event again: nothing changes.
+    let events = fake.get("/_fake/events").await;
+    let event_id = events[0]["event"]["id"]
+        .as_str()
+        .expect("event id")
+        .to_owned();
+    let r = fake
+        .post(&format!("/_fake/redeliver/{event_id}"), json!({}))
+        .await;
+    assert_eq!(r["delivery"]["status"], 200);
+    assert_eq!(balance(&admin, id).await, "20".parse().expect("usd"));
+    assert_eq!(topups(&admin, id).await, 1);
+    let sessions = admin
+        .t
+        .store
+        .checkout_sessions(id, 10)
+        .await
+        .expect("sessions");
+    assert_eq!(sessions[0].2, "paid");
+}
+
+async fn concurrent_deliveries_of_one_payment_credit_once(backend: Backend) {
+    let admin = Admin::with_stripe(backend).await;
+    let fake = admin.fake();
+    let (mut b, id) = customer(&admin, "bob@example.com").await;
+    let session_id = checkout(&mut b, &[("amount_usd", "12.34")]).await;
+    let mut session: Value = fake
+        .http
+        .get(format!("{}/v1/checkout/sessions/{session_id}", fake.url))
+        .bearer_auth(support::admin::STRIPE_KEY)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(session["amount_total"], 1234);
+    session["payment_status"] = json!("paid");
+    session["status"] = json!("complete");
+    session["payment_intent"] = json!("pi_concurrent");
+    let send = |event_id: &'static str| {
+        let body = json!({"type": "checkout.session.completed", "object": session.clone(), "event_id": event_id});
+        async move { fake.post("/_fake/send", body).await }
+    };
+    // The same event twice at once, and a second event for the same session at once.
+    let (a, bb, c) = tokio::join!(send("evt_same"), send("evt_same"), send("evt_other"));
+    for r in [&a, &bb, &c] {
+        assert_eq!(r["delivery"]["status"], 200, "{r}");
+    }
+    let credited = [&a, &bb, &c]
+        .iter()
+        .filter(|r| {
+            serde_json::from_str::<Value>(r["delivery"]["body"].as_str().unwrap_or("{}"))
+                .is_ok_and(|v| v["credited"] == true)
+        })
+        .count();
+    assert_eq!(credited, 1);
+    assert_eq!(balance(&admin, id).await, "12.34".parse().expect("usd"));
+    assert_eq!(topups(&admin, id).await, 1);
+}
+
+async fn a_delayed_payment_is_credited_when_it_succeeds(backend: Backend) {
+    let admin = Admin::with_stripe(backend).await;
+    let fake = admin.fake();
+    let (mut b, id) = customer(&admin, "cat@example.com").await;
+    let csrf = b.get("/dashboard").await.csrf();
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/credits/checkout",
+            Some(json!({"package_cents": 500})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let session = r.json()["session_id"].as_str().expect("id").to_owned();
+    assert!(
+        r.json()["checkout_url"]
+            .as_str()
+            .expect("url")
+            .contains(&session)
+    );
+
+    let r = fake
+        .post(
+            &format!("/_fake/pay/{session}"),
+            json!({"payment_status": "unpaid"}),
+        )
+        .await;
+    assert_eq!(r["delivery"]["status"], 200);
+    assert_eq!(balance(&admin, id).await, NanoUsd::ZERO, "not paid yet");
+    let r = fake
+        .post(&format!("/_fake/async_succeed/{session}"), json!({}))
+        .await;
+    assert_eq!(
+        r["event"]["type"],
+        "checkout.session.async_payment_succeeded"
+    );
+    assert_eq!(r["delivery"]["status"], 200);
+    assert_eq!(balance(&admin, id).await, "5".parse().expect("usd"));
+    let listed = b
+        .json(Method::GET, "/api/v1/credits", None, None)
+        .await
+        .json();
+    assert_eq!(listed["payments"][0]["status"], "paid");
+    assert_eq!(listed["packages_cents"], json!([500, 2000, 10000]));
+}
+
+async fn webhooks_that_are_not_genuine_change_nothing(backend: Backend) {
+    let admin = Admin::with_stripe(backend).await;
+    let fake = admin.fake();
+    let (mut b, id) = customer(&admin, "dan@example.com").await;
+    let session_id = checkout(&mut b, &[("package_cents", "500")]).await;
+    let paid = json!({"id": session_id, "object": "checkout.session", "amount_total": 500, "currency": "usd", "payment_status": "paid", "status": "complete", "payment_intent": "pi_x"});
+    let old = duang::time::now_ms() / 1000 - 301;
+    for (body, status, says) in [
+        (
+            json!({"type": "checkout.session.completed", "object": paid, "signature": "bad"}),
+            400,
+            "no signature matches",
+        ),
+        (
+            json!({"type": "checkout.session.completed", "object": paid, "signature": "none"}),
+            400,
+            "no Stripe-Signature header",
+        ),
+        (
+            json!({"type": "checkout.session.completed", "object": paid, "timestamp": old}),
+            400,
+            "outside the 300 s tolerance",
+        ),
+        (
+            json!({"type": "customer.created", "object": {"id": "cus_1"}}),
+            200,
+            "is not handled",
+        ),
+        // Paid, but for a session this relay never created, or for another amount.
+        (
+            json!({"type": "checkout.session.completed", "object": {"id": "cs_test_foreign", "amount_total": 500, "currency": "usd", "payment_status": "paid"}}),
+            200,
+            "unknown session",
+        ),
+        (
+            json!({"type": "checkout.session.completed", "object": {"id": session_id, "amount_total": 50000, "currency": "usd", "payment_status": "paid"}}),
+            200,
+            "amount differs",
+        ),
+    ] {
+        let r = fake.post("/_fake/send", body.clone()).await;
+        assert_eq!(r["delivery"]["status"], status, "{body}: {r}");
+        assert!(
+            r["delivery"]["body"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(says),
+            "{says}: {r}"
+        );
+        assert_eq!(balance(&admin, id).await, NanoUsd::ZERO, "{body}");
+    }
+    assert_eq!(topups(&admin, id).await, 0);
+}
+
+async fn amounts_outside_the_offer_and_unverified_accounts_are_refused(backend: Backend) {
+    let admin = Admin::with_stripe(backend).await;
+    let (mut b, id) = customer(&admin, "eve@example.com").await;
+    for (fields, says) in [
+        (vec![("package_cents", "700")], "not one of the packages"),
+        (vec![("amount_usd", "4.99")], "outside the allowed range"),
+        (vec![("amount_usd", "1000.01")], "outside the allowed range"),
+        (
+            vec![("amount_usd", "10.005")],
+            "not a whole number of cents",
+        ),
+        (vec![("amount_usd", "ten")], "is not an amount"),
+        (
+            vec![("amount_usd", "")],
+            "Enter an amount from $5.00 to $1,000.00",
+        ),
+    ] {
+        let r = b.submit("/credits", "/credits/checkout", &fields).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{fields:?}");
+        assert!(r.body.contains(says), "{says}: {fields:?}");
+    }
+    assert!(no_payments(&admin, id).await);
+    let made = admin.fake().get("/_fake/requests").await;
+    assert_eq!(
+        made.as_array().map(Vec::len),
+        Some(0),
+        "Stripe was never called"
+    );
+
+    let mut unverified = admin.browser([10, 0, 0, 9]);
+    let r = unverified.try_sign_up("new@example.com").await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    let r = unverified
+        .submit("/credits", "/credits/checkout", &[("package_cents", "500")])
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(
+        r.body
+            .contains("Verify your e-mail address before buying credits")
+    );
+
+    // Stripe down: a clear 503, nothing recorded.
+    let cookie = b.cookie.clone();
+    drop((b, unverified));
+    let mut admin = admin;
+    admin.stripe.as_mut().expect("fake").stop();
+    let mut b2 = admin.browser([10, 0, 0, 1]);
+    b2.cookie = cookie;
+    let r = b2
+        .submit("/credits", "/credits/checkout", &[("package_cents", "500")])
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.contains("Nothing was charged"));
+    assert!(no_payments(&admin, id).await);
+}
+
+#[tokio::test]
+async fn with_stripe_off_the_credits_page_says_so() {
+    let admin = Admin::new(Backend::Sqlite).await;
+    let (mut b, _) = customer(&admin, "off@example.com").await;
+    let page = b.get("/credits").await;
+    assert!(
+        page.body
+            .contains("Payments are not set up on this relay yet")
+    );
+    let r = b
+        .submit("/credits", "/credits/checkout", &[("package_cents", "500")])
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    let r = b
+        .send(
+            axum::http::Request::post("/stripe/webhook")
+                .body(axum::body::Body::from("{}"))
+                .expect("req"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
