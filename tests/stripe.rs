@@ -11,7 +11,7 @@ use duang::conf::Backend;
 use duang::money::NanoUsd;
 use duang::store::LedgerKind;
 use serde_json::{Value, json};
-use support::admin::{Admin, Browser};
+use support::admin::{Admin, Browser, STRIPE_KEY};
 
 support::on_both_stores!(
     a_package_bought_through_checkout_is_credited_once,
@@ -19,6 +19,9 @@ support::on_both_stores!(
     a_delayed_payment_is_credited_when_it_succeeds,
     webhooks_that_are_not_genuine_change_nothing,
     amounts_outside_the_offer_and_unverified_accounts_are_refused,
+    refunds_of_unused_balance_are_reviewed_paid_back_and_taken_once,
+    refunds_and_disputes_made_in_stripe_are_taken_once,
+    a_refund_stripe_cannot_pay_gives_the_credits_back,
 );
 
 /// A verified, signed-in customer.
@@ -383,4 +386,352 @@ async fn with_stripe_off_the_credits_page_says_so() {
         )
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+/// A verified customer who paid `cents` through Checkout; returns the browser, the account id
+/// and the payment intent.
+async fn paid_customer<'a>(
+    admin: &'a Admin,
+    email: &str,
+    cents: &str,
+) -> (Browser<'a>, i64, String) {
+    let (mut b, id) = customer(admin, email).await;
+    let session = checkout(&mut b, &[("package_cents", cents)]).await;
+    let r = admin
+        .fake()
+        .post(&format!("/_fake/pay/{session}"), json!({}))
+        .await;
+    assert_eq!(r["delivery"]["status"], 200, "{r}");
+    let pi = r["event"]["data"]["object"]["payment_intent"]
+        .as_str()
+        .expect("pi")
+        .to_owned();
+    (b, id, pi)
+}
+
+/// Posts the refund form.
+async fn ask_refund(b: &mut Browser<'_>, usd: &str, reason: &str) -> support::admin::Resp {
+    b.submit(
+        "/refunds",
+        "/refunds",
+        &[("amount_usd", usd), ("reason", reason)],
+    )
+    .await
+}
+
+/// Spends credits as the gateway would (a usage entry).
+async fn spend(admin: &Admin, id: i64, usd: &str) {
+    admin
+        .t
+        .store
+        .append_ledger(&duang::store::NewLedgerEntry {
+            account_id: id,
+            kind: LedgerKind::Usage,
+            amount: format!("-{usd}").parse().expect("usd"),
+            external_ref: format!("usage-{}", rand::random::<u64>()),
+            actor: None,
+            reason: None,
+        })
+        .await
+        .expect("spend");
+}
+
+/// Waits until the fake has delivered every `charge.refunded` event (it sends them just after
+/// answering the refund) and the admin answered each.
+async fn refund_events_delivered(admin: &Admin, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let events = admin.fake().get("/_fake/events").await;
+        let done: Vec<Value> = events
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter(|e| e["event"]["type"] == "charge.refunded")
+            .filter(|e| {
+                e["attempts"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x["status"] == 200))
+            })
+            .cloned()
+            .collect();
+        if done.len() >= n {
+            return done;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "charge.refunded not delivered: {events}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+async fn refunds_of_unused_balance_are_reviewed_paid_back_and_taken_once(backend: Backend) {
+    let admin = Admin::with_stripe(backend).await;
+    let (mut b, id, pi) = paid_customer(&admin, "ann@example.com", "2000").await;
+    spend(&admin, id, "5").await;
+
+    let r = ask_refund(&mut b, "16", "not needed").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        r.body.contains("at most your unused balance, $15.00"),
+        "{}",
+        r.body
+    );
+    let r = ask_refund(&mut b, "10", "").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = ask_refund(&mut b, "10", "project cancelled").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let r = ask_refund(&mut b, "1", "and more").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("already waiting for review"));
+    assert_eq!(
+        balance(&admin, id).await,
+        "15".parse().expect("usd"),
+        "nothing moves before review"
+    );
+
+    // A customer cannot decide; the operator can.
+    let request_id = admin
+        .t
+        .store
+        .refund_requests(Some(id), None, 10)
+        .await
+        .expect("list")[0]
+        .id;
+    let r = b
+        .submit(
+            "/refunds",
+            &format!("/operator/refunds/{request_id}/approve"),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let mut op = admin.operator().await;
+    let queue = op.get("/operator/refunds").await;
+    assert!(queue.body.contains("project cancelled") && queue.body.contains("$10.00"));
+    let r = op
+        .submit(
+            "/operator/refunds",
+            &format!("/operator/refunds/{request_id}/approve"),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.location()),
+        (StatusCode::SEE_OTHER, "/operator/refunds"),
+        "{}",
+        r.body
+    );
+
+    let request = admin
+        .t
+        .store
+        .refund_request(request_id)
+        .await
+        .expect("request");
+    assert_eq!(request.status, "approved");
+    assert!(
+        request
+            .stripe_refunds
+            .as_deref()
+            .is_some_and(|r| r.starts_with("re_"))
+    );
+    let sent: Vec<Value> = admin
+        .fake()
+        .get("/_fake/requests")
+        .await
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|r| r["path"] == "/v1/refunds")
+        .cloned()
+        .collect();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["params"]["payment_intent"], pi.as_str());
+    assert_eq!(sent[0]["params"]["amount"], "1000");
+    assert!(
+        sent[0]["idempotency_key"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("refund-"))
+    );
+    // Stripe's own charge.refunded for our refund takes nothing more.
+    refund_events_delivered(&admin, 1).await;
+    assert_eq!(balance(&admin, id).await, "5".parse().expect("usd"));
+    let refunds = admin
+        .t
+        .store
+        .ledger(id, 100)
+        .await
+        .expect("ledger")
+        .into_iter()
+        .filter(|e| e.kind == LedgerKind::Refund)
+        .count();
+    assert_eq!(refunds, 1);
+
+    // Deciding twice is refused; the customer sees the outcome.
+    let r = op
+        .submit(
+            "/operator/refunds",
+            &format!("/operator/refunds/{request_id}/approve"),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("is approved, not pending"));
+    let mine = b
+        .json(Method::GET, "/api/v1/refunds", None, None)
+        .await
+        .json();
+    assert_eq!(mine["data"][0]["status"], "approved");
+
+    // A declined request says why and changes nothing.
+    let csrf = b.get("/dashboard").await.csrf();
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/refunds",
+            Some(json!({"amount_cents": 300, "reason": "again"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let second = r.json()["id"].as_i64().expect("id");
+    let r = op
+        .submit(
+            "/operator/refunds",
+            &format!("/operator/refunds/{second}/decline"),
+            &[("note", "")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = op
+        .submit(
+            "/operator/refunds",
+            &format!("/operator/refunds/{second}/decline"),
+            &[("note", "credits were used for the outage test")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert!(
+        b.get("/refunds")
+            .await
+            .body
+            .contains("credits were used for the outage test")
+    );
+    assert_eq!(balance(&admin, id).await, "5".parse().expect("usd"));
+}
+
+async fn refunds_and_disputes_made_in_stripe_are_taken_once(backend: Backend) {
+    let admin = Admin::with_stripe(backend).await;
+    let (_b, id, pi) = paid_customer(&admin, "bob@example.com", "2000").await;
+    // A refund made in Stripe's dashboard (straight to the API, not through the relay).
+    let r = admin
+        .fake()
+        .http
+        .post(format!("{}/v1/refunds", admin.fake().url))
+        .bearer_auth(STRIPE_KEY)
+        .form(&[("payment_intent", pi.as_str()), ("amount", "250")])
+        .send()
+        .await
+        .expect("refund");
+    assert_eq!(r.status(), 200);
+    let delivered = refund_events_delivered(&admin, 1).await;
+    assert_eq!(balance(&admin, id).await, "17.50".parse().expect("usd"));
+    let event_id = delivered[0]["event"]["id"].as_str().expect("id").to_owned();
+    let again = admin
+        .fake()
+        .post(&format!("/_fake/redeliver/{event_id}"), json!({}))
+        .await;
+    assert_eq!(again["delivery"]["status"], 200);
+    assert_eq!(
+        balance(&admin, id).await,
+        "17.50".parse().expect("usd"),
+        "a redelivery takes nothing"
+    );
+
+    // A dispute for more than is left: the balance goes to zero, never below, and the shortfall
+    // is in the audit log.
+    let r = admin
+        .fake()
+        .post(&format!("/_fake/dispute/{pi}"), json!({"amount": 2000}))
+        .await;
+    assert_eq!(r["delivery"]["status"], 200, "{r}");
+    assert_eq!(balance(&admin, id).await, NanoUsd::ZERO);
+    let audit = admin.t.store.audit_log(id).await.expect("audit");
+    assert!(
+        audit.iter().any(|e| e.action == "balance.shortfall"
+            && e.reason.as_deref().is_some_and(|r| r.contains("$2.50"))),
+        "{audit:?}"
+    );
+    let dispute_event = r["event"]["id"].as_str().expect("id").to_owned();
+    let again = admin
+        .fake()
+        .post(&format!("/_fake/redeliver/{dispute_event}"), json!({}))
+        .await;
+    assert_eq!(again["delivery"]["status"], 200);
+    let entries = admin.t.store.ledger(id, 100).await.expect("ledger");
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e.external_ref.starts_with("stripe:dispute:"))
+            .count(),
+        1
+    );
+    // An event for a payment we do not know changes nothing.
+    let r = admin.fake().post("/_fake/send", json!({"type": "charge.refunded", "object": {"id": "ch_x", "object": "charge", "payment_intent": "pi_unknown", "amount": 500, "amount_refunded": 500}})).await;
+    assert!(
+        r["delivery"]["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unknown payment")
+    );
+}
+
+async fn a_refund_stripe_cannot_pay_gives_the_credits_back(backend: Backend) {
+    let mut admin = Admin::with_stripe(backend).await;
+    let id = {
+        let (mut b, id, _) = paid_customer(&admin, "cat@example.com", "500").await;
+        let r = ask_refund(&mut b, "5", "duplicate charge").await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        id
+    };
+    admin.stripe.as_mut().expect("fake").stop();
+    let request_id = admin
+        .t
+        .store
+        .refund_requests(Some(id), None, 10)
+        .await
+        .expect("list")[0]
+        .id;
+    let mut op = admin.operator().await;
+    let csrf = op.get("/operator/refunds").await.csrf();
+    let r = op
+        .json(
+            Method::POST,
+            &format!("/api/v1/operator/refunds/{request_id}/approve"),
+            None,
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["status"], "failed");
+    assert!(
+        r.json()["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("Stripe unreachable"))
+    );
+    assert_eq!(
+        balance(&admin, id).await,
+        "5".parse().expect("usd"),
+        "the credits came back"
+    );
+    assert_eq!(
+        admin
+            .t
+            .store
+            .refundable_cents(id)
+            .await
+            .expect("refundable"),
+        500
+    );
 }

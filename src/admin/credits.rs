@@ -205,6 +205,9 @@ pub async fn webhook(State(state): State<AppState>, headers: HeaderMap, body: By
         "checkout.session.async_payment_failed" | "checkout.session.expired" => {
             record_only(&state, id, kind, "nothing to credit").await
         }
+        "charge.refunded" | "charge.dispute.created" => {
+            super::refunds::stripe_debit_event(&state, id, kind, object).await
+        }
         other => Ok(
             json!({"received": true, "handled": false, "message": format!("event type {other} is not handled; nothing changed")}),
         ),

@@ -33,6 +33,7 @@ pub fn layout(state_support: &str, title: &str, visitor: Option<&Visitor>, body:
                             a href="/keys" { "API keys" }
                             a href="/usage" { "Usage" }
                             a href="/credits" { "Credits" }
+                            a href="/refunds" { "Refunds" }
                             a href="/pricing" { "Pricing" }
                             a href="/quickstart" { "Quick start" }
                             @if a.role == crate::store::Role::Operator {

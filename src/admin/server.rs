@@ -8,7 +8,7 @@ use super::limiter::Limiter;
 use super::mail::Mailer;
 use super::signing::Signer;
 use super::stripe::StripeClient;
-use super::{account, credits, dashboard, keys_web, pages, usage, web};
+use super::{account, credits, dashboard, keys_web, operator, pages, refunds, usage, web};
 use crate::conf::Conf;
 use crate::store::Store;
 use axum::Router;
@@ -109,6 +109,35 @@ pub fn app(state: AppState) -> Router {
         .route("/credits", get(credits::credits))
         .route("/credits/checkout", post(credits::checkout_submit))
         .route("/credits/success", get(credits::success))
+        .route(
+            "/refunds",
+            get(refunds::refunds_page).post(refunds::refund_submit),
+        )
+        .route("/operator", get(operator::accounts))
+        .route("/operator/accounts/{id}", get(operator::account))
+        .route(
+            "/operator/accounts/{id}/status",
+            post(operator::account_status_submit),
+        )
+        .route(
+            "/operator/accounts/{id}/credits",
+            post(operator::credits_submit),
+        )
+        .route(
+            "/operator/keys/{id}/status",
+            post(operator::key_status_submit),
+        )
+        .route("/operator/refunds", get(refunds::queue))
+        .route(
+            "/operator/refunds/{id}/approve",
+            post(refunds::approve_submit),
+        )
+        .route(
+            "/operator/refunds/{id}/decline",
+            post(refunds::decline_submit),
+        )
+        .route("/operator/revenue", get(operator::revenue))
+        .route("/operator/upstreams", get(operator::upstreams))
         .route("/api/v1/signup", post(account::api_signup))
         .route("/api/v1/login", post(account::api_login))
         .route("/api/v1/logout", post(account::api_logout))
@@ -127,6 +156,35 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/keys/{id}/revoke", post(keys_web::api_revoke))
         .route("/api/v1/credits", get(credits::api_options))
         .route("/api/v1/credits/checkout", post(credits::api_checkout))
+        .route(
+            "/api/v1/refunds",
+            get(refunds::api_list).post(refunds::api_create),
+        )
+        .route("/api/v1/operator/accounts", get(operator::api_accounts))
+        .route("/api/v1/operator/accounts/{id}", get(operator::api_account))
+        .route(
+            "/api/v1/operator/accounts/{id}/status",
+            post(operator::api_account_status),
+        )
+        .route(
+            "/api/v1/operator/accounts/{id}/credits",
+            post(operator::api_credits),
+        )
+        .route(
+            "/api/v1/operator/keys/{id}/status",
+            post(operator::api_key_status),
+        )
+        .route("/api/v1/operator/refunds", get(refunds::api_queue))
+        .route(
+            "/api/v1/operator/refunds/{id}/approve",
+            post(refunds::api_approve),
+        )
+        .route(
+            "/api/v1/operator/refunds/{id}/decline",
+            post(refunds::api_decline),
+        )
+        .route("/api/v1/operator/revenue", get(operator::api_revenue))
+        .route("/api/v1/operator/upstreams", get(operator::api_upstreams))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

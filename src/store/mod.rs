@@ -11,6 +11,8 @@ mod accounts;
 mod keys;
 mod leases;
 mod ledger;
+mod refunds;
+mod reports;
 mod sessions;
 mod stripe;
 mod usage;
@@ -19,6 +21,8 @@ pub use accounts::{Account, AccountRef, AccountStatus, LimitOverrides, NewAccoun
 pub use keys::{ApiKey, KeyAuth, KeyStatus, NewKey};
 pub use leases::Settlement;
 pub use ledger::{BalanceProof, LedgerEntry, LedgerKind, NewLedgerEntry};
+pub use refunds::{RefundAllocation, RefundRequest, StripeDebit};
+pub use reports::{DailyMargin, DailyMoney, UpstreamStats};
 pub use stripe::{CheckoutCredit, PaidSession};
 pub use usage::{DailyUsage, StatusFilter, UsageFilter, UsageRecord};
 

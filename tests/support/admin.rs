@@ -168,6 +168,30 @@ impl Admin {
         }
     }
 
+    /// An operator account (`op@example.com`), signed in from its own address.
+    pub async fn operator(&self) -> Browser<'_> {
+        self.t
+            .store
+            .create_account(&duang::store::NewAccount {
+                email: "op@example.com".into(),
+                password_hash: Some(duang::password::hash(PASSWORD)),
+                role: duang::store::Role::Operator,
+                verified: true,
+            })
+            .await
+            .expect("operator");
+        let mut b = self.browser([10, 9, 9, 9]);
+        let r = b
+            .submit(
+                "/login",
+                "/login",
+                &[("email", "op@example.com"), ("password", PASSWORD)],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+        b
+    }
+
     pub fn fake(&self) -> &StripeFake {
         self.stripe.as_ref().expect("started with_stripe")
     }

@@ -1,0 +1,629 @@
+//! The operator's side (role `operator`): accounts with search, balance and status; suspend,
+//! reactivate or terminate an account or a key with a reason kept in the audit log; grant or
+//! adjust credits; revenue, billed usage, provider cost and margin per day and tier; and each
+//! upstream model's health from the usage records. Every route checks the role.
+
+use super::error::{AdminError, ApiError};
+use super::pages::{csrf_field, form_error, page};
+use super::server::AppState;
+use super::web::{SignedIn, Visitor, is_api};
+use crate::money::NanoUsd;
+use crate::store::{
+    Account, AccountRef, AccountStatus, KeyStatus, LedgerKind, NewLedgerEntry, StoreError,
+};
+use crate::time::{format_date, format_utc, now_ms, parse_date};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::{Form, Json};
+use maud::{Markup, html};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// A signed-in operator; anyone else gets 403 (or the log-in page when not signed in).
+pub struct Operator(pub SignedIn);
+
+impl<S: Send + Sync> FromRequestParts<S> for Operator {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, s: &S) -> Result<Self, Self::Rejection> {
+        let signed = SignedIn::from_request_parts(parts, s).await?;
+        if signed.account.role == crate::store::Role::Operator {
+            return Ok(Operator(signed));
+        }
+        let e = AdminError::Forbidden("This is for operators only.".into());
+        Err(if is_api(parts.uri.path()) {
+            e.into_json()
+        } else {
+            e.into_page(Some(&signed.visitor))
+        })
+    }
+}
+
+fn actor(o: &Operator) -> String {
+    format!("operator:{}", o.0.account.email)
+}
+
+fn usd(n: NanoUsd) -> String {
+    n.to_string().trim_start_matches('$').replace(',', "")
+}
+
+// ── Actions ───────────────────────────────────────────────────────────────────────────────────
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct StatusForm {
+    status: String,
+    reason: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct CreditsForm {
+    amount_usd: String,
+    reason: String,
+}
+
+fn need_reason(reason: &str) -> Result<&str, AdminError> {
+    let r = reason.trim();
+    if r.is_empty() || r.chars().count() > 1000 {
+        Err(AdminError::invalid(
+            "reason",
+            "Give a reason (it goes to the audit log), up to 1,000 characters.",
+        ))
+    } else {
+        Ok(r)
+    }
+}
+
+pub async fn set_account_status(
+    state: &AppState,
+    o: &Operator,
+    id: i64,
+    f: &StatusForm,
+) -> Result<Account, AdminError> {
+    let status = match f.status.as_str() {
+        "suspended" => AccountStatus::Suspended,
+        "active" => AccountStatus::Active,
+        "terminated" => AccountStatus::Terminated,
+        _ => {
+            return Err(AdminError::invalid(
+                "status",
+                "Status is active, suspended or terminated.",
+            ));
+        }
+    };
+    let reason = need_reason(&f.reason)?;
+    if id == o.0.account.id && status != AccountStatus::Active {
+        return Err(AdminError::invalid(
+            "status",
+            "You cannot suspend or terminate your own account.",
+        ));
+    }
+    Ok(state
+        .store
+        .set_account_status(id, status, &actor(o), Some(reason))
+        .await?)
+}
+
+pub async fn adjust_credits(
+    state: &AppState,
+    o: &Operator,
+    id: i64,
+    f: &CreditsForm,
+) -> Result<Account, AdminError> {
+    let reason = need_reason(&f.reason)?;
+    let text = f.amount_usd.trim().trim_start_matches('$');
+    let amount = text
+        .parse::<NanoUsd>()
+        .ok()
+        .filter(|a| *a != NanoUsd::ZERO)
+        .ok_or_else(|| {
+            AdminError::invalid(
+                "amount_usd",
+                "Enter a non-zero amount in USD, negative to take credits away (e.g. 10 or -2.50).",
+            )
+        })?;
+    let entry = NewLedgerEntry {
+        account_id: id,
+        kind: LedgerKind::Adjustment,
+        amount,
+        external_ref: format!(
+            "operator:{}:{}",
+            now_ms(),
+            hex::encode(rand::random::<[u8; 6]>())
+        ),
+        actor: Some(actor(o)),
+        reason: Some(reason.to_owned()),
+    };
+    match state.store.append_ledger(&entry).await {
+        Ok(_) => Ok(state.store.account(&AccountRef::Id(id)).await?),
+        Err(StoreError::InsufficientBalance { available, .. }) => Err(AdminError::invalid(
+            "amount_usd",
+            format!("The balance is {available}; it cannot go below zero."),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn set_key_status(
+    state: &AppState,
+    o: &Operator,
+    key_id: i64,
+    f: &StatusForm,
+) -> Result<crate::store::ApiKey, AdminError> {
+    let status = match f.status.as_str() {
+        "suspended" => KeyStatus::Suspended,
+        "active" => KeyStatus::Active,
+        "revoked" => KeyStatus::Revoked,
+        _ => {
+            return Err(AdminError::invalid(
+                "status",
+                "Status is active, suspended or revoked.",
+            ));
+        }
+    };
+    let reason = need_reason(&f.reason)?;
+    state
+        .store
+        .set_key_status(key_id, status, &actor(o), Some(reason))
+        .await
+        .map_err(|e| match e {
+            StoreError::KeyRevoked(_) => {
+                AdminError::invalid("status", "This key is revoked for good.")
+            }
+            other => other.into(),
+        })
+}
+
+// ── Pages ─────────────────────────────────────────────────────────────────────────────────────
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct Search {
+    q: String,
+}
+
+fn account_row(a: &Account) -> Markup {
+    html! {
+        tr {
+            td { a href={ "/operator/accounts/" (a.id) } { (a.email) } }
+            td { (a.role.as_str()) }
+            td class={ "status-" (a.status.as_str()) } { (a.status.as_str()) }
+            td { @if a.is_verified() { "yes" } @else { "no" } }
+            td { (a.balance) }
+            td { (format_utc(a.created_at)) }
+        }
+    }
+}
+
+pub async fn accounts(
+    State(state): State<AppState>,
+    o: Operator,
+    Query(q): Query<Search>,
+) -> Response {
+    let rows = match state.store.search_accounts(&q.q, 200).await {
+        Ok(r) => r,
+        Err(e) => return AdminError::from(e).into_page(Some(&o.0.visitor)),
+    };
+    page(&state, "Operator", Some(&o.0.visitor), html! {
+        (operator_nav())
+        section.card {
+            h1 { "Accounts" }
+            form.row method="get" action="/operator" {
+                label { "E-mail contains" input type="search" name="q" value=(q.q); }
+                button type="submit" { "Search" }
+            }
+            table #accounts {
+                thead { tr { th { "E-mail" } th { "Role" } th { "Status" } th { "Verified" } th { "Balance" } th { "Created" } } }
+                tbody { @for a in &rows { (account_row(a)) } }
+            }
+        }
+    })
+    .into_response()
+}
+
+fn operator_nav() -> Markup {
+    html! {
+        nav.sub {
+            a href="/operator" { "Accounts" } " · "
+            a href="/operator/refunds" { "Refund queue" } " · "
+            a href="/operator/revenue" { "Revenue and margin" } " · "
+            a href="/operator/upstreams" { "Upstream status" }
+        }
+    }
+}
+
+async fn account_page(
+    state: &AppState,
+    v: &Visitor,
+    id: i64,
+    error: Option<&str>,
+) -> Result<Markup, AdminError> {
+    let a = state.store.account(&AccountRef::Id(id)).await?;
+    let keys = state.store.list_keys(id).await?;
+    let audit = state.store.audit_log(id).await?;
+    let usage = state.store.usage_page(id, None, 20).await?;
+    let ledger = state.store.ledger(id, 20).await?;
+    Ok(page(
+        state,
+        &a.email,
+        Some(v),
+        html! {
+            (operator_nav())
+            section.card {
+                h1 { (a.email) }
+                (form_error(error))
+                p { "Status: " strong #account-status { (a.status.as_str()) } " · role " (a.role.as_str()) " · verified " (if a.is_verified() { "yes" } else { "no" }) " · balance " strong #account-balance { (a.balance) } }
+                form.row method="post" action={ "/operator/accounts/" (a.id) "/status" } {
+                    (csrf_field(v))
+                    label { "Status" select name="status" {
+                        option value="suspended" { "Suspend" }
+                        option value="active" { "Reactivate" }
+                        option value="terminated" { "Terminate" }
+                    } }
+                    label { "Reason (audit log)" input type="text" name="reason" required; }
+                    button.danger type="submit" { "Change status" }
+                }
+                form.row method="post" action={ "/operator/accounts/" (a.id) "/credits" } {
+                    (csrf_field(v))
+                    label { "Credits in USD (negative takes away)" input type="text" name="amount_usd" required placeholder="10.00"; }
+                    label { "Reason (audit log)" input type="text" name="reason" required; }
+                    button type="submit" { "Grant or adjust" }
+                }
+            }
+            section.card {
+                h2 { "Keys" }
+                table #operator-keys {
+                    thead { tr { th { "Name" } th { "Key" } th { "Status" } th { "Last used" } th {} } }
+                    tbody {
+                        @for k in &keys {
+                            tr {
+                                td { (k.name) }
+                                td { code { (k.display_prefix) "…" } }
+                                td class={ "status-" (k.status.as_str()) } { (k.status.as_str()) }
+                                td { (k.last_used_at.map(format_utc).unwrap_or_else(|| "—".into())) }
+                                td {
+                                    @if k.status != KeyStatus::Revoked {
+                                        form.row method="post" action={ "/operator/keys/" (k.id) "/status" } {
+                                            (csrf_field(v))
+                                            select name="status" {
+                                                option value="suspended" { "Suspend" }
+                                                option value="active" { "Reactivate" }
+                                                option value="revoked" { "Revoke" }
+                                            }
+                                            input type="text" name="reason" required placeholder="reason";
+                                            button.secondary type="submit" { "Apply" }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            section.card {
+                h2 { "Ledger" }
+                table { tbody { @for e in &ledger { tr { td { (format_utc(e.created_at)) } td { (e.kind.as_str()) } td { (e.amount) } td { (e.external_ref) } td { (e.reason.as_deref().unwrap_or("")) } } } } }
+            }
+            section.card {
+                h2 { "Audit log" }
+                table #audit { tbody { @for e in &audit { tr { td { (format_utc(e.created_at)) } td { (e.actor) } td { (e.action) } td { (e.reason.as_deref().unwrap_or("")) } } } } }
+            }
+            section.card { h2 { "Recent requests" } (super::dashboard::requests_table(&usage)) }
+        },
+    ))
+}
+
+pub async fn account(State(state): State<AppState>, o: Operator, Path(id): Path<i64>) -> Response {
+    match account_page(&state, &o.0.visitor, id, None).await {
+        Ok(m) => m.into_response(),
+        Err(e) => e.into_page(Some(&o.0.visitor)),
+    }
+}
+
+async fn back_to_account<T>(
+    state: &AppState,
+    o: &Operator,
+    id: i64,
+    r: Result<T, AdminError>,
+) -> Response {
+    match r {
+        Ok(_) => Redirect::to(&format!("/operator/accounts/{id}")).into_response(),
+        Err(e) => match account_page(state, &o.0.visitor, id, Some(&e.message())).await {
+            Ok(m) => (e.status(), m).into_response(),
+            Err(e2) => e2.into_page(Some(&o.0.visitor)),
+        },
+    }
+}
+
+pub async fn account_status_submit(
+    State(state): State<AppState>,
+    o: Operator,
+    Path(id): Path<i64>,
+    Form(f): Form<StatusForm>,
+) -> Response {
+    let r = set_account_status(&state, &o, id, &f).await;
+    back_to_account(&state, &o, id, r).await
+}
+
+pub async fn credits_submit(
+    State(state): State<AppState>,
+    o: Operator,
+    Path(id): Path<i64>,
+    Form(f): Form<CreditsForm>,
+) -> Response {
+    let r = adjust_credits(&state, &o, id, &f).await;
+    back_to_account(&state, &o, id, r).await
+}
+
+pub async fn key_status_submit(
+    State(state): State<AppState>,
+    o: Operator,
+    Path(key_id): Path<i64>,
+    Form(f): Form<StatusForm>,
+) -> Response {
+    let account_id = match state.store.key(key_id).await {
+        Ok(k) => k.account_id,
+        Err(e) => return AdminError::from(e).into_page(Some(&o.0.visitor)),
+    };
+    let r = set_key_status(&state, &o, key_id, &f).await;
+    back_to_account(&state, &o, account_id, r).await
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RangeQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+fn range(q: &RangeQuery) -> Result<(i64, i64), AdminError> {
+    let day = |field: &'static str, v: &Option<String>| {
+        v.as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                parse_date(t).ok_or_else(|| {
+                    AdminError::invalid(field, format!("{t:?} is not a date: use YYYY-MM-DD."))
+                })
+            })
+            .transpose()
+    };
+    let to = day("to", &q.to)?.unwrap_or(now_ms().div_euclid(DAY_MS) * DAY_MS) + DAY_MS;
+    let from = day("from", &q.from)?.unwrap_or(to - 30 * DAY_MS);
+    if from >= to || to - from > 366 * DAY_MS {
+        return Err(AdminError::invalid(
+            "from",
+            "Choose a range of 1 to 366 days, first day first.",
+        ));
+    }
+    Ok((from, to))
+}
+
+/// Per day: top-ups, refunds, billed usage, provider cost, margin; and per tier over the range.
+pub async fn revenue_json(state: &AppState, q: &RangeQuery) -> Result<Value, AdminError> {
+    let (from, to) = range(q)?;
+    let money = state.store.money_daily(from, to).await?;
+    let margin = state.store.margin_daily(from, to).await?;
+    let mut days: BTreeMap<i64, (NanoUsd, NanoUsd, NanoUsd, NanoUsd, i64)> = BTreeMap::new();
+    for m in &money {
+        let d = days.entry(m.day_start_ms).or_default();
+        d.0 = m.topups;
+        d.1 = m.refunds;
+    }
+    let mut tiers: BTreeMap<String, (NanoUsd, NanoUsd, i64)> = BTreeMap::new();
+    for m in &margin {
+        let d = days.entry(m.day_start_ms).or_default();
+        d.2 = d.2.checked_add(m.billed)?;
+        d.3 = d.3.checked_add(m.provider_cost)?;
+        d.4 += m.requests;
+        let t = tiers.entry(m.tier.clone()).or_default();
+        t.0 = t.0.checked_add(m.billed)?;
+        t.1 = t.1.checked_add(m.provider_cost)?;
+        t.2 += m.requests;
+    }
+    let margin_of = |b: NanoUsd, c: NanoUsd| b.checked_sub(c).map(usd).unwrap_or_default();
+    Ok(json!({
+        "from": format_date(from),
+        "to": format_date(to - DAY_MS),
+        "days": days.iter().map(|(day, (top, refund, billed, cost, n))| json!({
+            "date": format_date(*day),
+            "topups_usd": usd(*top),
+            "refunds_usd": usd(*refund),
+            "requests": n,
+            "billed_usd": usd(*billed),
+            "provider_cost_usd": usd(*cost),
+            "margin_usd": margin_of(*billed, *cost),
+        })).collect::<Vec<_>>(),
+        "tiers": tiers.iter().map(|(tier, (billed, cost, n))| json!({
+            "tier": tier,
+            "requests": n,
+            "billed_usd": usd(*billed),
+            "provider_cost_usd": usd(*cost),
+            "margin_usd": margin_of(*billed, *cost),
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+impl From<crate::money::MoneyError> for AdminError {
+    fn from(e: crate::money::MoneyError) -> Self {
+        tracing::error!(error = %e, "money arithmetic in a report");
+        AdminError::Internal
+    }
+}
+
+pub async fn revenue(
+    State(state): State<AppState>,
+    o: Operator,
+    Query(q): Query<RangeQuery>,
+) -> Response {
+    let v = match revenue_json(&state, &q).await {
+        Ok(v) => v,
+        Err(e) => return e.into_page(Some(&o.0.visitor)),
+    };
+    let cell = |r: &Value, k: &str| r[k].as_str().map(|s| format!("${s}")).unwrap_or_default();
+    page(&state, "Revenue and margin", Some(&o.0.visitor), html! {
+        (operator_nav())
+        section.card {
+            h1 { "Revenue and margin" }
+            form.row method="get" action="/operator/revenue" {
+                label { "From" input type="date" name="from" value=(v["from"].as_str().unwrap_or_default()); }
+                label { "To" input type="date" name="to" value=(v["to"].as_str().unwrap_or_default()); }
+                button type="submit" { "Show" }
+            }
+            h2 { "Per day" }
+            table #revenue-days {
+                thead { tr { th { "Day" } th { "Top-ups" } th { "Refunds" } th { "Requests" } th { "Billed usage" } th { "Provider cost" } th { "Margin" } } }
+                tbody { @for d in v["days"].as_array().into_iter().flatten() { tr {
+                    td { (d["date"].as_str().unwrap_or_default()) } td { (cell(d, "topups_usd")) } td { (cell(d, "refunds_usd")) }
+                    td { (d["requests"]) } td { (cell(d, "billed_usd")) } td { (cell(d, "provider_cost_usd")) } td { (cell(d, "margin_usd")) }
+                } } }
+            }
+            h2 { "Per tier" }
+            table #revenue-tiers {
+                thead { tr { th { "Tier" } th { "Requests" } th { "Billed usage" } th { "Provider cost" } th { "Margin" } } }
+                tbody { @for t in v["tiers"].as_array().into_iter().flatten() { tr {
+                    td { code { (t["tier"].as_str().unwrap_or_default()) } } td { (t["requests"]) }
+                    td { (cell(t, "billed_usd")) } td { (cell(t, "provider_cost_usd")) } td { (cell(t, "margin_usd")) }
+                } } }
+            }
+        }
+    })
+    .into_response()
+}
+
+pub async fn upstreams_json(state: &AppState) -> Result<Value, AdminError> {
+    let since = now_ms() - DAY_MS;
+    let stats = state.store.upstream_stats(since).await?;
+    Ok(json!({
+        "since_ms": since,
+        "data": stats.iter().map(|s| json!({
+            "provider": s.provider,
+            "model": s.model,
+            "requests": s.requests,
+            "errors": s.errors,
+            "error_rate": if s.requests > 0 { s.errors as f64 / s.requests as f64 } else { 0.0 },
+            "avg_latency_ms": s.avg_latency_ms,
+            "avg_ttft_ms": s.avg_ttft_ms,
+            "fallbacks": s.fallbacks,
+            "last_error_at_ms": s.last_error_at,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+pub async fn upstreams(State(state): State<AppState>, o: Operator) -> Response {
+    let v = match upstreams_json(&state).await {
+        Ok(v) => v,
+        Err(e) => return e.into_page(Some(&o.0.visitor)),
+    };
+    page(&state, "Upstream status", Some(&o.0.visitor), html! {
+        (operator_nav())
+        section.card {
+            h1 { "Upstream status, last 24 hours" }
+            p.muted { "From the usage records: an error is an answer of 500 or more (including no answer at all); a fallback is a request that needed more than one upstream." }
+            table #upstreams {
+                thead { tr { th { "Provider" } th { "Model" } th { "Requests" } th { "Errors" } th { "Error rate" } th { "Avg latency" } th { "Avg first token" } th { "Fallbacks" } th { "Last error" } } }
+                tbody { @for s in v["data"].as_array().into_iter().flatten() { tr {
+                    td { (s["provider"].as_str().unwrap_or_default()) } td { code { (s["model"].as_str().unwrap_or_default()) } }
+                    td { (s["requests"]) } td { (s["errors"]) }
+                    td { (format!("{:.1}%", s["error_rate"].as_f64().unwrap_or(0.0) * 100.0)) }
+                    td { (s["avg_latency_ms"]) " ms" }
+                    td { @if let Some(t) = s["avg_ttft_ms"].as_i64() { (t) " ms" } @else { "—" } }
+                    td { (s["fallbacks"]) }
+                    td { (s["last_error_at_ms"].as_i64().map(format_utc).unwrap_or_else(|| "—".into())) }
+                } } }
+            }
+        }
+    })
+    .into_response()
+}
+
+// ── JSON API ──────────────────────────────────────────────────────────────────────────────────
+
+fn account_json(a: &Account) -> Value {
+    json!({
+        "id": a.id, "email": a.email, "role": a.role.as_str(), "status": a.status.as_str(),
+        "email_verified": a.is_verified(), "balance_usd": usd(a.balance), "created_at_ms": a.created_at,
+    })
+}
+
+pub async fn api_accounts(
+    State(state): State<AppState>,
+    _o: Operator,
+    Query(q): Query<Search>,
+) -> Result<Json<Value>, ApiError> {
+    let rows = state.store.search_accounts(&q.q, 500).await?;
+    Ok(Json(
+        json!({"data": rows.iter().map(account_json).collect::<Vec<_>>()}),
+    ))
+}
+
+pub async fn api_account(
+    State(state): State<AppState>,
+    _o: Operator,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
+    let a = state.store.account(&AccountRef::Id(id)).await?;
+    let keys = state.store.list_keys(id).await?;
+    let audit = state.store.audit_log(id).await?;
+    let mut v = account_json(&a);
+    v["keys"] = json!(
+        keys.iter()
+            .map(super::keys_web::key_json)
+            .collect::<Vec<_>>()
+    );
+    v["audit"] = json!(audit.iter().map(|e| json!({"actor": e.actor, "action": e.action, "key_id": e.key_id, "reason": e.reason, "at_ms": e.created_at})).collect::<Vec<_>>());
+    Ok(Json(v))
+}
+
+pub async fn api_account_status(
+    State(state): State<AppState>,
+    o: Operator,
+    Path(id): Path<i64>,
+    Json(f): Json<StatusForm>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(account_json(
+        &set_account_status(&state, &o, id, &f).await?,
+    )))
+}
+
+pub async fn api_credits(
+    State(state): State<AppState>,
+    o: Operator,
+    Path(id): Path<i64>,
+    Json(f): Json<CreditsForm>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(account_json(
+        &adjust_credits(&state, &o, id, &f).await?,
+    )))
+}
+
+pub async fn api_key_status(
+    State(state): State<AppState>,
+    o: Operator,
+    Path(id): Path<i64>,
+    Json(f): Json<StatusForm>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(super::keys_web::key_json(
+        &set_key_status(&state, &o, id, &f).await?,
+    )))
+}
+
+pub async fn api_revenue(
+    State(state): State<AppState>,
+    _o: Operator,
+    Query(q): Query<RangeQuery>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(revenue_json(&state, &q).await?))
+}
+
+pub async fn api_upstreams(
+    State(state): State<AppState>,
+    _o: Operator,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(upstreams_json(&state).await?))
+}

@@ -1,0 +1,402 @@
+//! The operator's pages and API through `app(state)` over real stores: who may reach them,
+//! suspending and reactivating accounts and keys with reasons in the audit log, adjusting
+//! credits, and the revenue, margin and upstream reports from the ledger and usage records.
+
+mod support;
+
+use axum::http::{Method, StatusCode};
+use duang::conf::Backend;
+use duang::money::NanoUsd;
+use duang::store::{AccountStatus, KeyStatus, LedgerKind, NewLedgerEntry, UsageRecord};
+use serde_json::json;
+use support::admin::Admin;
+
+support::on_both_stores!(
+    only_operators_reach_operator_routes,
+    operators_suspend_reactivate_terminate_and_adjust_with_reasons,
+    revenue_margin_and_upstream_health_come_from_the_records,
+);
+
+async fn only_operators_reach_operator_routes(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut customer = admin.browser([10, 0, 0, 1]);
+    customer.sign_up("ann@example.com").await;
+    let me = admin.account("ann@example.com").await;
+    let csrf = customer.get("/dashboard").await.csrf();
+    for path in [
+        "/operator",
+        "/operator/refunds",
+        "/operator/revenue",
+        "/operator/upstreams",
+        &format!("/operator/accounts/{}", me.id),
+    ] {
+        let r = customer.get(path).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}");
+        assert!(r.body.contains("This is for operators only."));
+    }
+    for path in [
+        "/api/v1/operator/accounts",
+        "/api/v1/operator/revenue",
+        "/api/v1/operator/upstreams",
+        "/api/v1/operator/refunds",
+    ] {
+        let r = customer.json(Method::GET, path, None, None).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(r.json()["error"]["code"], "forbidden");
+    }
+    // A customer cannot grant themselves credits or reactivate themselves.
+    let r = customer
+        .json(
+            Method::POST,
+            &format!("/api/v1/operator/accounts/{}/credits", me.id),
+            Some(json!({"amount_usd": "100", "reason": "me"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        admin.account("ann@example.com").await.balance,
+        NanoUsd::ZERO
+    );
+    let mut anon = admin.browser([10, 0, 0, 2]);
+    assert_eq!(anon.get("/operator").await.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        anon.json(Method::GET, "/api/v1/operator/accounts", None, None)
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    let mut op = admin.operator().await;
+    let page = op.get("/operator?q=ann").await;
+    assert_eq!(page.status, StatusCode::OK);
+    let table = &page.body[page.body.find("id=\"accounts\"").expect("table")..];
+    assert!(table.contains("ann@example.com") && !table.contains("op@example.com"));
+    let list = op
+        .json(
+            Method::GET,
+            "/api/v1/operator/accounts?q=example",
+            None,
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(2));
+}
+
+async fn operators_suspend_reactivate_terminate_and_adjust_with_reasons(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut customer = admin.browser([10, 0, 0, 1]);
+    customer.sign_up("bob@example.com").await;
+    let bob = admin.account("bob@example.com").await;
+    let (_, key_id) = support::new_key(&admin.t.store, bob.id).await;
+    let mut op = admin.operator().await;
+    let page = format!("/operator/accounts/{}", bob.id);
+
+    // Reasons are required; nothing changes without one.
+    let r = op
+        .submit(
+            &page,
+            &format!("{page}/status"),
+            &[("status", "suspended"), ("reason", "")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("Give a reason"));
+    assert_eq!(
+        admin.account("bob@example.com").await.status,
+        AccountStatus::Active
+    );
+
+    let r = op
+        .submit(
+            &page,
+            &format!("{page}/status"),
+            &[
+                ("status", "suspended"),
+                ("reason", "phishing reports (AUP)"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.location()),
+        (StatusCode::SEE_OTHER, page.as_str())
+    );
+    assert_eq!(
+        admin.account("bob@example.com").await.status,
+        AccountStatus::Suspended
+    );
+    let dash = customer.get("/dashboard").await;
+    assert!(
+        dash.body.contains("This account is suspended"),
+        "the customer is told"
+    );
+    let r = op
+        .submit(
+            &page,
+            &format!("{page}/status"),
+            &[("status", "active"), ("reason", "cleared after review")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+
+    // Keys: suspend, reactivate, revoke for good.
+    let key_form = format!("/operator/keys/{key_id}/status");
+    for (status, expect) in [
+        ("suspended", KeyStatus::Suspended),
+        ("active", KeyStatus::Active),
+        ("revoked", KeyStatus::Revoked),
+    ] {
+        let r = op
+            .submit(
+                &page,
+                &key_form,
+                &[("status", status), ("reason", "abuse review")],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{status}: {}", r.body);
+        assert_eq!(admin.t.store.key(key_id).await.expect("key").status, expect);
+    }
+    let r = op
+        .submit(
+            &page,
+            &key_form,
+            &[("status", "active"), ("reason", "undo")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("revoked for good"));
+
+    // Credits: grant, take back, never below zero.
+    let r = op
+        .submit(
+            &page,
+            &format!("{page}/credits"),
+            &[("amount_usd", "10"), ("reason", "goodwill")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    let csrf = op.get(&page).await.csrf();
+    let r = op
+        .json(
+            Method::POST,
+            &format!("/api/v1/operator/accounts/{}/credits", bob.id),
+            Some(json!({"amount_usd": "-2.5", "reason": "correction"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["balance_usd"], "7.50");
+    let r = op
+        .json(
+            Method::POST,
+            &format!("/api/v1/operator/accounts/{}/credits", bob.id),
+            Some(json!({"amount_usd": "-100", "reason": "too much"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot go below zero"))
+    );
+    let proof = admin.t.store.balance_proof(bob.id).await.expect("proof");
+    assert!(proof.holds());
+    assert_eq!(proof.cached, "7.50".parse().expect("usd"));
+
+    // Every action is in the audit log with who and why.
+    let detail = op
+        .json(
+            Method::GET,
+            &format!("/api/v1/operator/accounts/{}", bob.id),
+            None,
+            None,
+        )
+        .await
+        .json();
+    let actions: Vec<(String, String)> = detail["audit"]
+        .as_array()
+        .expect("audit")
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap_or_default().to_owned(),
+                e["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    for (action, reason) in [
+        ("account.suspended", "phishing reports (AUP)"),
+        ("account.active", "cleared after review"),
+        ("key.suspended", "abuse review"),
+        ("key.revoke", "abuse review"),
+    ] {
+        assert!(
+            actions.contains(&(action.to_owned(), reason.to_owned())),
+            "{action}: {actions:?}"
+        );
+    }
+    assert!(
+        detail["audit"]
+            .as_array()
+            .expect("audit")
+            .iter()
+            .all(|e| e["actor"] == "operator:op@example.com")
+    );
+
+    // Operators cannot lock themselves out; termination ends the customer's session.
+    let me = admin.account("op@example.com").await;
+    let r = op
+        .json(
+            Method::POST,
+            &format!("/api/v1/operator/accounts/{}/status", me.id),
+            Some(json!({"status": "suspended", "reason": "oops"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = op
+        .json(
+            Method::POST,
+            &format!("/api/v1/operator/accounts/{}/status", bob.id),
+            Some(json!({"status": "terminated", "reason": "repeated fraud"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.json()["status"], "terminated");
+    assert_eq!(
+        customer.get("/dashboard").await.status,
+        StatusCode::SEE_OTHER,
+        "signed out"
+    );
+}
+
+async fn revenue_margin_and_upstream_health_come_from_the_records(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut customer = admin.browser([10, 0, 0, 1]);
+    customer.sign_up("cat@example.com").await;
+    let cat = admin.account("cat@example.com").await;
+    let (_, key) = support::new_key(&admin.t.store, cat.id).await;
+    let now = duang::time::now_ms();
+    let today = duang::time::format_date(now);
+    admin
+        .t
+        .store
+        .append_ledger(&NewLedgerEntry {
+            account_id: cat.id,
+            kind: LedgerKind::TopUp,
+            amount: "20".parse().expect("usd"),
+            external_ref: "stripe:checkout:cs_test_r".into(),
+            actor: Some("stripe".into()),
+            reason: None,
+        })
+        .await
+        .expect("topup");
+    let rec =
+        |n: i64, tier: &str, provider: &str, status: i64, attempts: i64, billed: i64, cost: i64| {
+            UsageRecord {
+                request_id: format!("r{n}"),
+                account_id: cat.id,
+                key_id: key,
+                tier: tier.into(),
+                provider: Some(provider.into()),
+                upstream_model: Some(format!("{provider}-model")),
+                stream: false,
+                input_tokens: 10,
+                output_tokens: 5,
+                provider_cost: NanoUsd::from_nanos(cost),
+                billed: NanoUsd::from_nanos(billed),
+                http_status: status,
+                error_code: None,
+                attempts,
+                latency_ms: 100 * (n + 1),
+                ttft_ms: Some(10),
+                started_at: now - 1000 * n,
+                finished_at: now - 1000 * n + 5,
+            }
+        };
+    admin
+        .t
+        .store
+        .insert_usage_batch(&[
+            rec(0, "budget", "openai", 200, 1, 3_000_000, 1_000_000),
+            rec(1, "budget", "openai", 502, 1, 0, 0),
+            rec(2, "premium", "anthropic", 200, 2, 9_000_000, 4_000_000),
+        ])
+        .await
+        .expect("usage");
+
+    let mut op = admin.operator().await;
+    let v = op
+        .json(
+            Method::GET,
+            &format!("/api/v1/operator/revenue?from={today}&to={today}"),
+            None,
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(v["days"].as_array().map(Vec::len), Some(1), "{v}");
+    let d = &v["days"][0];
+    assert_eq!(
+        (
+            d["topups_usd"].as_str(),
+            d["billed_usd"].as_str(),
+            d["provider_cost_usd"].as_str(),
+            d["margin_usd"].as_str()
+        ),
+        (Some("20.00"), Some("0.012"), Some("0.005"), Some("0.007"))
+    );
+    assert_eq!(d["requests"], 3);
+    assert_eq!(
+        v["tiers"][0],
+        json!({"tier": "budget", "requests": 2, "billed_usd": "0.003", "provider_cost_usd": "0.001", "margin_usd": "0.002"})
+    );
+    assert_eq!(v["tiers"][1]["margin_usd"], "0.005");
+    let page = op
+        .get(&format!("/operator/revenue?from={today}&to={today}"))
+        .await;
+    assert!(page.body.contains("$20.00") && page.body.contains("$0.007"));
+    let r = op
+        .json(
+            Method::GET,
+            "/api/v1/operator/revenue?from=yesterday",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    let u = op
+        .json(Method::GET, "/api/v1/operator/upstreams", None, None)
+        .await
+        .json();
+    let openai = u["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|s| s["provider"] == "openai")
+        .expect("openai")
+        .clone();
+    assert_eq!(
+        (
+            openai["requests"].as_i64(),
+            openai["errors"].as_i64(),
+            openai["avg_latency_ms"].as_i64()
+        ),
+        (Some(2), Some(1), Some(150))
+    );
+    assert_eq!(openai["error_rate"], 0.5);
+    assert!(openai["last_error_at_ms"].is_i64());
+    let anthropic = u["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|s| s["provider"] == "anthropic")
+        .expect("anthropic")
+        .clone();
+    assert_eq!(anthropic["fallbacks"], 1);
+    let page = op.get("/operator/upstreams").await;
+    assert!(page.body.contains("50.0%") && page.body.contains("anthropic-model"));
+}
