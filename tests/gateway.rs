@@ -23,6 +23,7 @@ support::on_both_stores!(
     revocation_suspension_and_verification_reach_the_gateway_within_a_second,
     x_api_key_usage_without_usage_and_a_stalled_stream,
     https_upstreams_trust_the_providers_own_ca,
+    a_keys_spend_cap_stops_it_before_it_is_passed,
 );
 
 fn chat(model: &str) -> Value {
@@ -604,4 +605,82 @@ async fn https_upstreams_trust_the_providers_own_ca(backend: Backend) {
             .sum::<NanoUsd>(),
         NanoUsd::ZERO
     );
+}
+
+/// A key with a spend cap, made as the dashboard makes it.
+async fn capped_key(relay: &Relay, cap: NanoUsd) -> (String, i64) {
+    let m = duang::keys::generate();
+    let k = relay
+        .store()
+        .create_key(
+            &duang::store::NewKey {
+                account_id: relay.account_id,
+                name: "capped".into(),
+                spend_cap: Some(cap),
+                ..Default::default()
+            },
+            &m.hash,
+            &m.display_prefix,
+        )
+        .await
+        .expect("key");
+    (m.plaintext.expose().clone(), k.id)
+}
+
+async fn a_keys_spend_cap_stops_it_before_it_is_passed(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
+    let mut body = chat("budget");
+    body["max_tokens"] = json!(4);
+    let bytes = body.to_string().into_bytes();
+    // The hold is the worst case: every body byte a token at the input price, plus max_tokens
+    // at the output price; each answer bills 10 input and 4 output tokens.
+    let worst = bytes.len() as i64 * 120 + 4 * 480;
+    let billed = budget_cost(4).nanos();
+    let cap = NanoUsd::from_nanos(billed + worst + 1_000);
+    let (key, key_id) = capped_key(&relay, cap).await;
+    for _ in 0..2 {
+        let r = relay.post_raw(bytes.clone(), Some(&key)).await;
+        assert_eq!(r.status(), 200);
+    }
+    // Spent 2 × billed; a third worst case would pass the cap.
+    let (status, e) = error_of(relay.post_raw(bytes.clone(), Some(&key)).await).await;
+    assert_eq!(status, 402);
+    assert_eq!(
+        (e["code"].as_str(), e["type"].as_str()),
+        (Some("spend_cap_reached"), Some("insufficient_quota"))
+    );
+    let message = e["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("it may spend {cap}")),
+        "{message}"
+    );
+    // The account's other keys are not capped.
+    let r = relay.post_raw(bytes.clone(), Some(&relay.key)).await;
+    assert_eq!(r.status(), 200);
+    let records = relay.usage(4).await;
+    let spent: NanoUsd = records
+        .iter()
+        .filter(|u| u.key_id == key_id)
+        .map(|u| u.billed)
+        .sum();
+    assert_eq!(spent, NanoUsd::from_nanos(2 * billed));
+    assert!(spent <= cap);
+
+    // A key that already spent (as another node or an earlier run wrote it) starts from there.
+    let (key2, key2_id) = capped_key(&relay, NanoUsd::from_nanos(worst + 5_000)).await;
+    let mut earlier = records[0].clone();
+    earlier.request_id = "earlier-run".into();
+    earlier.key_id = key2_id;
+    earlier.billed = NanoUsd::from_nanos(5_001);
+    relay
+        .store()
+        .insert_usage_batch(&[earlier])
+        .await
+        .expect("usage");
+    let (status, e) = error_of(relay.post_raw(bytes, Some(&key2)).await).await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (402, Some("spend_cap_reached"))
+    );
+    relay.credit().await;
 }

@@ -26,6 +26,8 @@ pub struct Caller {
     pub key_id: i64,
     pub account_id: i64,
     pub allowed_models: Option<Vec<String>>,
+    /// The key's own spend cap, if its owner set one.
+    pub spend_cap: Option<crate::money::NanoUsd>,
 }
 
 #[derive(Default)]
@@ -196,6 +198,7 @@ fn check(e: &KeyAuth, now_ms: i64, support: &str, key: &str) -> Result<Caller, A
         key_id: e.key.id,
         account_id: e.key.account_id,
         allowed_models: e.key.allowed_models.clone(),
+        spend_cap: e.key.spend_cap,
     })
 }
 

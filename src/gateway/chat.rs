@@ -74,6 +74,10 @@ pub async fn handle(
                     "The request's worst-case cost is out of range.",
                 )
             })?;
+        let cap_hold = match caller.spend_cap {
+            Some(cap) => Some(gw.spend.hold(caller.key_id, cap, worst, gw.store()).await?),
+            None => None,
+        };
         let hold = gw
             .credit
             .hold(caller.account_id, worst, gw.store(), &gw.node_id, now)
@@ -119,6 +123,9 @@ pub async fn handle(
         } else {
             hold.settle(NanoUsd::ZERO)
         };
+        if let Some(c) = cap_hold {
+            c.settle(billed);
+        }
         Ok(Outcome { billed, ..out })
     }
     .await;

@@ -38,6 +38,8 @@ pub enum ApiError {
     BodyTooLarge { limit_bytes: u64 },
     /// The balance cannot cover the request's worst case.
     InsufficientCredits { needed: NanoUsd, available: NanoUsd },
+    /// The key's own spend cap (set by its owner) cannot cover the request's worst case.
+    SpendCapReached { cap: NanoUsd, spent: NanoUsd },
     /// No upstream is enabled for the tier.
     NoUpstream { tier: String },
     /// Every upstream failed to connect or answered 5xx.
@@ -63,7 +65,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest { .. } => 400,
             ApiError::MissingKey | ApiError::InvalidKey { .. } => 401,
-            ApiError::InsufficientCredits { .. } => 402,
+            ApiError::InsufficientCredits { .. } | ApiError::SpendCapReached { .. } => 402,
             ApiError::KeySuspended { .. }
             | ApiError::AccountBlocked { .. }
             | ApiError::EmailNotVerified
@@ -93,7 +95,9 @@ impl ApiError {
             | ApiError::AccountBlocked { .. }
             | ApiError::EmailNotVerified
             | ApiError::ModelNotAllowed { .. } => "permission_error",
-            ApiError::InsufficientCredits { .. } => "insufficient_quota",
+            ApiError::InsufficientCredits { .. } | ApiError::SpendCapReached { .. } => {
+                "insufficient_quota"
+            }
             ApiError::Upstream { kind, .. } => return kind.clone(),
             ApiError::NoUpstream { .. }
             | ApiError::UpstreamUnavailable { .. }
@@ -130,6 +134,7 @@ impl ApiError {
             ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::BodyTooLarge { .. } => "request_too_large",
             ApiError::InsufficientCredits { .. } => "insufficient_quota",
+            ApiError::SpendCapReached { .. } => "spend_cap_reached",
             ApiError::NoUpstream { .. } => "no_upstream",
             ApiError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ApiError::UpstreamTimeout { .. } => "upstream_timeout",
@@ -154,6 +159,9 @@ impl ApiError {
             ApiError::BodyTooLarge { limit_bytes } => format!("The request body is larger than the limit of {limit_bytes} bytes."),
             ApiError::InsufficientCredits { needed, available } => format!(
                 "Insufficient credits: this request can cost up to {needed} (its prompt plus its max_tokens), but your available balance is {available}. Add credits, or lower max_tokens."
+            ),
+            ApiError::SpendCapReached { cap, spent } => format!(
+                "This key has reached its spend cap: it may spend {cap} and has spent {spent}, so it cannot cover this request's worst case (its prompt plus its max_tokens). Raise the cap on the dashboard's API keys page, lower max_tokens, or use another key."
             ),
             ApiError::NoUpstream { tier } => format!("No upstream is available for `{tier}` right now."),
             ApiError::UpstreamUnavailable { detail } => format!("The upstream provider is unavailable: {detail}."),

@@ -18,6 +18,7 @@ mod models;
 pub mod relay;
 pub mod request;
 mod service;
+pub mod spend;
 pub mod state;
 pub mod upstream;
 mod worker;

@@ -2,6 +2,7 @@
 
 use super::auth::KeyCache;
 use super::hold::CreditBook;
+use super::spend::SpendBook;
 use super::upstream::Endpoint;
 use crate::conf::Conf;
 use crate::store::{Settlement, Store};
@@ -19,6 +20,8 @@ pub struct Gateway {
     pub store: OnceLock<Store>,
     pub keys: KeyCache,
     pub credit: Arc<CreditBook>,
+    /// Spending of keys with a spend cap.
+    pub spend: SpendBook,
     /// Settled requests on their way to the store, written in batches by the worker.
     pub settlements: mpsc::UnboundedSender<Settlement>,
     pub(super) settlements_rx: Mutex<Option<mpsc::UnboundedReceiver<Settlement>>>,
@@ -42,6 +45,7 @@ impl Gateway {
             store: OnceLock::new(),
             keys: KeyCache::default(),
             credit: Arc::new(CreditBook::default()),
+            spend: SpendBook::default(),
             settlements: tx,
             settlements_rx: Mutex::new(Some(rx)),
             connector: Connector::new(None),

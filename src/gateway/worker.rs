@@ -48,10 +48,17 @@ fn resolve_all(gw: &Arc<Gateway>) {
 
 /// Writes a batch; a batch the store refuses is retried one settlement at a time so one bad
 /// entry cannot hold the others back.
-async fn write(store: &Store, node_id: &str, batch: Vec<Settlement>) {
+async fn write(gw: &Gateway, store: &Store, batch: Vec<Settlement>) {
+    let node_id = gw.node_id.as_str();
+    let billed: Vec<(i64, crate::money::NanoUsd)> = batch
+        .iter()
+        .filter(|s| s.billed.is_positive())
+        .map(|s| (s.record.key_id, s.billed))
+        .collect();
     for attempt in 0..5 {
         match store.settle_batch(node_id, &batch).await {
             Ok(()) => {
+                gw.spend.written(&billed);
                 let mut keys: Vec<(i64, i64)> = batch
                     .iter()
                     .map(|s| (s.record.key_id, s.record.finished_at))
@@ -71,8 +78,12 @@ async fn write(store: &Store, node_id: &str, batch: Vec<Settlement>) {
         }
     }
     for s in batch {
-        if let Err(e) = store.settle_batch(node_id, std::slice::from_ref(&s)).await {
-            tracing::error!(error = %e, request_id = %s.record.request_id, "usage record could not be written");
+        match store.settle_batch(node_id, std::slice::from_ref(&s)).await {
+            Ok(()) if s.billed.is_positive() => gw.spend.written(&[(s.record.key_id, s.billed)]),
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(error = %e, request_id = %s.record.request_id, "usage record could not be written")
+            }
         }
     }
 }
@@ -126,6 +137,7 @@ impl BackgroundService for Worker {
         let mut refresh = tokio::time::interval(REFRESH_EVERY);
         let mut idle = tokio::time::interval(Duration::from_secs(5));
         let mut resolve = tokio::time::interval(RESOLVE_EVERY);
+        let mut spent = tokio::time::interval(super::spend::REFRESH_SPENT_EVERY);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -145,9 +157,19 @@ impl BackgroundService for Worker {
                             _ => break,
                         }
                     }
-                    write(&store, &gw.node_id, batch).await;
+                    write(gw, &store, batch).await;
                 }
                 _ = idle.tick() => return_idle(gw, &store).await,
+                _ = spent.tick() => {
+                    // Between batch writes, so what is stored and what is unwritten never overlap.
+                    let followed = gw.spend.followed();
+                    if !followed.is_empty() {
+                        match store.key_spent(&followed).await {
+                            Ok(totals) => gw.spend.refreshed(&totals, &followed),
+                            Err(e) => tracing::warn!(error = %e, "reading capped keys' spending failed"),
+                        }
+                    }
+                }
                 _ = resolve.tick() => {
                     let g = gw.clone();
                     let _ = tokio::task::spawn_blocking(move || resolve_all(&g)).await;
@@ -163,7 +185,7 @@ impl BackgroundService for Worker {
                 batch.push(s);
             }
             if !batch.is_empty() {
-                write(&store, &gw.node_id, batch).await;
+                write(gw, &store, batch).await;
             }
             if gw.credit.holds_in_flight() == 0 || Instant::now() >= deadline {
                 break;
@@ -171,7 +193,7 @@ impl BackgroundService for Worker {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         while let Ok(s) = rx.try_recv() {
-            write(&store, &gw.node_id, vec![s]).await;
+            write(gw, &store, vec![s]).await;
         }
         match store.return_node_leases(&gw.node_id).await {
             Ok((n, total)) => tracing::info!(leases = n, %total, "returned leases at shutdown"),

@@ -192,6 +192,34 @@ impl Store {
         rows.iter().map(UsageRecord::from_row).collect()
     }
 
+    /// What each of `key_ids` has been billed in all (keys without usage are left out).
+    pub async fn key_spent(&self, key_ids: &[i64]) -> Result<Vec<(i64, NanoUsd)>, StoreError> {
+        let mut out = Vec::new();
+        for chunk in key_ids.chunks(500) {
+            let mut sql = String::from(
+                "SELECT key_id, CAST(SUM(billed_nano) AS BIGINT) AS spent FROM usage_records WHERE key_id IN (",
+            );
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                super::placeholder(&mut sql, self.backend, i + 1);
+            }
+            sql.push_str(") GROUP BY key_id");
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                out.push((
+                    r.try_get("key_id")?,
+                    NanoUsd::from_nanos(r.try_get("spent")?),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     /// Requests, tokens and billed amount per UTC day and tier in `[from_ms, to_ms)`.
     pub async fn usage_daily(
         &self,

@@ -1,0 +1,140 @@
+//! Step 4b: a key's own spend cap (set by its owner on the dashboard), checked with the hold.
+//!
+//! For each capped key this node keeps what the store says the key has spent (the sum of its
+//! billed usage, re-read every [`REFRESH_SPENT_EVERY`] between batch writes, so the two never
+//! race), plus what it settled and has not written yet, plus what its requests in flight may
+//! still cost. A request is refused when that and its own worst case would pass the cap. On one
+//! node the cap is exact; with several, each sees the others' spending within about a second.
+
+use super::error::ApiError;
+use crate::money::NanoUsd;
+use crate::store::Store;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How often the spent amounts of capped keys are re-read from the store.
+pub const REFRESH_SPENT_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Spent {
+    loaded: bool,
+    /// In the store (as last read, plus what this node wrote since).
+    stored: i64,
+    /// Settled here, not written yet.
+    unwritten: i64,
+    /// Worst cases of requests in flight.
+    holding: i64,
+}
+
+#[derive(Default)]
+pub struct SpendBook {
+    keys: Mutex<HashMap<i64, Arc<Mutex<Spent>>>>,
+}
+
+/// A capped key's share of one request; settle it with what was billed.
+#[must_use = "a cap hold must be settled, or dropped to release it"]
+pub struct CapHold {
+    spent: Arc<Mutex<Spent>>,
+    worst: i64,
+    settled: bool,
+}
+
+impl CapHold {
+    pub fn settle(mut self, billed: NanoUsd) {
+        let mut s = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+        s.holding -= self.worst;
+        s.unwritten += billed.nanos();
+        self.settled = true;
+    }
+}
+
+impl Drop for CapHold {
+    fn drop(&mut self) {
+        if !self.settled {
+            let mut s = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+            s.holding -= self.worst;
+        }
+    }
+}
+
+impl SpendBook {
+    fn entry(&self, key_id: i64) -> Arc<Mutex<Spent>> {
+        let mut map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key_id).or_default().clone()
+    }
+
+    /// Reserves `worst` of the key's cap, or says the cap is reached. The first request of a
+    /// key on this node reads its spending from the store once.
+    pub async fn hold(
+        &self,
+        key_id: i64,
+        cap: NanoUsd,
+        worst: NanoUsd,
+        store: Option<&Store>,
+    ) -> Result<CapHold, ApiError> {
+        let spent = self.entry(key_id);
+        let loaded = spent.lock().unwrap_or_else(|p| p.into_inner()).loaded;
+        if !loaded {
+            let store = store.ok_or(ApiError::StoreUnavailable)?;
+            let from_store = store.key_spent(&[key_id]).await.map_err(|e| {
+                tracing::error!(error = %e, key_id, "reading a key's spending failed");
+                ApiError::StoreUnavailable
+            })?;
+            let mut s = spent.lock().unwrap_or_else(|p| p.into_inner());
+            if !s.loaded {
+                s.stored = from_store.first().map_or(0, |(_, n)| n.nanos());
+                s.loaded = true;
+            }
+        }
+        let mut s = spent.lock().unwrap_or_else(|p| p.into_inner());
+        let used = s.stored + s.unwritten;
+        if used + s.holding + worst.nanos() > cap.nanos() {
+            return Err(ApiError::SpendCapReached {
+                cap,
+                spent: NanoUsd::from_nanos(used),
+            });
+        }
+        s.holding += worst.nanos();
+        drop(s);
+        Ok(CapHold {
+            spent,
+            worst: worst.nanos(),
+            settled: false,
+        })
+    }
+
+    /// After a batch was written: what was unwritten is now stored.
+    pub fn written(&self, billed: &[(i64, NanoUsd)]) {
+        let map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        for (key_id, amount) in billed {
+            if let Some(spent) = map.get(key_id) {
+                let mut s = spent.lock().unwrap_or_else(|p| p.into_inner());
+                s.unwritten -= amount.nanos();
+                s.stored += amount.nanos();
+            }
+        }
+    }
+
+    /// Keys whose spending this node follows.
+    pub fn followed(&self) -> Vec<i64> {
+        let map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        map.keys().copied().collect()
+    }
+
+    /// The store's totals (every node's spending), read between batch writes.
+    pub fn refreshed(&self, stored: &[(i64, NanoUsd)], followed: &[i64]) {
+        let map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        for key_id in followed {
+            if let Some(spent) = map.get(key_id) {
+                let mut s = spent.lock().unwrap_or_else(|p| p.into_inner());
+                if s.loaded {
+                    s.stored = stored
+                        .iter()
+                        .find(|(k, _)| k == key_id)
+                        .map_or(0, |(_, n)| n.nanos());
+                }
+            }
+        }
+    }
+}
