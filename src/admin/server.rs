@@ -138,53 +138,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/operator/revenue", get(operator::revenue))
         .route("/operator/upstreams", get(operator::upstreams))
-        .route("/api/v1/signup", post(account::api_signup))
-        .route("/api/v1/login", post(account::api_login))
-        .route("/api/v1/logout", post(account::api_logout))
-        .route("/api/v1/me", get(account::api_me))
-        .route("/api/v1/verify", post(account::api_verify))
-        .route("/api/v1/verify/resend", post(account::api_resend))
-        .route("/api/v1/password/forgot", post(account::api_forgot))
-        .route("/api/v1/password/reset", post(account::api_reset))
-        .route("/api/v1/balance", get(dashboard::api_balance))
-        .route("/api/v1/requests", get(usage::api_requests))
-        .route("/api/v1/usage/daily", get(usage::api_daily))
-        .route(
-            "/api/v1/keys",
-            get(keys_web::api_list).post(keys_web::api_create),
-        )
-        .route("/api/v1/keys/{id}/revoke", post(keys_web::api_revoke))
-        .route("/api/v1/credits", get(credits::api_options))
-        .route("/api/v1/credits/checkout", post(credits::api_checkout))
-        .route(
-            "/api/v1/refunds",
-            get(refunds::api_list).post(refunds::api_create),
-        )
-        .route("/api/v1/operator/accounts", get(operator::api_accounts))
-        .route("/api/v1/operator/accounts/{id}", get(operator::api_account))
-        .route(
-            "/api/v1/operator/accounts/{id}/status",
-            post(operator::api_account_status),
-        )
-        .route(
-            "/api/v1/operator/accounts/{id}/credits",
-            post(operator::api_credits),
-        )
-        .route(
-            "/api/v1/operator/keys/{id}/status",
-            post(operator::api_key_status),
-        )
-        .route("/api/v1/operator/refunds", get(refunds::api_queue))
-        .route(
-            "/api/v1/operator/refunds/{id}/approve",
-            post(refunds::api_approve),
-        )
-        .route(
-            "/api/v1/operator/refunds/{id}/decline",
-            post(refunds::api_decline),
-        )
-        .route("/api/v1/operator/revenue", get(operator::api_revenue))
-        .route("/api/v1/operator/upstreams", get(operator::api_upstreams))
+        .merge(api_router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -202,6 +156,13 @@ pub fn app(state: AppState) -> Router {
             web::security_headers,
         ))
         .with_state(state)
+}
+
+/// The JSON API, from the table that also describes it (`openapi.rs`).
+fn api_router() -> Router<AppState> {
+    super::openapi::routes()
+        .into_iter()
+        .fold(Router::new(), |r, route| r.route(route.path, route.handler))
 }
 
 async fn not_found(uri: axum::http::Uri, visitor: web::Visitor) -> axum::response::Response {
