@@ -921,3 +921,46 @@ async fn usage_is_charted_filtered_paged_and_exported(backend: Backend) {
     let dash = b.get("/dashboard").await;
     assert!(dash.body.contains("id=\"usage-chart\""));
 }
+
+/// With SMTP on, mails go to the relay over SMTP (logged in with the conf's credentials); when
+/// the relay is down, sign-up still works and sending again says what happened.
+#[tokio::test]
+async fn mails_go_out_over_smtp_when_it_is_on() {
+    let smtp = support::smtp::SmtpFake::start().await;
+    let port = smtp.port;
+    let admin = Admin::with_conf(Backend::Sqlite, |t| {
+        t.replace("[smtp]\nenabled = false", "[smtp]\nenabled = true")
+            .replace("host = \"smtp.example.com\"", "host = \"127.0.0.1\"")
+            .replace("port = 587", &format!("port = {port}"))
+            .replace("tls = \"starttls\"", "tls = \"none\"")
+    })
+    .await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    b.sign_up("ivy@example.com").await;
+    let got = smtp.received();
+    assert_eq!(got.len(), 1);
+    let m = &got[0];
+    assert_eq!(m.to, ["<ivy@example.com>"]);
+    assert_eq!(m.from, "<no-reply@duang-duang.com>");
+    assert_eq!(m.auth.as_deref(), Some("relay-mailer:smtp-secret"));
+    assert!(m.data.contains("Subject: Confirm your e-mail address"));
+    assert!(!admin.outbox.exists(), "nothing written to the outbox");
+    let text = m.data.replace("=\r\n", "").replace("=3D", "=");
+    let at = text.find("/verify?token=").expect("link");
+    let path: String = text[at..]
+        .split_whitespace()
+        .next()
+        .expect("link")
+        .to_owned();
+    let r = b.get(&path).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(admin.account("ivy@example.com").await.is_verified());
+
+    // The relay goes away: a new sign-up still works; a resend says the mail could not go.
+    drop(smtp);
+    let mut c = admin.browser([10, 0, 0, 2]);
+    c.sign_up("jay@example.com").await;
+    let r = c.submit("/dashboard", "/verify/resend", &[]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.contains("We could not send the mail right now"));
+}

@@ -104,9 +104,15 @@ pub async fn send_verification(state: &AppState, account: &Account) -> Result<()
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "sending mail failed");
-            AdminError::Internal
+            mail_failed()
         })?;
     Ok(())
+}
+
+fn mail_failed() -> AdminError {
+    AdminError::Unavailable(
+        "We could not send the mail right now. Try again in a few minutes.".into(),
+    )
 }
 
 fn link(state: &AppState, path: &str, token: &str) -> String {
@@ -286,7 +292,7 @@ pub async fn request_reset(state: &AppState, email: &str) -> Result<(), AdminErr
         .await
     {
         tracing::error!(error = %e, "sending mail failed");
-        return Err(AdminError::Internal);
+        return Err(mail_failed());
     }
     Ok(())
 }

@@ -27,6 +27,8 @@ pub struct Admin {
 
 pub const STRIPE_KEY: &str = "sk_test_duang_fake";
 pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_duang_fake";
+pub const SMTP_USERNAME: &str = "relay-mailer";
+pub const SMTP_PASSWORD: &str = "smtp-secret";
 pub const STRIPE_FAKE_BIN: &str = env!("CARGO_BIN_EXE_duang-mock-stripe");
 
 /// `duang-mock-stripe` as a process: Stripe's API and hosted Checkout page on loopback.
@@ -146,6 +148,8 @@ impl Admin {
         let env = [
             ("STRIPE_SECRET_KEY", STRIPE_KEY),
             ("STRIPE_WEBHOOK_SECRET", STRIPE_WEBHOOK_SECRET),
+            ("SMTP_USERNAME", SMTP_USERNAME),
+            ("SMTP_PASSWORD", SMTP_PASSWORD),
         ];
         let conf = parse_conf(&edit(text), &env).expect("test conf parses");
         let state = AppState::new(Arc::new(conf), t.store.clone())

@@ -222,6 +222,7 @@ pub async fn new_key(store: &Store, account_id: i64) -> (String, i64) {
 
 pub mod admin;
 pub mod relay;
+pub mod smtp;
 
 /// Runs each named `async fn case(backend: Backend)` as a test on SQLite and as a test on
 /// PostgreSQL: `on_both_stores!(case_a, case_b);` in a test file.
