@@ -10,7 +10,7 @@ use duang::admin::server::{AppState, app};
 use duang::conf::Backend;
 use http_body_util::BodyExt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tower::ServiceExt;
 
@@ -219,35 +219,55 @@ impl Admin {
 
     /// The mails written for `to`, oldest first, as text.
     pub fn mails_to(&self, to: &str) -> Vec<String> {
-        let mut files: Vec<_> = std::fs::read_dir(&self.outbox)
-            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-            .unwrap_or_default();
-        files.sort();
-        files
-            .iter()
-            .map(|p| std::fs::read_to_string(p).expect("mail"))
-            .filter(|m| m.lines().any(|l| l.starts_with("To: ") && l.contains(to)))
-            .collect()
+        mails_to(&self.outbox, to)
     }
 
     /// The link (`path?token=...`) in the newest mail to `to` for `path`.
     pub fn link_in_mail(&self, to: &str, path: &str) -> String {
-        let mails = self.mails_to(to);
-        let mail = mails.last().unwrap_or_else(|| panic!("no mail to {to}"));
-        // Quoted-printable may wrap long lines with a trailing `=`.
-        let text = mail
-            .replace("=\r\n", "")
-            .replace("=\n", "")
-            .replace("=3D", "=");
-        let at = text
-            .find(&format!("{path}?token="))
-            .unwrap_or_else(|| panic!("no {path} link in {text}"));
-        text[at..]
-            .split_whitespace()
-            .next()
-            .expect("link")
-            .to_owned()
+        link_in_mail(&self.outbox, to, path)
     }
+}
+
+/// The mails in `outbox` (the admin writes them there while SMTP is off) for `to`, oldest first,
+/// as text.
+pub fn mails_to(outbox: &Path, to: &str) -> Vec<String> {
+    let mut files: Vec<_> = std::fs::read_dir(outbox)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .map(|p| std::fs::read_to_string(p).expect("mail"))
+        .filter(|m| m.lines().any(|l| l.starts_with("To: ") && l.contains(to)))
+        .collect()
+}
+
+/// The link (`path?token=...`) in the newest mail to `to` for `path`, without its origin.
+pub fn link_in_mail(outbox: &Path, to: &str, path: &str) -> String {
+    let url = url_in_mail(outbox, to, path);
+    let at = url.find(&format!("{path}?token=")).expect("the path");
+    url[at..].to_owned()
+}
+
+/// The whole link, as the customer clicks it (`https://host/path?token=...`), in the newest mail
+/// to `to` for `path`.
+pub fn url_in_mail(outbox: &Path, to: &str, path: &str) -> String {
+    let mails = mails_to(outbox, to);
+    let mail = mails.last().unwrap_or_else(|| panic!("no mail to {to}"));
+    // Quoted-printable may wrap long lines with a trailing `=`.
+    let text = mail
+        .replace("=\r\n", "")
+        .replace("=\n", "")
+        .replace("=3D", "=");
+    let at = text
+        .find(&format!("{path}?token="))
+        .unwrap_or_else(|| panic!("no {path} link in {text}"));
+    let start = text[..at].rfind(char::is_whitespace).map_or(0, |i| i + 1);
+    text[start..]
+        .split_whitespace()
+        .next()
+        .expect("link")
+        .to_owned()
 }
 
 pub struct Resp {
