@@ -979,7 +979,7 @@ const EXPIRED_PAGE: &str = "<p id=\"status\">This checkout session has expired.<
 
 fn page(status: StatusCode, body: &str) -> Response {
     let html = format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Duang Duang test payment</title></head>\n<body><h1>Duang Duang test payment</h1>\n{body}\n</body></html>\n"
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Duang Duang test payment</title><link rel=\"icon\" href=\"data:,\"></head>\n<body><h1>Duang Duang test payment</h1>\n{body}\n</body></html>\n"
     );
     (
         status,

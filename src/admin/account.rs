@@ -338,9 +338,9 @@ pub fn account_json(state: &AppState, a: &Account) -> Value {
         "email_verified": a.is_verified(),
         "status": a.status.as_str(),
         "role": a.role.as_str(),
-        "balance_usd": a.balance.to_string().trim_start_matches('$').replace(',', ""),
-        "balance_nano_usd": a.balance.nanos(),
-        "low_balance": a.balance < state.conf.admin.low_balance_warning,
+        "balance_usd": a.credit().to_string().trim_start_matches('$').replace(',', ""),
+        "balance_nano_usd": a.credit().nanos(),
+        "low_balance": a.credit() < state.conf.admin.low_balance_warning,
         "created_at_ms": a.created_at,
     })
 }
@@ -648,6 +648,7 @@ pub async fn api_login(
     Json(f): Json<Credentials>,
 ) -> Result<Response, ApiError> {
     let account = authenticate(&state, &f.email, &f.password, &client_ip(&ext)).await?;
+    let account = state.store.with_leases(account).await?;
     let (id, cookie) = start_session(&state, &v, &account).await?;
     Ok(with_cookie(
         StatusCode::OK,

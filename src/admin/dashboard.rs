@@ -64,7 +64,7 @@ pub async fn dashboard(
         Err(e) => return AdminError::from(e).into_page(Some(&s.visitor)),
     };
     let a = &s.account;
-    let low = a.balance < state.conf.admin.low_balance_warning;
+    let low = a.credit() < state.conf.admin.low_balance_warning;
     page(&state, "Dashboard", Some(&s.visitor), html! {
         @if n.welcome.is_some() {
             p.success { "Welcome! We sent a verification link to " (a.email) "." }
@@ -87,7 +87,7 @@ pub async fn dashboard(
         section.grid {
             div.card {
                 h2 { "Balance" }
-                p.balance #balance { (a.balance) }
+                p.balance #balance { (a.credit()) }
                 @if low { p.notice #low-balance { "Your balance is low. Requests that cannot be covered are refused with 402." } }
                 p { a.button href="/credits" { "Buy credits" } }
             }

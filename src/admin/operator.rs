@@ -218,7 +218,7 @@ pub async fn accounts(
                 button type="submit" { "Search" }
             }
             table #accounts {
-                thead { tr { th { "E-mail" } th { "Role" } th { "Status" } th { "Verified" } th { "Balance" } th { "Created" } } }
+                thead { tr { th { "E-mail" } th { "Role" } th { "Status" } th { "Verified" } th { "Balance (not leased)" } th { "Created" } } }
                 tbody { @for a in &rows { (account_row(a)) } }
             }
         }
@@ -244,6 +244,7 @@ async fn account_page(
     error: Option<&str>,
 ) -> Result<Markup, AdminError> {
     let a = state.store.account(&AccountRef::Id(id)).await?;
+    let a = state.store.with_leases(a).await?;
     let keys = state.store.list_keys(id).await?;
     let audit = state.store.audit_log(id).await?;
     let usage = state.store.usage_page(id, None, 20).await?;
@@ -257,7 +258,7 @@ async fn account_page(
             section.card {
                 h1 { (a.email) }
                 (form_error(error))
-                p { "Status: " strong #account-status { (a.status.as_str()) } " · role " (a.role.as_str()) " · verified " (if a.is_verified() { "yes" } else { "no" }) " · balance " strong #account-balance { (a.balance) } }
+                p { "Status: " strong #account-status { (a.status.as_str()) } " · role " (a.role.as_str()) " · verified " (if a.is_verified() { "yes" } else { "no" }) " · balance " strong #account-balance { (a.credit()) } @if a.leased.is_positive() { " (" (a.leased) " leased by gateways)" } }
                 form.row method="post" action={ "/operator/accounts/" (a.id) "/status" } {
                     (csrf_field(v))
                     label { "Status" select name="status" {

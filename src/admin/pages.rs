@@ -23,6 +23,8 @@ pub fn layout(state_support: &str, title: &str, visitor: Option<&Visitor>, body:
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · " (PRODUCT) }
                 link rel="stylesheet" href="/static/app.css";
+                // No favicon request (and no 404 in the browser's console).
+                link rel="icon" href="data:,";
             }
             body {
                 header.top {

@@ -48,6 +48,8 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     /// `None` while `stripe.enabled` is false.
     pub stripe: Option<Arc<StripeClient>>,
+    /// The Content-Security-Policy header value (it depends on the conf).
+    pub csp: Arc<str>,
 }
 
 impl AppState {
@@ -67,6 +69,7 @@ impl AppState {
             mailer: Arc::new(mailer),
             limits: Arc::new(Limits::default()),
             stripe: conf.stripe.as_ref().map(|s| Arc::new(StripeClient::new(s))),
+            csp: web::content_security_policy(&conf).into(),
             conf,
             store,
         })
@@ -147,6 +150,8 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/static/app.css", get(pages::stylesheet))
+        // Browsers ask for it whatever the page says; nothing to show.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         // Outside the session layer: Stripe signs its requests instead of sending a CSRF token.
         .route("/stripe/webhook", post(credits::webhook))
         .nest("/demo/v1", super::demo::router())

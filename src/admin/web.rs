@@ -182,6 +182,25 @@ async fn csrf_checked(
     }
 }
 
+/// The Content-Security-Policy of every page. `form-action` also governs where a form's answer
+/// may redirect, so the buy-credits form must be allowed to land on Stripe's hosted Checkout
+/// page (and on the origin of `stripe.api_base_url` when that is not Stripe's own, e.g. a
+/// local fake in tests).
+pub fn content_security_policy(conf: &crate::conf::Conf) -> String {
+    let mut form_action = String::from("'self'");
+    if let Some(stripe) = &conf.stripe {
+        form_action.push_str(" https://checkout.stripe.com");
+        let api = &stripe.api_base_url;
+        if api.host_str() != Some("api.stripe.com") {
+            form_action.push(' ');
+            form_action.push_str(api.origin().ascii_serialization().as_str());
+        }
+    }
+    format!(
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action {form_action}; base-uri 'none'"
+    )
+}
+
 /// Headers on every answer of the admin: no sniffing, no framing, no referrer leaking a link
 /// token to another site, scripts and styles from ourselves only.
 pub async fn security_headers(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -193,11 +212,9 @@ pub async fn security_headers(State(state): State<AppState>, req: Request, next:
     set(h, "x-content-type-options", "nosniff");
     set(h, "x-frame-options", "DENY");
     set(h, "referrer-policy", "same-origin");
-    set(
-        h,
-        "content-security-policy",
-        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
-    );
+    if let Ok(csp) = HeaderValue::from_str(&state.csp) {
+        h.insert("content-security-policy", csp);
+    }
     if state.conf.admin.public_url.scheme() == "https" {
         set(h, "strict-transport-security", "max-age=31536000");
     }

@@ -89,8 +89,12 @@ pub struct Account {
     pub email_verified_at: Option<i64>,
     pub status: AccountStatus,
     pub role: Role,
-    /// The cached balance (proved equal to the ledger by [`Store::balance_proof`]).
+    /// The cached balance (proved equal to the ledger by [`Store::balance_proof`]), without
+    /// what gateway nodes have leased of it.
     pub balance: NanoUsd,
+    /// Credit gateway nodes have leased for requests (still the customer's); filled only by
+    /// [`Store::with_leases`], zero otherwise.
+    pub leased: NanoUsd,
     pub limits: LimitOverrides,
     pub created_at: i64,
     pub updated_at: i64,
@@ -99,6 +103,14 @@ pub struct Account {
 impl Account {
     pub fn is_verified(&self) -> bool {
         self.email_verified_at.is_some()
+    }
+
+    /// What the customer has: the balance plus what gateways hold leased of it (the ledger's
+    /// sum). Only meaningful after [`Store::with_leases`].
+    pub fn credit(&self) -> NanoUsd {
+        self.balance
+            .checked_add(self.leased)
+            .unwrap_or(self.balance)
     }
 
     fn from_row(r: &AnyRow) -> Result<Self, StoreError> {
@@ -111,6 +123,7 @@ impl Account {
             status: AccountStatus::parse(&r.try_get::<String, _>("status")?)?,
             role: Role::parse(&r.try_get::<String, _>("role")?)?,
             balance: NanoUsd::from_nanos(r.try_get("balance_nano")?),
+            leased: NanoUsd::ZERO,
             limits: LimitOverrides::from_row(r)?,
             created_at: r.try_get("created_at")?,
             updated_at: r.try_get("updated_at")?,

@@ -46,10 +46,23 @@ impl Store {
         match row {
             Some(r) => {
                 let id: i64 = r.try_get("account_id")?;
-                Ok(Some(self.account(&super::AccountRef::Id(id)).await?))
+                let account = self.account(&super::AccountRef::Id(id)).await?;
+                Ok(Some(self.with_leases(account).await?))
             }
             None => Ok(None),
         }
+    }
+
+    /// Fills [`Account::leased`]: what gateway nodes hold leased of this account's balance.
+    pub async fn with_leases(&self, mut account: Account) -> Result<Account, StoreError> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(amount_nano), 0) AS BIGINT) AS leased FROM credit_leases WHERE account_id = $1",
+        )
+        .bind(account.id)
+        .fetch_one(&self.pool)
+        .await?;
+        account.leased = crate::money::NanoUsd::from_nanos(row.try_get("leased")?);
+        Ok(account)
     }
 
     pub async fn delete_session(&self, token_hash: &str) -> Result<(), StoreError> {

@@ -517,10 +517,6 @@ impl Browser {
             .await
             .into_iter()
             .filter(|e| e.starts_with("SEVERE"))
-            // WORKAROUND: the admin serves no /favicon.ico (and the layout names no icon), so
-            // Chromium's automatic request for it fails with a 404 on the first page of a site.
-            // A product gap, reported; not what this test is about.
-            .filter(|e| !e.contains("/favicon.ico - Failed to load resource"))
             .collect();
         assert!(
             errors.is_empty(),
