@@ -22,6 +22,7 @@ support::on_both_stores!(
     refunds_of_unused_balance_are_reviewed_paid_back_and_taken_once,
     refunds_and_disputes_made_in_stripe_are_taken_once,
     a_refund_stripe_cannot_pay_gives_the_credits_back,
+    a_webhook_the_store_cannot_take_gets_a_5xx_and_stripes_retry_credits,
 );
 
 /// A verified, signed-in customer.
@@ -734,4 +735,56 @@ async fn a_refund_stripe_cannot_pay_gives_the_credits_back(backend: Backend) {
             .expect("refundable"),
         500
     );
+}
+
+async fn a_webhook_the_store_cannot_take_gets_a_5xx_and_stripes_retry_credits(backend: Backend) {
+    let admin = Admin::with_stripe(backend).await;
+    let fake = admin.fake();
+    let (mut b, id) = customer(&admin, "dee@example.com").await;
+    let session = checkout(&mut b, &[("package_cents", "500")]).await;
+    // The store fails (a table it needs is gone for a moment).
+    let pool = admin.t.store.pool();
+    sqlx::query("ALTER TABLE stripe_events RENAME TO stripe_events_away")
+        .execute(pool)
+        .await
+        .expect("rename");
+    let r = fake.post(&format!("/_fake/pay/{session}"), json!({})).await;
+    assert_eq!(r["delivery"]["status"], 500, "{r}");
+    assert!(
+        r["delivery"]["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("deliver again")
+    );
+    assert_eq!(
+        balance(&admin, id).await,
+        NanoUsd::ZERO,
+        "nothing half-written"
+    );
+    assert!(no_payments_paid(&admin, id).await);
+    // The store is back; Stripe's own retries (the fake retries a failed delivery) credit once.
+    sqlx::query("ALTER TABLE stripe_events_away RENAME TO stripe_events")
+        .execute(pool)
+        .await
+        .expect("rename back");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while balance(&admin, id).await == NanoUsd::ZERO {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a retry was not credited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(balance(&admin, id).await, "5".parse().expect("usd"));
+    assert_eq!(topups(&admin, id).await, 1);
+}
+
+async fn no_payments_paid(admin: &Admin, id: i64) -> bool {
+    let sessions = admin
+        .t
+        .store
+        .checkout_sessions(id, 10)
+        .await
+        .expect("sessions");
+    sessions.iter().all(|s| s.2 != "paid")
 }
