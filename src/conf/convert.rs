@@ -97,6 +97,15 @@ impl Checker<'_> {
         let redis = self.redis(&raw);
         let default_key = self.key_limits("limits.default_key", &raw.limits.default_key);
         let key_max = self.key_max(&raw.limits.key_max);
+        let a = &raw.limits.default_account;
+        let default_account = self.key_limits(
+            "limits.default_account",
+            &RawKeyLimits {
+                requests_per_minute: a.requests_per_minute,
+                tokens_per_minute: a.tokens_per_minute,
+                in_flight: a.in_flight,
+            },
+        );
         let providers = self.providers(&raw);
         let tiers = providers.as_ref().and_then(|p| self.tiers(&raw.tiers, p));
         let stripe = self.stripe(&raw.stripe);
@@ -109,6 +118,7 @@ impl Checker<'_> {
             redis: redis?,
             limits: LimitsConf {
                 default_key: default_key?,
+                default_account: default_account?,
                 key_max: key_max?,
             },
             tiers: tiers?,
@@ -339,8 +349,29 @@ impl Checker<'_> {
                     self.err(key, "the URL carries a password; put it in an environment variable and name it in redis.url_env");
                     return None;
                 }
+                let prefix = r.key_prefix.clone().unwrap_or_else(|| "duang".into());
+                let prefix_ok = !prefix.is_empty()
+                    && prefix.len() <= 64
+                    && prefix
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+                if !prefix_ok {
+                    self.err("redis.key_prefix", format!("{prefix:?}: use 1 to 64 letters, digits, '-', '_', '.' or ':' (no braces: the gateway adds the hash tag)"));
+                }
+                let on_outage = match r.on_outage.as_deref().unwrap_or("local") {
+                    "local" => Some(OutagePolicy::Local),
+                    "refuse" => Some(OutagePolicy::Refuse),
+                    other => {
+                        self.err("redis.on_outage", format!("{other:?} is not a policy: use \"local\" (enforce limits per node while Redis is down) or \"refuse\" (answer 503)"));
+                        None
+                    }
+                };
+                let timeout = self.duration_ms("redis.timeout_ms", r.timeout_ms.unwrap_or(100));
                 Some(Some(RedisConf {
                     url: Secret::new(url),
+                    key_prefix: prefix,
+                    on_outage: on_outage?,
+                    timeout: timeout?,
                 }))
             }
             _ => {

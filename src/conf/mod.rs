@@ -116,11 +116,27 @@ pub struct StoreConf {
 #[derive(Debug, Clone)]
 pub struct RedisConf {
     pub url: Secret<String>,
+    /// Every key the gateway writes starts with this (then a `{a<account>}` hash tag).
+    pub key_prefix: String,
+    pub on_outage: OutagePolicy,
+    /// A limit check that takes longer counts as Redis being down.
+    pub timeout: Duration,
+}
+
+/// What the gateway does while a configured Redis does not answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutagePolicy {
+    /// Enforce the limits per node, in process, until Redis is back (the default).
+    Local,
+    /// Refuse requests (503) until Redis is back.
+    Refuse,
 }
 
 #[derive(Debug, Clone)]
 pub struct LimitsConf {
     pub default_key: KeyLimits,
+    /// For every account without its own limits (all its keys together).
+    pub default_account: KeyLimits,
     pub key_max: KeyMax,
 }
 

@@ -100,13 +100,36 @@ impl Default for RawStore {
 pub struct RawRedis {
     pub url: Option<String>,
     pub url_env: Option<String>,
+    pub key_prefix: Option<String>,
+    pub on_outage: Option<String>,
+    pub timeout_ms: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawLimits {
     pub default_key: RawKeyLimits,
+    pub default_account: RawAccountLimits,
     pub key_max: RawKeyMax,
+}
+
+/// Limits of every account that has none of its own (all its keys together).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAccountLimits {
+    pub requests_per_minute: i64,
+    pub tokens_per_minute: i64,
+    pub in_flight: i64,
+}
+
+impl Default for RawAccountLimits {
+    fn default() -> Self {
+        RawAccountLimits {
+            requests_per_minute: 1_200,
+            tokens_per_minute: 4_000_000,
+            in_flight: 64,
+        }
+    }
 }
 
 /// The most a customer may set on one of their own keys.

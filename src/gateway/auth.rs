@@ -28,6 +28,9 @@ pub struct Caller {
     pub allowed_models: Option<Vec<String>>,
     /// The key's own spend cap, if its owner set one.
     pub spend_cap: Option<crate::money::NanoUsd>,
+    /// The key's and its account's own rate limits (`None` fields: the conf's defaults).
+    pub key_limits: crate::store::LimitOverrides,
+    pub account_limits: crate::store::LimitOverrides,
 }
 
 #[derive(Default)]
@@ -199,6 +202,8 @@ fn check(e: &KeyAuth, now_ms: i64, support: &str, key: &str) -> Result<Caller, A
         account_id: e.key.account_id,
         allowed_models: e.key.allowed_models.clone(),
         spend_cap: e.key.spend_cap,
+        key_limits: e.key.limits,
+        account_limits: e.account_limits,
     })
 }
 

@@ -74,6 +74,28 @@ pub async fn handle(
                     "The request's worst-case cost is out of range.",
                 )
             })?;
+        let limits = super::limits::Effective::of(&caller, conf);
+        let admission = match gw
+            .limits
+            .admit(&caller, &limits, req.input_upper_bound, &ctx.request_id)
+            .await
+        {
+            Ok(a) => a,
+            Err(super::limits::Denied::Over(r)) => {
+                ctx.rate_headers = Some(r.headers);
+                METRICS
+                    .rate_limited
+                    .with_label_values(&[r.which.kind()])
+                    .inc();
+                return Err(ApiError::RateLimited {
+                    which: r.which,
+                    limit: r.limit,
+                    retry_after_ms: r.retry_after_ms,
+                });
+            }
+            Err(super::limits::Denied::Unavailable) => return Err(ApiError::LimiterUnavailable),
+        };
+        ctx.rate_headers = Some(admission.headers);
         let cap_hold = match caller.spend_cap {
             Some(cap) => Some(gw.spend.hold(caller.key_id, cap, worst, gw.store()).await?),
             None => None,
@@ -126,6 +148,7 @@ pub async fn handle(
         if let Some(c) = cap_hold {
             c.settle(billed);
         }
+        admission.finish(out.usage.input_tokens + out.usage.output_tokens);
         Ok(Outcome { billed, ..out })
     }
     .await;
@@ -208,12 +231,33 @@ fn record(gw: &Gateway, ctx: &RequestCtx, caller: &super::auth::Caller, o: Outco
 fn response_header(
     status: u16,
     content_type: &str,
-    request_id: &str,
+    ctx: &RequestCtx,
     len: Option<usize>,
 ) -> pingora::Result<Box<ResponseHeader>> {
-    let mut h = ResponseHeader::build(status, Some(6))?;
+    let mut h = ResponseHeader::build(status, Some(14))?;
     h.insert_header("content-type", content_type)?;
-    h.insert_header("x-request-id", request_id)?;
+    h.insert_header("x-request-id", &ctx.request_id)?;
+    if let Some(r) = &ctx.rate_headers {
+        use super::limits::reset_text;
+        h.insert_header("x-ratelimit-limit-requests", r.limit_requests.to_string())?;
+        h.insert_header(
+            "x-ratelimit-remaining-requests",
+            r.remaining_requests.to_string(),
+        )?;
+        h.insert_header(
+            "x-ratelimit-reset-requests",
+            reset_text(r.reset_requests_ms),
+        )?;
+        h.insert_header("x-ratelimit-limit-tokens", r.limit_tokens.to_string())?;
+        h.insert_header(
+            "x-ratelimit-remaining-tokens",
+            r.remaining_tokens.to_string(),
+        )?;
+        h.insert_header("x-ratelimit-reset-tokens", reset_text(r.reset_tokens_ms))?;
+    }
+    if let Some(s) = ctx.retry_after_s {
+        h.insert_header("retry-after", s.to_string())?;
+    }
     match len {
         Some(n) => h.insert_header("content-length", n.to_string())?,
         None => {
@@ -345,7 +389,7 @@ async fn relay_json(
     let written = async {
         session
             .write_response_header(
-                response_header(200, "application/json", &ctx.request_id, Some(body.len()))?,
+                response_header(200, "application/json", ctx, Some(body.len()))?,
                 false,
             )
             .await?;
@@ -367,7 +411,7 @@ async fn relay_stream(
 ) {
     let p = &gw.conf.providers[answer.upstream.provider];
     let mut sse = SseRelay::new(req.client_wants_usage);
-    let header = match response_header(200, "text/event-stream", &ctx.request_id, None) {
+    let header = match response_header(200, "text/event-stream", ctx, None) {
         Ok(h) => h,
         Err(_) => return,
     };
@@ -441,12 +485,10 @@ pub async fn write_error(
 ) -> pingora::Result<()> {
     ctx.status = e.status();
     let body = e.body();
-    let h = response_header(
-        e.status(),
-        "application/json",
-        &ctx.request_id,
-        Some(body.len()),
-    )?;
+    if let ApiError::RateLimited { retry_after_ms, .. } = e {
+        ctx.retry_after_s = Some(retry_after_ms.div_ceil(1000).max(1));
+    }
+    let h = response_header(e.status(), "application/json", ctx, Some(body.len()))?;
     session.write_response_header(h, false).await?;
     session.write_response_body(Some(body), true).await
 }

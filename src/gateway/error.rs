@@ -54,6 +54,14 @@ pub enum ApiError {
         param: Option<String>,
         code: Option<String>,
     },
+    /// Over a rate limit (the request was not counted and costs nothing).
+    RateLimited {
+        which: super::limits::Which,
+        limit: u64,
+        retry_after_ms: u64,
+    },
+    /// Redis (the shared rate limiter) does not answer and `redis.on_outage = "refuse"`.
+    LimiterUnavailable,
     /// The store is not reachable (a cache miss could not be resolved).
     StoreUnavailable,
     /// A bug or an unexpected failure inside the gateway.
@@ -73,10 +81,13 @@ impl ApiError {
             ApiError::NotFound { .. } | ApiError::ModelNotFound { .. } => 404,
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::BodyTooLarge { .. } => 413,
+            ApiError::RateLimited { .. } => 429,
             ApiError::Upstream { status, .. } => *status,
             ApiError::Internal => 500,
             ApiError::UpstreamUnavailable { .. } => 502,
-            ApiError::NoUpstream { .. } | ApiError::StoreUnavailable => 503,
+            ApiError::NoUpstream { .. }
+            | ApiError::StoreUnavailable
+            | ApiError::LimiterUnavailable => 503,
             ApiError::UpstreamTimeout { .. } => 504,
         }
     }
@@ -99,9 +110,11 @@ impl ApiError {
                 "insufficient_quota"
             }
             ApiError::Upstream { kind, .. } => return kind.clone(),
+            ApiError::RateLimited { which, .. } => which.kind(),
             ApiError::NoUpstream { .. }
             | ApiError::UpstreamUnavailable { .. }
             | ApiError::UpstreamTimeout { .. }
+            | ApiError::LimiterUnavailable
             | ApiError::StoreUnavailable
             | ApiError::Internal => "api_error",
         };
@@ -140,6 +153,8 @@ impl ApiError {
             ApiError::UpstreamTimeout { .. } => "upstream_timeout",
             ApiError::Upstream { .. } => "upstream_error",
             ApiError::StoreUnavailable => "store_unavailable",
+            ApiError::RateLimited { .. } => "rate_limit_exceeded",
+            ApiError::LimiterUnavailable => "rate_limiter_unavailable",
             ApiError::Internal => "internal_error",
         }
     }
@@ -168,6 +183,12 @@ impl ApiError {
             ApiError::UpstreamTimeout { detail } => format!("The upstream provider timed out: {detail}."),
             ApiError::Upstream { message, .. } => message.clone(),
             ApiError::StoreUnavailable => "The service is temporarily unavailable. Try again shortly.".into(),
+            ApiError::RateLimited { which, limit, retry_after_ms } => format!(
+                "Rate limit reached for the {} (limit {limit}). Try again in {:.1}s; the x-ratelimit-* headers say how much is left.",
+                which.describe(),
+                *retry_after_ms as f64 / 1000.0
+            ),
+            ApiError::LimiterUnavailable => "Rate limits cannot be checked right now, so the request is refused. Try again shortly.".into(),
             ApiError::Internal => "Internal error.".into(),
         }
     }

@@ -17,6 +17,12 @@ pub struct Metrics {
     pub provider_cost_nano: IntCounterVec,
     pub holds_in_flight: IntGauge,
     pub overhead: HistogramVec,
+    /// 1 while the shared rate-limit store (Redis) answers, 0 while it does not (or none is set).
+    pub redis_up: IntGauge,
+    /// Limit checks decided without Redis because it did not answer.
+    pub rate_limit_fallbacks: prometheus::IntCounter,
+    /// Requests refused for a rate limit, by which limit.
+    pub rate_limited: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -57,7 +63,29 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     )
     .expect("valid metric");
     r.register(Box::new(holds.clone())).expect("unique metric");
+    let redis_up = IntGauge::new(
+        "duang_redis_up",
+        "1 while the shared rate-limit store answers, else 0",
+    )
+    .expect("valid metric");
+    r.register(Box::new(redis_up.clone()))
+        .expect("unique metric");
+    let fallbacks = prometheus::IntCounter::new(
+        "duang_rate_limit_fallbacks_total",
+        "Rate-limit checks decided without Redis because it did not answer",
+    )
+    .expect("valid metric");
+    r.register(Box::new(fallbacks.clone()))
+        .expect("unique metric");
     Metrics {
+        redis_up,
+        rate_limit_fallbacks: fallbacks,
+        rate_limited: counter(
+            &r,
+            "duang_rate_limited_total",
+            "Requests refused for a rate limit, by limit",
+            &["limit"],
+        ),
         requests: counter(
             &r,
             "duang_requests_total",

@@ -13,6 +13,7 @@ pub mod auth;
 mod chat;
 pub mod error;
 pub mod hold;
+pub mod limits;
 pub mod metrics;
 mod models;
 pub mod relay;

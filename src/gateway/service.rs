@@ -36,6 +36,10 @@ pub struct RequestCtx {
     pub stream: bool,
     /// When the first byte of the answer went to the client (chat, step 6).
     pub first_byte: Option<Instant>,
+    /// The `x-ratelimit-*` figures for this answer (chat, step 2).
+    pub rate_headers: Option<super::limits::RateHeaders>,
+    /// Seconds for `Retry-After` on a 429.
+    pub retry_after_s: Option<u64>,
 }
 
 impl Default for RequestCtx {
@@ -48,6 +52,8 @@ impl Default for RequestCtx {
             tier: None,
             stream: false,
             first_byte: None,
+            rate_headers: None,
+            retry_after_s: None,
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct Gateway {
     pub credit: Arc<CreditBook>,
     /// Spending of keys with a spend cap.
     pub spend: SpendBook,
+    /// Rate limits: Redis when configured, in process otherwise.
+    pub limits: super::limits::Limiter,
     /// Settled requests on their way to the store, written in batches by the worker.
     pub settlements: mpsc::UnboundedSender<Settlement>,
     pub(super) settlements_rx: Mutex<Option<mpsc::UnboundedReceiver<Settlement>>>,
@@ -46,6 +48,7 @@ impl Gateway {
             keys: KeyCache::default(),
             credit: Arc::new(CreditBook::default()),
             spend: SpendBook::default(),
+            limits: super::limits::Limiter::new(&conf),
             settlements: tx,
             settlements_rx: Mutex::new(Some(rx)),
             connector: Connector::new(None),

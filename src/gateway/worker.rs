@@ -109,7 +109,20 @@ impl BackgroundService for Worker {
         ready: ServiceReadyNotifier,
     ) {
         let gw = &self.gateway;
+        if let Some(r) = gw.limits.redis() {
+            // Inside Pingora's runtime, so the connection lives as long as the server.
+            let r = r.clone();
+            tokio::spawn(async move { r.connect().await });
+        }
         let store = connect(gw).await;
+        if let Some(r) = gw.limits.redis() {
+            // Give Redis a moment, so the first requests already share their limits; a Redis that
+            // is down does not hold the gateway back (the outage policy applies meanwhile).
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !r.is_up() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         match store.return_node_leases(&gw.node_id).await {
             Ok((n, total)) if n > 0 => {
                 tracing::info!(leases = n, %total, node = %gw.node_id, "returned leases left by a previous run")

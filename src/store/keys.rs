@@ -244,6 +244,8 @@ pub struct KeyAuth {
     pub key: ApiKey,
     pub account_status: super::AccountStatus,
     pub account_verified: bool,
+    /// The account's own limits (all its keys together); `None` fields keep the conf default.
+    pub account_limits: LimitOverrides,
 }
 
 static KEY_AUTH_SELECT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -252,7 +254,9 @@ static KEY_AUTH_SELECT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
         .map(|c| format!("k.{}", c.trim()))
         .collect();
     format!(
-        "SELECT {}, k.key_hash, a.status AS account_status, a.email_verified_at AS account_verified_at
+        "SELECT {}, k.key_hash, a.status AS account_status, a.email_verified_at AS account_verified_at,
+                a.requests_per_minute AS account_rpm, a.tokens_per_minute AS account_tpm,
+                a.in_flight AS account_in_flight
          FROM api_keys k JOIN accounts a ON a.id = k.account_id",
         cols.join(", ")
     )
@@ -268,6 +272,11 @@ impl KeyAuth {
             account_verified: r
                 .try_get::<Option<i64>, _>("account_verified_at")?
                 .is_some(),
+            account_limits: LimitOverrides {
+                requests_per_minute: r.try_get("account_rpm")?,
+                tokens_per_minute: r.try_get("account_tpm")?,
+                in_flight: r.try_get("account_in_flight")?,
+            },
         })
     }
 }

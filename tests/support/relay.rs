@@ -71,6 +71,7 @@ pub fn conf_text(
     mock_port: u16,
     tls_mock_port: u16,
     dead_port: u16,
+    redis: &str,
 ) -> String {
     let ca_file = tls_fixture("ca.pem");
     format!(
@@ -83,6 +84,17 @@ graceful_shutdown_timeout_ms = 2000
 
 [store]
 url = "{store_url}"
+{redis}
+# Generous defaults: limits are tested with keys that carry their own.
+[limits.default_key]
+requests_per_minute = 1000000
+tokens_per_minute = 100000000000
+in_flight = 10000
+
+[limits.default_account]
+requests_per_minute = 1000000
+tokens_per_minute = 100000000000
+in_flight = 10000
 
 [tiers.budget]
 input_usd_per_mtok = "0.12"
@@ -170,12 +182,71 @@ pub struct Relay {
     pub key_id: i64,
     pub client: reqwest::Client,
     _gateway: Proc,
+    conf_for: Box<dyn Fn(u16, u16) -> String + Send + Sync>,
     _dir: tempfile::TempDir,
+}
+
+/// One `duang-gateway` process of a relay.
+pub struct Node {
+    pub base: String,
+    pub metrics: String,
+    pub proc: Proc,
+}
+
+impl Node {
+    /// Writes a conf for a new node (its own ports) and starts it; waits until it is ready.
+    async fn spawn(dir: &std::path::Path, conf_for: &dyn Fn(u16, u16) -> String) -> Node {
+        let port = free_port();
+        let metrics_port = free_port();
+        let conf = dir.join(format!("duang-{port}.toml"));
+        std::fs::write(&conf, conf_for(port, metrics_port)).expect("conf");
+        let child = Command::new(GATEWAY_BIN)
+            .arg("--conf")
+            .arg(&conf)
+            .env("DUANG_TEST_MOCK_KEY", PROVIDER_KEY)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn gateway");
+        let mut proc = Proc(child);
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(format!("{base}/healthz")).send().await
+                && r.status() == 200
+            {
+                break;
+            }
+            if let Some(status) = proc.0.try_wait().expect("try_wait") {
+                panic!("the gateway exited during start: {status}");
+            }
+            assert!(Instant::now() < deadline, "gateway not ready within 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Node {
+            base,
+            metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
+            proc,
+        }
+    }
 }
 
 impl Relay {
     /// Starts everything with an account holding `balance_usd`.
     pub async fn start(backend: Backend, balance_usd: &str) -> Relay {
+        Relay::start_with(backend, balance_usd, None, "").await
+    }
+
+    /// The same, with the gateway's rate limits in the Redis at `redis_url` (and `redis_extra`
+    /// lines in its `[redis]` section).
+    pub async fn start_with(
+        backend: Backend,
+        balance_usd: &str,
+        redis_url: Option<&str>,
+        redis_extra: &str,
+    ) -> Relay {
         let t = TestStore::new(backend).await;
         let mock = Mock::start(&["--chunks", "4"]);
         let tls_mock = Mock::start(&[
@@ -187,21 +258,21 @@ impl Relay {
             &tls_fixture("localhost.key"),
         ]);
         let dir = tempfile::tempdir().expect("dir");
-        let port = free_port();
-        let metrics_port = free_port();
-        let conf = dir.path().join("duang.toml");
-        std::fs::write(
-            &conf,
+        let redis = redis_url
+            .map(|u| {
+                format!(
+                    "[redis]\nurl = {u:?}\nkey_prefix = \"t{}\"\n{redis_extra}\n",
+                    rand::random::<u32>()
+                )
+            })
+            .unwrap_or_default();
+        let dead_port = free_port();
+        let (store_url, mock_port, tls_port) = (t.url.clone(), mock.port, tls_mock.port);
+        let conf_for = move |port: u16, metrics: u16| {
             conf_text(
-                &t.url,
-                port,
-                metrics_port,
-                mock.port,
-                tls_mock.port,
-                free_port(),
-            ),
-        )
-        .expect("conf");
+                &store_url, port, metrics, mock_port, tls_port, dead_port, &redis,
+            )
+        };
         let account = t
             .store
             .create_account(&NewAccount {
@@ -227,45 +298,26 @@ impl Relay {
                 .expect("fund");
         }
         let (key, key_id) = new_key(&t.store, account.id).await;
-        let child = Command::new(GATEWAY_BIN)
-            .arg("--conf")
-            .arg(&conf)
-            .env("DUANG_TEST_MOCK_KEY", PROVIDER_KEY)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn gateway");
-        let mut gateway = Proc(child);
-        let base = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = client.get(format!("{base}/healthz")).send().await
-                && r.status() == 200
-            {
-                break;
-            }
-            if let Some(status) = gateway.0.try_wait().expect("try_wait") {
-                panic!("the gateway exited during start: {status}");
-            }
-            assert!(Instant::now() < deadline, "gateway not ready within 30 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
+        let node = Node::spawn(dir.path(), &conf_for).await;
         Relay {
             t,
             mock,
             tls_mock,
-            base,
-            metrics,
+            base: node.base.clone(),
+            metrics: node.metrics.clone(),
             key,
             account_id: account.id,
             key_id,
-            client,
-            _gateway: gateway,
+            client: reqwest::Client::new(),
+            _gateway: node.proc,
+            conf_for: Box::new(conf_for),
             _dir: dir,
         }
+    }
+
+    /// Another gateway node on the same store (and Redis, when there is one).
+    pub async fn another_node(&self) -> Node {
+        Node::spawn(self._dir.path(), &*self.conf_for).await
     }
 
     pub fn store(&self) -> &Store {
