@@ -620,12 +620,18 @@ fn the_admin_signing_secret_comes_from_the_environment_and_is_long_enough() {
 #[test]
 fn rate_limit_and_redis_settings_are_checked() {
     let e = err(&shipped_with("in_flight = 64", "in_flight = 0"), &[]);
-    assert!(e.starts_with("test.toml: limits.default_account.in_flight: 0 is out of range"), "{e}");
+    assert!(
+        e.starts_with("test.toml: limits.default_account.in_flight: 0 is out of range"),
+        "{e}"
+    );
     let e = err(
         &shipped_with("requests_per_minute = 1200", "requests_per_minute = -5"),
         &[],
     );
-    assert!(e.starts_with("test.toml: limits.default_account.requests_per_minute: -5 is out of range"), "{e}");
+    assert!(
+        e.starts_with("test.toml: limits.default_account.requests_per_minute: -5 is out of range"),
+        "{e}"
+    );
     let with = |extra: &str| {
         shipped_with(
             "# url = \"redis://127.0.0.1:6379\"",
@@ -633,17 +639,27 @@ fn rate_limit_and_redis_settings_are_checked() {
         )
     };
     let e = err(&with("on_outage = \"ignore\""), &[]);
-    assert!(e.starts_with("test.toml: redis.on_outage: \"ignore\" is not a policy"), "{e}");
+    assert!(
+        e.starts_with("test.toml: redis.on_outage: \"ignore\" is not a policy"),
+        "{e}"
+    );
     let e = err(&with("key_prefix = \"{x}\""), &[]);
     assert!(e.starts_with("test.toml: redis.key_prefix:"), "{e}");
     let e = err(&with("timeout_ms = 0"), &[]);
     assert!(e.starts_with("test.toml: redis.timeout_ms:"), "{e}");
-    let conf = parse_conf(&with("on_outage = \"refuse\"\nkey_prefix = \"relay:eu\""), &[]).expect("parses");
+    let conf = parse_conf(
+        &with("on_outage = \"refuse\"\nkey_prefix = \"relay:eu\""),
+        &[],
+    )
+    .expect("parses");
     let r = conf.redis.expect("redis");
     assert_eq!(r.on_outage, duang::conf::OutagePolicy::Refuse);
     assert_eq!(r.key_prefix, "relay:eu");
     let e = err(
-        &shipped_with("# url = \"redis://127.0.0.1:6379\"", "url = \"redis://[::1\""),
+        &shipped_with(
+            "# url = \"redis://127.0.0.1:6379\"",
+            "url = \"redis://[::1\"",
+        ),
         &[],
     );
     assert!(e.contains("is not a Redis URL"), "{e}");

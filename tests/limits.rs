@@ -398,3 +398,79 @@ async fn a_redis_outage_refuses_when_the_conf_says_so() {
     assert_eq!(v["error"]["code"], "rate_limiter_unavailable");
     relay.credit().await;
 }
+
+/// An operator's throttle reaches every node within a second, and so does lifting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttle_reaches_every_node_within_a_second() {
+    require_shared().await;
+    let relay = Relay::start_with(Backend::Sqlite, "5", Some(SHARED_REDIS), "").await;
+    let second = relay.another_node().await;
+    let key = key_with(&relay, LimitOverrides::default()).await;
+    let key_id = relay
+        .store()
+        .key_by_hash(&duang::keys::hash(&key))
+        .await
+        .expect("lookup")
+        .expect("key")
+        .id;
+    for base in [&relay.base, &second.base] {
+        assert_eq!(post(&relay, base, &key, &chat()).await.status(), 200);
+    }
+    // Two requests in this minute already; a throttle to one a minute refuses the next anywhere.
+    let throttle = duang::store::Throttle {
+        requests_per_minute: Some(1),
+        tokens_per_minute: None,
+        until_ms: Some(duang::time::now_ms() + 600_000),
+    };
+    relay
+        .store()
+        .set_throttle(
+            duang::store::Target::Key(key_id),
+            &throttle,
+            "operator:test",
+            Some("abuse"),
+        )
+        .await
+        .expect("throttle");
+    let start = Instant::now();
+    for base in [&relay.base, &second.base] {
+        loop {
+            let r = post(&relay, base, &key, &chat()).await;
+            if r.status() == 429 {
+                assert_eq!(header(&r, "x-ratelimit-limit-requests"), "1");
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the throttle never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "both nodes throttled after {took:?}"
+    );
+    relay
+        .store()
+        .set_throttle(
+            duang::store::Target::Key(key_id),
+            &duang::store::Throttle::default(),
+            "operator:test",
+            None,
+        )
+        .await
+        .expect("lift");
+    let start = Instant::now();
+    for base in [&relay.base, &second.base] {
+        while post(&relay, base, &key, &chat()).await.status() != 200 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the lift never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    assert!(start.elapsed() < Duration::from_secs(1));
+}

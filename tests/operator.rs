@@ -15,6 +15,7 @@ support::on_both_stores!(
     only_operators_reach_operator_routes,
     operators_suspend_reactivate_terminate_and_adjust_with_reasons,
     revenue_margin_and_upstream_health_come_from_the_records,
+    limits_and_throttles_are_set_with_reasons,
 );
 
 async fn only_operators_reach_operator_routes(backend: Backend) {
@@ -443,4 +444,115 @@ async fn the_openapi_document_describes_the_served_api() {
         }
     }
     assert!(count >= 28);
+}
+
+async fn limits_and_throttles_are_set_with_reasons(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut customer = admin.browser([10, 0, 0, 1]);
+    customer.sign_up("dot@example.com").await;
+    let dot = admin.account("dot@example.com").await;
+    let (_, key_id) = support::new_key(&admin.t.store, dot.id).await;
+    let mut op = admin.operator().await;
+    let page = format!("/operator/accounts/{}", dot.id);
+    let csrf = op.get(&page).await.csrf();
+    let api = |p: &str| format!("/api/v1/operator/accounts/{}/{p}", dot.id);
+
+    let r = op
+        .json(
+            Method::POST,
+            &api("limits"),
+            Some(json!({"requests_per_minute": 0, "reason": "x"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.json()["error"]["field"], "requests_per_minute");
+    let r = op
+        .json(
+            Method::POST,
+            &api("limits"),
+            Some(json!({"requests_per_minute": 30, "in_flight": "4", "reason": "enterprise plan"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        (
+            r.json()["requests_per_minute"].as_i64(),
+            r.json()["in_flight"].as_i64()
+        ),
+        (Some(30), Some(4))
+    );
+
+    for (body, field) in [
+        (
+            json!({"requests_per_minute": 5, "minutes": 0.5, "reason": "x"}),
+            "minutes",
+        ),
+        (json!({"minutes": 10, "reason": "x"}), "requests_per_minute"),
+        (
+            json!({"requests_per_minute": -1, "minutes": 10, "reason": "x"}),
+            "requests_per_minute",
+        ),
+    ] {
+        let r = op
+            .json(
+                Method::POST,
+                &api("throttle"),
+                Some(body.clone()),
+                Some(&csrf),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(r.json()["error"]["field"], field, "{body}");
+    }
+    let r = op
+        .json(
+            Method::POST,
+            &api("throttle"),
+            Some(
+                json!({"requests_per_minute": 5, "minutes": 30, "reason": "burst from a scraper"}),
+            ),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["throttle"]["requests_per_minute"], 5);
+    assert!(op.get(&page).await.body.contains("id=\"throttled\""));
+    let r = op
+        .json(
+            Method::POST,
+            &api("throttle"),
+            Some(json!({"action": "lift", "reason": "calmed down"})),
+            Some(&csrf),
+        )
+        .await;
+    assert!(r.json()["throttle"].is_null(), "{}", r.body);
+    let r = op
+        .submit(
+            &page,
+            &format!("/operator/keys/{key_id}/throttle"),
+            &[
+                ("requests_per_minute", "2"),
+                ("minutes", "5"),
+                ("reason", "retry storm"),
+                ("action", "throttle"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let key = admin.t.store.key(key_id).await.expect("key");
+    assert_eq!(key.throttle.requests_per_minute, Some(2));
+    assert!(key.throttle.active_at(duang::time::now_ms()));
+
+    let audit = admin.t.store.audit_log(dot.id).await.expect("audit");
+    let has = |action: &str, says: &str| {
+        audit
+            .iter()
+            .any(|e| e.action == action && e.reason.as_deref().is_some_and(|r| r.contains(says)))
+    };
+    assert!(has("account.limits", "enterprise plan"));
+    assert!(has("account.throttle", "burst from a scraper"));
+    assert!(has("account.unthrottle", "calmed down"));
+    assert!(has("key.throttle", "retry storm"));
 }

@@ -37,7 +37,7 @@ pub struct KeyRequest {
 }
 
 /// A string, a number or null, as text (`None` when empty).
-fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+pub fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let v = Value::deserialize(d)?;
     Ok(match v {
         Value::Null => None,
@@ -182,6 +182,7 @@ pub fn key_json(k: &ApiKey) -> Value {
         "requests_per_minute": k.limits.requests_per_minute,
         "tokens_per_minute": k.limits.tokens_per_minute,
         "in_flight": k.limits.in_flight,
+        "throttle": k.throttle.active_at(crate::time::now_ms()).then(|| json!({"requests_per_minute": k.throttle.requests_per_minute, "tokens_per_minute": k.throttle.tokens_per_minute, "until_ms": k.throttle.until_ms})),
         "spend_cap_usd": k.spend_cap.map(|c| c.to_string().trim_start_matches('$').replace(',', "")),
     })
 }

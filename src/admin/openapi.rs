@@ -53,6 +53,39 @@ const LOGIN: &[Field] = &[
         "at least 10 characters, letters and digits or symbols",
     ),
 ];
+const LIMITS: &[Field] = &[
+    (
+        "requests_per_minute",
+        "integer",
+        false,
+        "1 or more; absent: the default",
+    ),
+    (
+        "tokens_per_minute",
+        "integer",
+        false,
+        "1 or more; absent: the default",
+    ),
+    (
+        "in_flight",
+        "integer",
+        false,
+        "1 or more; absent: the default",
+    ),
+    ("reason", "string", true, "why (kept in the audit log)"),
+];
+const THROTTLE: &[Field] = &[
+    ("requests_per_minute", "integer", false, "the lowered limit"),
+    ("tokens_per_minute", "integer", false, "the lowered limit"),
+    (
+        "minutes",
+        "integer",
+        false,
+        "for how long (1 minute to a year)",
+    ),
+    ("action", "string", false, "`lift` ends a throttle"),
+    ("reason", "string", true, "why (kept in the audit log)"),
+];
 const STATUS: &[Field] = &[
     ("status", "string", true, "the new status"),
     ("reason", "string", true, "why (kept in the audit log)"),
@@ -99,6 +132,9 @@ pub fn routes() -> Vec<ApiRoute> {
         route!(post "post" "/api/v1/operator/accounts/{id}/status", Operator, "Suspend, reactivate or terminate an account", q &[], b STATUS, 200 "{account}", operator::api_account_status),
         route!(post "post" "/api/v1/operator/accounts/{id}/credits", Operator, "Grant or take back credits (never below zero)", q &[], b &[("amount_usd", "string", true, "positive grants, negative takes back"), ("reason", "string", true, "why (kept in the audit log)")], 200 "{account}", operator::api_credits),
         route!(post "post" "/api/v1/operator/keys/{id}/status", Operator, "Suspend, reactivate or revoke a key", q &[], b STATUS, 200 "{key}", operator::api_key_status),
+        route!(post "post" "/api/v1/operator/accounts/{id}/limits", Operator, "Set an account's own rate limits (empty: the conf's defaults)", q &[], b LIMITS, 200 "{account}", operator::api_limits),
+        route!(post "post" "/api/v1/operator/accounts/{id}/throttle", Operator, "Throttle an account (lower its limits for a while) or lift it", q &[], b THROTTLE, 200 "{account}", operator::api_throttle),
+        route!(post "post" "/api/v1/operator/keys/{id}/throttle", Operator, "Throttle a key or lift it", q &[], b THROTTLE, 200 "{key}", operator::api_key_throttle),
         route!(get "get" "/api/v1/operator/refunds", Operator, "The refund requests waiting for review", q &[], b &[], 200 "{data: [refund request]}", refunds::api_queue),
         route!(post "post" "/api/v1/operator/refunds/{id}/approve", Operator, "Approve: take the credits, refund the payments through Stripe", q &[], b &[], 200 "{refund request}", refunds::api_approve),
         route!(post "post" "/api/v1/operator/refunds/{id}/decline", Operator, "Decline with a note to the customer", q &[], b &[("note", "string", true, "why")], 200 "{refund request}", refunds::api_decline),

@@ -179,6 +179,97 @@ pub async fn set_key_status(
         })
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct LimitsForm {
+    #[serde(deserialize_with = "super::keys_web::lenient")]
+    requests_per_minute: Option<String>,
+    #[serde(deserialize_with = "super::keys_web::lenient")]
+    tokens_per_minute: Option<String>,
+    #[serde(deserialize_with = "super::keys_web::lenient")]
+    in_flight: Option<String>,
+    /// Throttles: for how long; `0` or `lift` in `action` lifts it.
+    #[serde(deserialize_with = "super::keys_web::lenient")]
+    minutes: Option<String>,
+    action: Option<String>,
+    reason: String,
+}
+
+fn limit_field(field: &'static str, v: &Option<String>) -> Result<Option<i64>, AdminError> {
+    match v {
+        None => Ok(None),
+        Some(t) => match t.parse::<i64>() {
+            Ok(n) if n >= 1 => Ok(Some(n)),
+            _ => Err(AdminError::invalid(
+                field,
+                format!(
+                    "{t:?} is not a limit: use a whole number of 1 or more, or leave it empty for the default."
+                ),
+            )),
+        },
+    }
+}
+
+pub async fn set_account_limits(
+    state: &AppState,
+    o: &Operator,
+    id: i64,
+    f: &LimitsForm,
+) -> Result<Account, AdminError> {
+    let reason = need_reason(&f.reason)?;
+    let limits = crate::store::LimitOverrides {
+        requests_per_minute: limit_field("requests_per_minute", &f.requests_per_minute)?,
+        tokens_per_minute: limit_field("tokens_per_minute", &f.tokens_per_minute)?,
+        in_flight: limit_field("in_flight", &f.in_flight)?,
+    };
+    state
+        .store
+        .set_account_limits(id, &limits, &actor(o), Some(reason))
+        .await?;
+    Ok(state.store.account(&AccountRef::Id(id)).await?)
+}
+
+/// Throttles (or lifts the throttle of) an account or a key.
+pub async fn throttle(
+    state: &AppState,
+    o: &Operator,
+    target: crate::store::Target,
+    f: &LimitsForm,
+) -> Result<(), AdminError> {
+    let reason = need_reason(&f.reason)?;
+    let lift = f.action.as_deref() == Some("lift") || f.minutes.as_deref() == Some("0");
+    let t = if lift {
+        crate::store::Throttle::default()
+    } else {
+        let minutes = match f.minutes.as_deref().map(str::parse::<i64>) {
+            Some(Ok(m)) if (1..=60 * 24 * 366).contains(&m) => m,
+            _ => {
+                return Err(AdminError::invalid(
+                    "minutes",
+                    "Throttle for 1 minute to a year (in minutes), or lift it.",
+                ));
+            }
+        };
+        let t = crate::store::Throttle {
+            requests_per_minute: limit_field("requests_per_minute", &f.requests_per_minute)?,
+            tokens_per_minute: limit_field("tokens_per_minute", &f.tokens_per_minute)?,
+            until_ms: Some(now_ms() + minutes * 60_000),
+        };
+        if t.requests_per_minute.is_none() && t.tokens_per_minute.is_none() {
+            return Err(AdminError::invalid(
+                "requests_per_minute",
+                "A throttle lowers requests or tokens per minute: give at least one.",
+            ));
+        }
+        t
+    };
+    state
+        .store
+        .set_throttle(target, &t, &actor(o), Some(reason))
+        .await?;
+    Ok(())
+}
+
 // ── Pages ─────────────────────────────────────────────────────────────────────────────────────
 
 #[derive(Debug, Default, Deserialize)]
@@ -269,7 +360,27 @@ async fn account_page(
                     label { "Reason (audit log)" input type="text" name="reason" required; }
                     button.danger type="submit" { "Change status" }
                 }
-                form.row method="post" action={ "/operator/accounts/" (a.id) "/credits" } {
+                form.row method="post" action={ "/operator/accounts/" (a.id) "/limits" } {
+                (csrf_field(v))
+                label { "Requests / min" input type="number" min="1" name="requests_per_minute" value=(a.limits.requests_per_minute.map(|n| n.to_string()).unwrap_or_default()) placeholder="default"; }
+                label { "Tokens / min" input type="number" min="1" name="tokens_per_minute" value=(a.limits.tokens_per_minute.map(|n| n.to_string()).unwrap_or_default()) placeholder="default"; }
+                label { "In flight" input type="number" min="1" name="in_flight" value=(a.limits.in_flight.map(|n| n.to_string()).unwrap_or_default()) placeholder="default"; }
+                label { "Reason (audit log)" input type="text" name="reason" required; }
+                button.secondary type="submit" { "Set account limits" }
+            }
+            form.row method="post" action={ "/operator/accounts/" (a.id) "/throttle" } {
+                (csrf_field(v))
+                @if a.throttle.active_at(now_ms()) {
+                    p #throttled { "Throttled until " (a.throttle.until_ms.map(format_utc).unwrap_or_default()) " · " (a.throttle.requests_per_minute.map(|n| n.to_string()).unwrap_or_else(|| "—".into())) " req/min · " (a.throttle.tokens_per_minute.map(|n| n.to_string()).unwrap_or_else(|| "—".into())) " tok/min" }
+                }
+                label { "Throttle to req / min" input type="number" min="1" name="requests_per_minute"; }
+                label { "tok / min" input type="number" min="1" name="tokens_per_minute"; }
+                label { "for minutes" input type="number" min="1" name="minutes" value="60"; }
+                label { "Reason (audit log)" input type="text" name="reason" required; }
+                button.secondary type="submit" name="action" value="throttle" { "Throttle" }
+                button.secondary type="submit" name="action" value="lift" { "Lift throttle" }
+            }
+            form.row method="post" action={ "/operator/accounts/" (a.id) "/credits" } {
                     (csrf_field(v))
                     label { "Credits in USD (negative takes away)" input type="text" name="amount_usd" required placeholder="10.00"; }
                     label { "Reason (audit log)" input type="text" name="reason" required; }
@@ -349,6 +460,40 @@ pub async fn account_status_submit(
 ) -> Response {
     let r = set_account_status(&state, &o, id, &f).await;
     back_to_account(&state, &o, id, r).await
+}
+
+pub async fn limits_submit(
+    State(state): State<AppState>,
+    o: Operator,
+    Path(id): Path<i64>,
+    Form(f): Form<LimitsForm>,
+) -> Response {
+    let r = set_account_limits(&state, &o, id, &f).await;
+    back_to_account(&state, &o, id, r).await
+}
+
+pub async fn throttle_submit(
+    State(state): State<AppState>,
+    o: Operator,
+    Path(id): Path<i64>,
+    Form(f): Form<LimitsForm>,
+) -> Response {
+    let r = throttle(&state, &o, crate::store::Target::Account(id), &f).await;
+    back_to_account(&state, &o, id, r).await
+}
+
+pub async fn key_throttle_submit(
+    State(state): State<AppState>,
+    o: Operator,
+    Path(key_id): Path<i64>,
+    Form(f): Form<LimitsForm>,
+) -> Response {
+    let account_id = match state.store.key(key_id).await {
+        Ok(k) => k.account_id,
+        Err(e) => return AdminError::from(e).into_page(Some(&o.0.visitor)),
+    };
+    let r = throttle(&state, &o, crate::store::Target::Key(key_id), &f).await;
+    back_to_account(&state, &o, account_id, r).await
 }
 
 pub async fn credits_submit(
@@ -549,6 +694,8 @@ fn account_json(a: &Account) -> Value {
     json!({
         "id": a.id, "email": a.email, "role": a.role.as_str(), "status": a.status.as_str(),
         "email_verified": a.is_verified(), "balance_usd": usd(a.balance), "created_at_ms": a.created_at,
+        "requests_per_minute": a.limits.requests_per_minute, "tokens_per_minute": a.limits.tokens_per_minute, "in_flight": a.limits.in_flight,
+        "throttle": (a.throttle.active_at(now_ms())).then(|| json!({"requests_per_minute": a.throttle.requests_per_minute, "tokens_per_minute": a.throttle.tokens_per_minute, "until_ms": a.throttle.until_ms})),
     })
 }
 
@@ -601,6 +748,39 @@ pub async fn api_credits(
     Ok(Json(account_json(
         &adjust_credits(&state, &o, id, &f).await?,
     )))
+}
+
+pub async fn api_limits(
+    State(state): State<AppState>,
+    o: Operator,
+    Path(id): Path<i64>,
+    Json(f): Json<LimitsForm>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(account_json(
+        &set_account_limits(&state, &o, id, &f).await?,
+    )))
+}
+
+pub async fn api_throttle(
+    State(state): State<AppState>,
+    o: Operator,
+    Path(id): Path<i64>,
+    Json(f): Json<LimitsForm>,
+) -> Result<Json<Value>, ApiError> {
+    throttle(&state, &o, crate::store::Target::Account(id), &f).await?;
+    Ok(Json(account_json(
+        &state.store.account(&AccountRef::Id(id)).await?,
+    )))
+}
+
+pub async fn api_key_throttle(
+    State(state): State<AppState>,
+    o: Operator,
+    Path(id): Path<i64>,
+    Json(f): Json<LimitsForm>,
+) -> Result<Json<Value>, ApiError> {
+    throttle(&state, &o, crate::store::Target::Key(id), &f).await?;
+    Ok(Json(super::keys_web::key_json(&state.store.key(id).await?)))
 }
 
 pub async fn api_key_status(

@@ -130,6 +130,18 @@ pub fn app(state: AppState) -> Router {
             "/operator/keys/{id}/status",
             post(operator::key_status_submit),
         )
+        .route(
+            "/operator/accounts/{id}/limits",
+            post(operator::limits_submit),
+        )
+        .route(
+            "/operator/accounts/{id}/throttle",
+            post(operator::throttle_submit),
+        )
+        .route(
+            "/operator/keys/{id}/throttle",
+            post(operator::key_throttle_submit),
+        )
         .route("/operator/refunds", get(refunds::queue))
         .route(
             "/operator/refunds/{id}/approve",

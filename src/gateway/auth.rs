@@ -31,6 +31,9 @@ pub struct Caller {
     /// The key's and its account's own rate limits (`None` fields: the conf's defaults).
     pub key_limits: crate::store::LimitOverrides,
     pub account_limits: crate::store::LimitOverrides,
+    /// Operators' temporary lowerings of the key's and the account's limits.
+    pub key_throttle: crate::store::Throttle,
+    pub account_throttle: crate::store::Throttle,
 }
 
 #[derive(Default)]
@@ -204,6 +207,8 @@ fn check(e: &KeyAuth, now_ms: i64, support: &str, key: &str) -> Result<Caller, A
         spend_cap: e.key.spend_cap,
         key_limits: e.key.limits,
         account_limits: e.account_limits,
+        key_throttle: e.key.throttle,
+        account_throttle: e.account_throttle,
     })
 }
 

@@ -74,7 +74,7 @@ pub async fn handle(
                     "The request's worst-case cost is out of range.",
                 )
             })?;
-        let limits = super::limits::Effective::of(&caller, conf);
+        let limits = super::limits::Effective::of(&caller, conf, now);
         let admission = match gw
             .limits
             .admit(&caller, &limits, req.input_upper_bound, &ctx.request_id)

@@ -81,6 +81,31 @@ impl LimitOverrides {
     }
 }
 
+/// An operator's temporary lowering of rate limits, in force until `until_ms`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Throttle {
+    pub requests_per_minute: Option<i64>,
+    pub tokens_per_minute: Option<i64>,
+    pub until_ms: Option<i64>,
+}
+
+impl Throttle {
+    pub(super) fn from_row(r: &AnyRow, prefix: &str) -> Result<Self, sqlx::Error> {
+        Ok(Throttle {
+            requests_per_minute: r
+                .try_get(format!("{prefix}throttle_requests_per_minute").as_str())?,
+            tokens_per_minute: r.try_get(format!("{prefix}throttle_tokens_per_minute").as_str())?,
+            until_ms: r.try_get(format!("{prefix}throttle_until").as_str())?,
+        })
+    }
+
+    /// Whether it lowers anything at `now_ms`.
+    pub fn active_at(&self, now_ms: i64) -> bool {
+        self.until_ms.is_some_and(|u| u > now_ms)
+            && (self.requests_per_minute.is_some() || self.tokens_per_minute.is_some())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {
     pub id: i64,
@@ -96,6 +121,7 @@ pub struct Account {
     /// [`Store::with_leases`], zero otherwise.
     pub leased: NanoUsd,
     pub limits: LimitOverrides,
+    pub throttle: Throttle,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -125,6 +151,7 @@ impl Account {
             balance: NanoUsd::from_nanos(r.try_get("balance_nano")?),
             leased: NanoUsd::ZERO,
             limits: LimitOverrides::from_row(r)?,
+            throttle: Throttle::from_row(r, "")?,
             created_at: r.try_get("created_at")?,
             updated_at: r.try_get("updated_at")?,
         })
@@ -176,7 +203,8 @@ pub struct NewAccount {
 }
 
 const ACCOUNT_COLUMNS: &str = "id, email, password_hash, email_verified_at, status, role, balance_nano, \
-     requests_per_minute, tokens_per_minute, in_flight, created_at, updated_at";
+     requests_per_minute, tokens_per_minute, in_flight, throttle_requests_per_minute, \
+     throttle_tokens_per_minute, throttle_until, created_at, updated_at";
 
 impl Store {
     /// Creates an account with a zero balance. The e-mail must be valid; it is stored normalized.

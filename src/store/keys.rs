@@ -43,6 +43,7 @@ pub struct ApiKey {
     pub status: KeyStatus,
     pub expires_at: Option<i64>,
     pub limits: LimitOverrides,
+    pub throttle: super::accounts::Throttle,
     pub spend_cap: Option<NanoUsd>,
     /// Tier names the key may use; `None` means every tier.
     pub allowed_models: Option<Vec<String>>,
@@ -62,6 +63,7 @@ impl ApiKey {
             status: KeyStatus::parse(&r.try_get::<String, _>("status")?)?,
             expires_at: r.try_get("expires_at")?,
             limits: LimitOverrides::from_row(r)?,
+            throttle: super::accounts::Throttle::from_row(r, "")?,
             spend_cap: r
                 .try_get::<Option<i64>, _>("spend_cap_nano")?
                 .map(NanoUsd::from_nanos),
@@ -89,7 +91,8 @@ pub struct NewKey {
 }
 
 const KEY_COLUMNS: &str = "id, account_id, display_prefix, name, status, expires_at, requests_per_minute, \
-     tokens_per_minute, in_flight, spend_cap_nano, allowed_models, last_used_at, revoked_at, created_at";
+     tokens_per_minute, in_flight, throttle_requests_per_minute, throttle_tokens_per_minute, throttle_until, \
+     spend_cap_nano, allowed_models, last_used_at, revoked_at, created_at";
 
 impl Store {
     /// Stores a new key by its hash. The caller made the key (`crate::keys::generate`) and shows
@@ -246,6 +249,7 @@ pub struct KeyAuth {
     pub account_verified: bool,
     /// The account's own limits (all its keys together); `None` fields keep the conf default.
     pub account_limits: LimitOverrides,
+    pub account_throttle: super::accounts::Throttle,
 }
 
 static KEY_AUTH_SELECT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -256,7 +260,10 @@ static KEY_AUTH_SELECT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
     format!(
         "SELECT {}, k.key_hash, a.status AS account_status, a.email_verified_at AS account_verified_at,
                 a.requests_per_minute AS account_rpm, a.tokens_per_minute AS account_tpm,
-                a.in_flight AS account_in_flight
+                a.in_flight AS account_in_flight,
+                a.throttle_requests_per_minute AS account_throttle_requests_per_minute,
+                a.throttle_tokens_per_minute AS account_throttle_tokens_per_minute,
+                a.throttle_until AS account_throttle_until
          FROM api_keys k JOIN accounts a ON a.id = k.account_id",
         cols.join(", ")
     )
@@ -277,6 +284,7 @@ impl KeyAuth {
                 tokens_per_minute: r.try_get("account_tpm")?,
                 in_flight: r.try_get("account_in_flight")?,
             },
+            account_throttle: super::accounts::Throttle::from_row(r, "account_")?,
         })
     }
 }

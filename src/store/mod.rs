@@ -8,6 +8,7 @@
 //! never a read followed by a write across an await.
 
 mod accounts;
+mod controls;
 mod keys;
 mod leases;
 mod ledger;
@@ -17,7 +18,10 @@ mod sessions;
 mod stripe;
 mod usage;
 
-pub use accounts::{Account, AccountRef, AccountStatus, LimitOverrides, NewAccount, Role};
+pub use accounts::{
+    Account, AccountRef, AccountStatus, LimitOverrides, NewAccount, Role, Throttle,
+};
+pub use controls::Target;
 pub use keys::{ApiKey, KeyAuth, KeyStatus, NewKey};
 pub use leases::Settlement;
 pub use ledger::{BalanceProof, LedgerEntry, LedgerKind, NewLedgerEntry};

@@ -76,13 +76,18 @@ pub struct Limits3 {
 }
 
 impl Limits3 {
-    fn from(overrides: &crate::store::LimitOverrides, defaults: &KeyLimits) -> Limits3 {
+    fn from(
+        overrides: &crate::store::LimitOverrides,
+        throttle: &crate::store::Throttle,
+        defaults: &KeyLimits,
+        now_ms: i64,
+    ) -> Limits3 {
         let pick = |o: Option<i64>, d: u64| {
             o.and_then(|v| u64::try_from(v).ok())
                 .filter(|v| *v > 0)
                 .unwrap_or(d)
         };
-        Limits3 {
+        let mut l = Limits3 {
             requests_per_minute: pick(
                 overrides.requests_per_minute,
                 defaults.requests_per_minute.get().into(),
@@ -92,15 +97,35 @@ impl Limits3 {
                 defaults.tokens_per_minute.get(),
             ),
             in_flight: pick(overrides.in_flight, defaults.in_flight.get().into()),
+        };
+        if throttle.active_at(now_ms) {
+            l.requests_per_minute = pick(throttle.requests_per_minute, l.requests_per_minute)
+                .min(l.requests_per_minute);
+            l.tokens_per_minute =
+                pick(throttle.tokens_per_minute, l.tokens_per_minute).min(l.tokens_per_minute);
         }
+        l
     }
 }
 
 impl Effective {
-    pub fn of(caller: &Caller, conf: &Conf) -> Effective {
+    /// The key's and account's limits at `now_ms`: their own over the conf's defaults, lowered
+    /// while an operator's throttle is in force.
+    pub fn of(caller: &Caller, conf: &Conf, now_ms: i64) -> Effective {
+        let l = &conf.limits;
         Effective {
-            key: Limits3::from(&caller.key_limits, &conf.limits.default_key),
-            account: Limits3::from(&caller.account_limits, &conf.limits.default_account),
+            key: Limits3::from(
+                &caller.key_limits,
+                &caller.key_throttle,
+                &l.default_key,
+                now_ms,
+            ),
+            account: Limits3::from(
+                &caller.account_limits,
+                &caller.account_throttle,
+                &l.default_account,
+                now_ms,
+            ),
         }
     }
 
