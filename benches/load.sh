@@ -2,7 +2,10 @@
 # Load benchmark for the gateway. One run, three arms, for JSON and for SSE:
 #   direct       client → mock upstream
 #   passthrough  client → bare Pingora pass-through (benches/passthrough.rs) → mock
-#   gateway      client → duang-gateway (key auth, credit holds, billing, usage logging) → mock
+#   gateway      client → duang-gateway (key auth, limits in process, credit holds, billing,
+#                usage logging) → mock
+#   gw_redis     the same gateway with its rate limits in Redis (one Lua script per request),
+#                when a Redis answers at $REDIS (default redis://127.0.0.1:6379; REDIS= skips it)
 # and the memory that 1,000 idle concurrent streams cost the gateway.
 #
 # Layout as in ARCHITECTURE.md: wrk on core 0; the proxy under test and the mock on core 1.
@@ -19,6 +22,7 @@ CONNS=${CONNS:-64}
 IDLE_STREAMS=${IDLE_STREAMS:-1000}
 CLIENT_CORE=${CLIENT_CORE:-0}
 SERVER_CORE=${SERVER_CORE:-1}
+REDIS=${REDIS-redis://127.0.0.1:6379}
 
 command -v wrk >/dev/null || { echo "wrk is required: apt-get install wrk" >&2; exit 1; }
 cargo build --release --quiet --bins
@@ -52,6 +56,10 @@ url = "sqlite://$work/duang.db"
 requests_per_minute = 10000000
 tokens_per_minute = 1000000000000
 in_flight = 100000
+[limits.default_account]
+requests_per_minute = 10000000
+tokens_per_minute = 1000000000000
+in_flight = 100000
 [tiers.budget]
 input_usd_per_mtok = "0.12"
 output_usd_per_mtok = "0.48"
@@ -76,6 +84,24 @@ for _ in $(seq 1 200); do
   curl -sf "http://127.0.0.1:$GW_PORT/healthz" >/dev/null && break
   sleep 0.05
 done
+
+# The same gateway with Redis rate limits, on its own port (one of the two runs at a time).
+ARMS="direct passthrough gateway"
+if [ -n "$REDIS" ] && redis-cli -u "$REDIS" ping >/dev/null 2>&1; then
+  GW2_PORT=$(free_port); METRICS2_PORT=$(free_port)
+  sed -e "s/127.0.0.1:$GW_PORT/127.0.0.1:$GW2_PORT/" -e "s/127.0.0.1:$METRICS_PORT/127.0.0.1:$METRICS2_PORT/" \
+    "$work/duang.toml" >"$work/duang-redis.toml"
+  printf '[redis]\nurl = "%s"\nkey_prefix = "bench%s"\n' "$REDIS" "$RANDOM" >>"$work/duang-redis.toml"
+  RUST_LOG=error taskset -c "$SERVER_CORE" "$bin/duang-gateway" --conf "$work/duang-redis.toml" 2>"$work/gateway-redis.log" &
+  pids+=($!); GW2_PID=$!
+  for _ in $(seq 1 200); do
+    curl -sf "http://127.0.0.1:$GW2_PORT/healthz" >/dev/null && break
+    sleep 0.05
+  done
+  ARMS="$ARMS gw_redis"
+else
+  echo "no Redis at ${REDIS:-(none)}: the gw_redis arm is skipped" >&2
+fi
 
 cat >"$work/json.lua" <<'EOF'
 wrk.method = "POST"
@@ -113,11 +139,12 @@ EOF
 
 declare -A R
 for mode in json sse; do
-  for arm in direct passthrough gateway; do
+  for arm in $ARMS; do
     case $arm in
       direct) url="http://127.0.0.1:$MOCK_PORT/v1/chat/completions"; pid="" ;;
       passthrough) url="http://127.0.0.1:$PASS_PORT/v1/chat/completions"; pid=$PASS_PID ;;
       gateway) url="http://127.0.0.1:$GW_PORT/v1/chat/completions"; pid=$GW_PID ;;
+      gw_redis) url="http://127.0.0.1:$GW2_PORT/v1/chat/completions"; pid=$GW2_PID ;;
     esac
     before=0; [ -n "$pid" ] && before=$(cpu_ticks "$pid")
     # PERF_ARM=sse.gateway (say) records a CPU profile of that arm into $PERF_OUT.
@@ -143,7 +170,7 @@ echo
 echo "Load: wrk -t1 -c$CONNS -d$DURATION on core $CLIENT_CORE (latency: -c1); proxy and mock on core $SERVER_CORE; $(nproc) cores, $(date -u +%F)"
 printf '%-5s %-12s %9s %11s %11s %11s %11s %11s\n' mode arm req/s "p50_us@$CONNS" "p99_us@$CONNS" cpu_us/req p50_us@1 p99_us@1
 for mode in json sse; do
-  for arm in direct passthrough gateway; do
+  for arm in $ARMS; do
     read -r rps p50 p99 cpu l50 l99 <<<"${R[$mode.$arm]}"
     printf '%-5s %-12s %9s %11s %11s %11s %11s %11s\n' "$mode" "$arm" "$rps" "$p50" "$p99" "$cpu" "$l50" "$l99"
   done
@@ -153,6 +180,10 @@ for mode in json sse; do
   read -r prps _ _ pcpu pl50 pl99 <<<"${R[$mode.passthrough]}"
   read -r grps _ _ gcpu gl50 gl99 <<<"${R[$mode.gateway]}"
   python3 -c "print(f'$mode: gateway adds p50 {int($gl50) - int($pl50)} us, p99 {int($gl99) - int($pl99)} us over the pass-through (one connection), {int($gcpu) - int($pcpu)} us of CPU per request, at {100 * $grps / $prps:.0f}% of its req/s under load (targets: <= 100 us, <= 500 us, >= 70%)')"
+  if [ -n "${R[$mode.gw_redis]:-}" ]; then
+    read -r rrps _ _ rcpu rl50 rl99 <<<"${R[$mode.gw_redis]}"
+    python3 -c "print(f'$mode: Redis limits add p50 {int($rl50) - int($gl50)} us, p99 {int($rl99) - int($gl99)} us (one connection), {int($rcpu) - int($gcpu)} us of gateway CPU per request, and run at {100 * $rrps / $grps:.0f}% of the in-process limits req/s')"
+  fi
 done
 
 # Memory: idle concurrent streams (the mock sends one chunk, then waits a minute).
