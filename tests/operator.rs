@@ -545,6 +545,17 @@ async fn limits_and_throttles_are_set_with_reasons(backend: Backend) {
     assert_eq!(key.throttle.requests_per_minute, Some(2));
     assert!(key.throttle.active_at(duang::time::now_ms()));
 
+    let r = op
+        .json(
+            Method::POST,
+            &format!("/api/v1/operator/keys/{key_id}/limits"),
+            Some(json!({"tokens_per_minute": 5000, "reason": "batch job"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.json()["tokens_per_minute"], 5000);
+
     let audit = admin.t.store.audit_log(dot.id).await.expect("audit");
     let has = |action: &str, says: &str| {
         audit
@@ -555,4 +566,5 @@ async fn limits_and_throttles_are_set_with_reasons(backend: Backend) {
     assert!(has("account.throttle", "burst from a scraper"));
     assert!(has("account.unthrottle", "calmed down"));
     assert!(has("key.throttle", "retry storm"));
+    assert!(has("key.limits", "batch job"));
 }

@@ -134,6 +134,7 @@ pub fn routes() -> Vec<ApiRoute> {
         route!(post "post" "/api/v1/operator/keys/{id}/status", Operator, "Suspend, reactivate or revoke a key", q &[], b STATUS, 200 "{key}", operator::api_key_status),
         route!(post "post" "/api/v1/operator/accounts/{id}/limits", Operator, "Set an account's own rate limits (empty: the conf's defaults)", q &[], b LIMITS, 200 "{account}", operator::api_limits),
         route!(post "post" "/api/v1/operator/accounts/{id}/throttle", Operator, "Throttle an account (lower its limits for a while) or lift it", q &[], b THROTTLE, 200 "{account}", operator::api_throttle),
+        route!(post "post" "/api/v1/operator/keys/{id}/limits", Operator, "Set a key's own rate limits (empty: the conf's defaults)", q &[], b LIMITS, 200 "{key}", operator::api_key_limits),
         route!(post "post" "/api/v1/operator/keys/{id}/throttle", Operator, "Throttle a key or lift it", q &[], b THROTTLE, 200 "{key}", operator::api_key_throttle),
         route!(get "get" "/api/v1/operator/refunds", Operator, "The refund requests waiting for review", q &[], b &[], 200 "{data: [refund request]}", refunds::api_queue),
         route!(post "post" "/api/v1/operator/refunds/{id}/approve", Operator, "Approve: take the credits, refund the payments through Stripe", q &[], b &[], 200 "{refund request}", refunds::api_approve),

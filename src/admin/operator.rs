@@ -210,12 +210,13 @@ fn limit_field(field: &'static str, v: &Option<String>) -> Result<Option<i64>, A
     }
 }
 
-pub async fn set_account_limits(
+/// Sets an account's or a key's own limits (operators are not bound by `[limits.key_max]`).
+pub async fn set_limits(
     state: &AppState,
     o: &Operator,
-    id: i64,
+    target: crate::store::Target,
     f: &LimitsForm,
-) -> Result<Account, AdminError> {
+) -> Result<(), AdminError> {
     let reason = need_reason(&f.reason)?;
     let limits = crate::store::LimitOverrides {
         requests_per_minute: limit_field("requests_per_minute", &f.requests_per_minute)?,
@@ -224,9 +225,9 @@ pub async fn set_account_limits(
     };
     state
         .store
-        .set_account_limits(id, &limits, &actor(o), Some(reason))
+        .set_limits(target, &limits, &actor(o), Some(reason))
         .await?;
-    Ok(state.store.account(&AccountRef::Id(id)).await?)
+    Ok(())
 }
 
 /// Throttles (or lifts the throttle of) an account or a key.
@@ -468,7 +469,7 @@ pub async fn limits_submit(
     Path(id): Path<i64>,
     Form(f): Form<LimitsForm>,
 ) -> Response {
-    let r = set_account_limits(&state, &o, id, &f).await;
+    let r = set_limits(&state, &o, crate::store::Target::Account(id), &f).await;
     back_to_account(&state, &o, id, r).await
 }
 
@@ -756,9 +757,20 @@ pub async fn api_limits(
     Path(id): Path<i64>,
     Json(f): Json<LimitsForm>,
 ) -> Result<Json<Value>, ApiError> {
+    set_limits(&state, &o, crate::store::Target::Account(id), &f).await?;
     Ok(Json(account_json(
-        &set_account_limits(&state, &o, id, &f).await?,
+        &state.store.account(&AccountRef::Id(id)).await?,
     )))
+}
+
+pub async fn api_key_limits(
+    State(state): State<AppState>,
+    o: Operator,
+    Path(id): Path<i64>,
+    Json(f): Json<LimitsForm>,
+) -> Result<Json<Value>, ApiError> {
+    set_limits(&state, &o, crate::store::Target::Key(id), &f).await?;
+    Ok(Json(super::keys_web::key_json(&state.store.key(id).await?)))
 }
 
 pub async fn api_throttle(

@@ -23,10 +23,10 @@ fn check_positive(what: &str, v: Option<i64>) -> Result<(), StoreError> {
 }
 
 impl Store {
-    /// Sets an account's own limits (`None` fields: the conf's defaults).
-    pub async fn set_account_limits(
+    /// Sets an account's or a key's own limits (`None` fields: the conf's defaults).
+    pub async fn set_limits(
         &self,
-        account_id: i64,
+        target: Target,
         limits: &LimitOverrides,
         actor: &str,
         reason: Option<&str>,
@@ -34,22 +34,27 @@ impl Store {
         check_positive("requests per minute", limits.requests_per_minute)?;
         check_positive("tokens per minute", limits.tokens_per_minute)?;
         check_positive("requests in flight", limits.in_flight)?;
+        let (table, id, noun) = match target {
+            Target::Account(id) => ("accounts", id, "account"),
+            Target::Key(id) => ("api_keys", id, "key"),
+        };
         let mut tx = self.begin_write().await?;
-        let n = sqlx::query(
-            "UPDATE accounts SET requests_per_minute = $1, tokens_per_minute = $2, in_flight = $3,
-                 updated_at = $4 WHERE id = $5",
-        )
+        let n = sqlx::query(&format!(
+            "UPDATE {table} SET requests_per_minute = $1, tokens_per_minute = $2, in_flight = $3,
+                 updated_at = $4 WHERE id = $5"
+        ))
         .bind(limits.requests_per_minute)
         .bind(limits.tokens_per_minute)
         .bind(limits.in_flight)
         .bind(now_ms())
-        .bind(account_id)
+        .bind(id)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if n == 0 {
-            return Err(StoreError::not_found("account", account_id));
+            return Err(StoreError::not_found(noun, id));
         }
+        let (account_id, key_id) = owner(&mut tx, target).await?;
         let what = format!(
             "limits: {} req/min, {} tok/min, {} in flight{}",
             shown(limits.requests_per_minute),
@@ -57,15 +62,8 @@ impl Store {
             shown(limits.in_flight),
             reason.map(|r| format!(" ({r})")).unwrap_or_default()
         );
-        audit(
-            &mut tx,
-            actor,
-            "account.limits",
-            Some(account_id),
-            None,
-            Some(&what),
-        )
-        .await?;
+        let action = format!("{noun}.limits");
+        audit(&mut tx, actor, &action, account_id, key_id, Some(&what)).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -122,17 +120,8 @@ impl Store {
                 id,
             ));
         }
-        let (account_id, key_id, noun) = match target {
-            Target::Account(id) => (Some(id), None, "account"),
-            Target::Key(id) => {
-                let row = sqlx::query("SELECT account_id FROM api_keys WHERE id = $1")
-                    .bind(id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                use sqlx::Row;
-                (Some(row.try_get::<i64, _>("account_id")?), Some(id), "key")
-            }
-        };
+        let (account_id, key_id) = owner(&mut tx, target).await?;
+        let noun = if key_id.is_some() { "key" } else { "account" };
         let action = format!("{noun}.{}", if lifting { "unthrottle" } else { "throttle" });
         let what = if lifting {
             reason.unwrap_or("lifted").to_owned()
@@ -151,6 +140,24 @@ impl Store {
         audit(&mut tx, actor, &action, account_id, key_id, Some(&what)).await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// The account (and key) a target names, for the audit log.
+async fn owner(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    target: Target,
+) -> Result<(Option<i64>, Option<i64>), StoreError> {
+    use sqlx::Row;
+    match target {
+        Target::Account(id) => Ok((Some(id), None)),
+        Target::Key(id) => {
+            let row = sqlx::query("SELECT account_id FROM api_keys WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut **tx)
+                .await?;
+            Ok((Some(row.try_get::<i64, _>("account_id")?), Some(id)))
+        }
     }
 }
 
