@@ -111,6 +111,43 @@ impl Knobs {
             fault: m["fault"].as_str().map(str::to_owned),
             fault_after: num("fault_after", 1),
         }
+        .with_model_faults(req["model"].as_str().unwrap_or_default())
+    }
+
+    /// Faults named by the model, so that one upstream of a tier fails and the next does not
+    /// (the gateway sends each upstream its own model name): `fault-status-500`,
+    /// `fault-status-429-retry-2`, `fault-reset`, `fault-malformed`, `fault-stall`,
+    /// `fault-error_body`, `fault-nousage`, `fault-slow-1000` (milliseconds before answering).
+    fn with_model_faults(mut self, model: &str) -> Knobs {
+        let Some(spec) = model.strip_prefix("fault-") else {
+            return self;
+        };
+        let parts: Vec<&str> = spec.split('-').collect();
+        let mut i = 0;
+        while i < parts.len() {
+            let next = parts.get(i + 1).and_then(|v| v.parse::<u64>().ok());
+            match parts[i] {
+                "status" => {
+                    self.status = next.and_then(|v| u16::try_from(v).ok());
+                    i += 1;
+                }
+                "retry" => {
+                    self.retry_after_s = next;
+                    i += 1;
+                }
+                "slow" => {
+                    self.ttft = Duration::from_millis(next.unwrap_or(1000));
+                    i += 1;
+                }
+                "nousage" => self.usage = false,
+                f @ ("reset" | "malformed" | "stall" | "error_body") => {
+                    self.fault = Some(f.to_owned())
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        self
     }
 }
 
@@ -209,6 +246,45 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
         return axum::Json(json!({"error": {"message": "mock: upstream error in a 200", "type": "server_error", "param": null, "code": null}})).into_response();
     }
     if req["stream"].as_bool() != Some(true) {
+        match k.fault.as_deref() {
+            // A JSON answer that is not JSON.
+            Some("malformed") => {
+                return (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    "{\"id\": \"chatcmpl-mock\", \"choices\": [",
+                )
+                    .into_response();
+            }
+            // Part of an answer, then the connection breaks or goes silent.
+            Some(f @ ("reset" | "stall")) => {
+                let reset = f == "reset";
+                let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(2);
+                tokio::spawn(async move {
+                    let _ = tx
+                        .send(Ok(Bytes::from_static(b"{\"id\": \"chatcmpl-mock\", ")))
+                        .await;
+                    pause(Duration::from_millis(50)).await;
+                    if reset {
+                        let _ = tx
+                            .send(Err(io::Error::new(
+                                io::ErrorKind::ConnectionReset,
+                                "mock reset",
+                            )))
+                            .await;
+                    } else {
+                        tx.closed().await;
+                    }
+                });
+                let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|item| (item, rx))
+                });
+                return Response::builder()
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from_stream(stream))
+                    .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+            }
+            _ => {}
+        }
         let content: String = (0..k.chunks).map(|i| format!("tok{i} ")).collect();
         let mut v = json!({
             "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,

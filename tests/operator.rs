@@ -274,7 +274,21 @@ async fn operators_suspend_reactivate_terminate_and_adjust_with_reasons(backend:
 }
 
 async fn revenue_margin_and_upstream_health_come_from_the_records(backend: Backend) {
-    let admin = Admin::new(backend).await;
+    // The gateway's metrics endpoint, saying one upstream is cooling down.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let metrics_addr = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(|| async {
+                "duang_upstream_cooling{model=\"openai-model\",provider=\"openai\"} 1\nduang_upstream_cooling{model=\"anthropic-model\",provider=\"anthropic\"} 0\n"
+            }),
+        );
+        let _ = axum::serve(listener, app).await;
+    });
+    let admin = Admin::with_conf(backend, |t| t.replace("127.0.0.1:9090", &metrics_addr)).await;
     let mut customer = admin.browser([10, 0, 0, 1]);
     customer.sign_up("cat@example.com").await;
     let cat = admin.account("cat@example.com").await;
@@ -398,8 +412,11 @@ async fn revenue_margin_and_upstream_health_come_from_the_records(backend: Backe
         .expect("anthropic")
         .clone();
     assert_eq!(anthropic["fallbacks"], 1);
+    assert_eq!(openai["cooling_down"], true, "as the gateway's metrics say");
+    assert_eq!(anthropic["cooling_down"], false);
     let page = op.get("/operator/upstreams").await;
     assert!(page.body.contains("50.0%") && page.body.contains("anthropic-model"));
+    assert!(page.body.contains("cooling down"));
 }
 
 /// The OpenAPI document lists every JSON route, and every route it lists is served.

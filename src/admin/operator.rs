@@ -643,14 +643,47 @@ pub async fn revenue(
     .into_response()
 }
 
+/// Which upstream models the gateway has in a cool-down now, read from its metrics endpoint
+/// (`gateway.metrics_listen`); `None` when the gateway does not answer.
+async fn cooling_now(state: &AppState) -> Option<Vec<(String, String)>> {
+    let url = format!("http://{}/metrics", state.conf.gateway.metrics_listen);
+    let text = reqwest::Client::new()
+        .get(url)
+        .timeout(std::time::Duration::from_secs(1))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let label = |line: &str, name: &str| {
+        let at = line.find(&format!("{name}=\""))? + name.len() + 2;
+        Some(line[at..].split('"').next()?.to_owned())
+    };
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with("duang_upstream_cooling{") && l.trim_end().ends_with(" 1"))
+            .filter_map(|l| Some((label(l, "provider")?, label(l, "model")?)))
+            .collect(),
+    )
+}
+
 pub async fn upstreams_json(state: &AppState) -> Result<Value, AdminError> {
     let since = now_ms() - DAY_MS;
     let stats = state.store.upstream_stats(since).await?;
+    let cooling = cooling_now(state).await;
+    let is_cooling = |p: &str, m: &str| {
+        cooling
+            .as_ref()
+            .map(|c| c.iter().any(|(cp, cm)| cp == p && cm == m))
+    };
     Ok(json!({
         "since_ms": since,
+        "gateway_metrics": cooling.is_some(),
         "data": stats.iter().map(|s| json!({
             "provider": s.provider,
             "model": s.model,
+            "cooling_down": is_cooling(&s.provider, &s.model),
             "requests": s.requests,
             "errors": s.errors,
             "error_rate": if s.requests > 0 { s.errors as f64 / s.requests as f64 } else { 0.0 },
@@ -671,9 +704,9 @@ pub async fn upstreams(State(state): State<AppState>, o: Operator) -> Response {
         (operator_nav())
         section.card {
             h1 { "Upstream status, last 24 hours" }
-            p.muted { "From the usage records: an error is an answer of 500 or more (including no answer at all); a fallback is a request that needed more than one upstream." }
+            p.muted { "From the usage records: an error is an answer of 500 or more (including no answer at all); a fallback is a request that needed more than one upstream. Cool-downs are as the gateway at " (state.conf.gateway.metrics_listen) " reports them now" @if v["gateway_metrics"] == false { " (it does not answer)" } "." }
             table #upstreams {
-                thead { tr { th { "Provider" } th { "Model" } th { "Requests" } th { "Errors" } th { "Error rate" } th { "Avg latency" } th { "Avg first token" } th { "Fallbacks" } th { "Last error" } } }
+                thead { tr { th { "Provider" } th { "Model" } th { "Requests" } th { "Errors" } th { "Error rate" } th { "Avg latency" } th { "Avg first token" } th { "Fallbacks" } th { "Last error" } th { "State" } } }
                 tbody { @for s in v["data"].as_array().into_iter().flatten() { tr {
                     td { (s["provider"].as_str().unwrap_or_default()) } td { code { (s["model"].as_str().unwrap_or_default()) } }
                     td { (s["requests"]) } td { (s["errors"]) }
@@ -682,6 +715,7 @@ pub async fn upstreams(State(state): State<AppState>, o: Operator) -> Response {
                     td { @if let Some(t) = s["avg_ttft_ms"].as_i64() { (t) " ms" } @else { "—" } }
                     td { (s["fallbacks"]) }
                     td { (s["last_error_at_ms"].as_i64().map(format_utc).unwrap_or_else(|| "—".into())) }
+                    td { @match s["cooling_down"].as_bool() { Some(true) => { strong.status-suspended { "cooling down" } } Some(false) => { "serving" } None => { "—" } } }
                 } } }
             }
         }

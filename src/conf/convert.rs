@@ -532,6 +532,13 @@ impl Checker<'_> {
             p.first_byte_timeout_ms,
         );
         let idle = self.duration_ms(&format!("{at}.idle_timeout_ms"), p.idle_timeout_ms);
+        let after = self.positive::<u32>(
+            &format!("{at}.cooldown_after_failures"),
+            p.cooldown_after_failures,
+            1000,
+            "failures in a row",
+        );
+        let cooldown = self.duration_ms(&format!("{at}.cooldown_ms"), p.cooldown_ms);
         if p.models.is_empty() {
             self.err(
                 format!("{at}.models"),
@@ -568,6 +575,8 @@ impl Checker<'_> {
             connect_timeout: connect?,
             first_byte_timeout: first_byte?,
             idle_timeout: idle?,
+            cooldown_after_failures: after?,
+            cooldown: cooldown?,
             models,
         })
     }

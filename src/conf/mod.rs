@@ -227,6 +227,9 @@ pub struct Provider {
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Failures in a row that start a cool-down, and how long it lasts.
+    pub cooldown_after_failures: u32,
+    pub cooldown: Duration,
     /// Upstream model name → what it costs us.
     pub models: Vec<(String, TokenPrices)>,
 }

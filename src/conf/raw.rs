@@ -220,6 +220,10 @@ pub struct RawProvider {
     pub first_byte_timeout_ms: i64,
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: i64,
+    #[serde(default = "default_cooldown_after_failures")]
+    pub cooldown_after_failures: i64,
+    #[serde(default = "default_cooldown_ms")]
+    pub cooldown_ms: i64,
     #[serde(default)]
     pub models: IndexMap<String, RawModelPrices>,
 }
@@ -231,6 +235,12 @@ fn default_first_byte_timeout_ms() -> i64 {
     60_000
 }
 fn default_idle_timeout_ms() -> i64 {
+    30_000
+}
+fn default_cooldown_after_failures() -> i64 {
+    3
+}
+fn default_cooldown_ms() -> i64 {
     30_000
 }
 

@@ -104,7 +104,8 @@ pub async fn handle(
             .credit
             .hold(caller.account_id, worst, gw.store(), &gw.node_id, now)
             .await?;
-        let order = upstream::order(&tier.upstreams, &gw.picks[req.tier]);
+        let health = gw.health.tier(req.tier);
+        let order = upstream::order(&tier.upstreams, &gw.picks[req.tier], health, now);
         if order.is_empty() {
             return Err(ApiError::NoUpstream {
                 tier: tier.name.clone(),
@@ -119,9 +120,12 @@ pub async fn handle(
             conf,
             &gw.connector,
             &gw.endpoints,
+            &tier.upstreams,
             &order,
+            health,
             |u| req.upstream_body(&u.model),
             req.stream,
+            MAX_JSON_ANSWER,
         )
         .await?;
         METRICS
@@ -370,7 +374,12 @@ async fn relay_json(
     out: &mut Outcome,
     timeout: std::time::Duration,
 ) {
-    let body = match read_all(answer, timeout).await {
+    let pre_read = answer.body.take();
+    let body = match pre_read {
+        Some(b) => Ok(b),
+        None => read_all(answer, timeout).await,
+    };
+    let body = match body {
         Ok(b) => b,
         Err(detail) => {
             let e = ApiError::UpstreamUnavailable { detail };

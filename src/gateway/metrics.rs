@@ -23,6 +23,8 @@ pub struct Metrics {
     pub rate_limit_fallbacks: prometheus::IntCounter,
     /// Requests refused for a rate limit, by which limit.
     pub rate_limited: IntCounterVec,
+    /// 1 while an upstream model is cooling down (skipped), 0 once it answers again.
+    pub upstream_cooling: prometheus::IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -77,7 +79,18 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     r.register(Box::new(fallbacks.clone()))
         .expect("unique metric");
+    let cooling = prometheus::IntGaugeVec::new(
+        Opts::new(
+            "duang_upstream_cooling",
+            "1 while an upstream model is cooling down after failures, 0 once it answers again",
+        ),
+        &["provider", "model"],
+    )
+    .expect("valid metric");
+    r.register(Box::new(cooling.clone()))
+        .expect("unique metric");
     Metrics {
+        upstream_cooling: cooling,
         redis_up,
         rate_limit_fallbacks: fallbacks,
         rate_limited: counter(

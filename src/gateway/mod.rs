@@ -12,6 +12,7 @@
 pub mod auth;
 mod chat;
 pub mod error;
+pub mod health;
 pub mod hold;
 pub mod limits;
 pub mod metrics;

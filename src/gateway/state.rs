@@ -32,6 +32,8 @@ pub struct Gateway {
     pub endpoints: Vec<Endpoint>,
     /// One weighted-pick counter per tier.
     pub picks: Vec<AtomicU64>,
+    /// Cool-down state of every tier's upstreams.
+    pub health: super::health::HealthBook,
     pub models_body: Bytes,
 }
 
@@ -54,6 +56,7 @@ impl Gateway {
             connector: Connector::new(None),
             endpoints: conf.providers.iter().map(Endpoint::new).collect(),
             picks: conf.tiers.iter().map(|_| AtomicU64::new(0)).collect(),
+            health: super::health::HealthBook::new(&conf),
             models_body: super::models::models_body(&conf),
             conf,
         })

@@ -5,6 +5,7 @@
 //! off the request path (Pingora's peer constructor would resolve with a blocking call).
 
 use super::error::ApiError;
+use super::health::{Health, retry_after};
 use crate::conf::{Conf, Provider, Upstream};
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
@@ -85,35 +86,50 @@ impl Endpoint {
     }
 }
 
-/// The fallback order for one request: a weighted pick first, then the rest in conf order.
-pub fn order<'a>(upstreams: &'a [Upstream], counter: &AtomicU64) -> Vec<&'a Upstream> {
-    let enabled: Vec<&Upstream> = upstreams.iter().filter(|u| u.enabled).collect();
-    let total: u64 = enabled.iter().map(|u| u64::from(u.weight)).sum();
-    if total == 0 {
-        return enabled;
-    }
-    let mut ticket = counter.fetch_add(1, Ordering::Relaxed) % total;
-    let first = enabled
+/// The fallback order for one request, as indices into the tier's upstreams: a weighted pick
+/// first, then the rest in conf order; upstreams cooling down go last (still tried when every
+/// other one has failed).
+pub fn order(
+    upstreams: &[Upstream],
+    counter: &AtomicU64,
+    health: &[Health],
+    now_ms: i64,
+) -> Vec<usize> {
+    let enabled: Vec<usize> = (0..upstreams.len())
+        .filter(|i| upstreams[*i].enabled)
+        .collect();
+    let total: u64 = enabled
         .iter()
-        .position(|u| {
-            let w = u64::from(u.weight);
-            if ticket < w {
-                true
-            } else {
-                ticket -= w;
-                false
-            }
-        })
-        .unwrap_or(0);
+        .map(|i| u64::from(upstreams[*i].weight))
+        .sum();
     let mut out = Vec::with_capacity(enabled.len());
-    out.push(enabled[first]);
-    out.extend(
-        enabled
+    if total == 0 {
+        out.extend(enabled.iter().copied());
+    } else {
+        let mut ticket = counter.fetch_add(1, Ordering::Relaxed) % total;
+        let first = enabled
             .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != first)
-            .map(|(_, u)| *u),
-    );
+            .position(|i| {
+                let w = u64::from(upstreams[*i].weight);
+                if ticket < w {
+                    true
+                } else {
+                    ticket -= w;
+                    false
+                }
+            })
+            .unwrap_or(0);
+        out.push(enabled[first]);
+        out.extend(
+            enabled
+                .iter()
+                .enumerate()
+                .filter(|(n, _)| *n != first)
+                .map(|(_, i)| *i),
+        );
+    }
+    // Stable: cooling upstreams keep their relative order, after the healthy ones.
+    out.sort_by_key(|i| health.get(*i).is_some_and(|h| h.cooling(now_ms)));
     out
 }
 
@@ -125,6 +141,8 @@ pub struct Answer {
     pub status: u16,
     pub attempts: u32,
     pub first_byte: Instant,
+    /// A JSON answer, read and checked before anything reached the client.
+    pub body: Option<Bytes>,
 }
 
 /// Why one attempt failed before any answer.
@@ -240,45 +258,145 @@ fn classify(e: &pingora::Error, host: &str) -> AttemptError {
     }
 }
 
-/// Sends the request to the tier's upstreams in order until one answers with something other
-/// than 429 or 5xx (or the last one answers at all). Nothing has been written to the client yet.
+/// Why a 2xx answer is not a usable one (checked before anything reaches the client, so the
+/// request can still move to the next upstream).
+fn unusable(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(_) => return Some("answered 200 with a body that is not JSON".into()),
+    };
+    if let Some(e) = v.get("error") {
+        let m = e["message"].as_str().unwrap_or("no message");
+        return Some(format!("answered 200 with an error: {m}"));
+    }
+    if !v["choices"].is_array() {
+        return Some("answered 200 without choices".into());
+    }
+    None
+}
+
+/// Reads a JSON answer whole (bounded by `limit` bytes, `idle` between reads).
+async fn read_body(
+    session: &mut HttpSession,
+    idle: Duration,
+    limit: usize,
+) -> Result<Bytes, String> {
+    session.set_read_timeout(Some(idle));
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match session.read_response_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    return Err("the answer is too large".into());
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Err(e) => return Err(format!("the answer broke off ({})", e.etype().as_str())),
+        }
+    }
+}
+
+/// Sends the request to the tier's upstreams in `order` until one gives a usable answer. A
+/// connect error, a timeout, a 429, a 5xx, and (for JSON) an answer that is not a completion
+/// move on to the next, as long as nothing has reached the client; the last upstream's 429 or
+/// 5xx is returned for the caller to pass on. Each outcome feeds the upstream's cool-down.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site, each argument a different part of the request"
+)]
 pub async fn send(
     conf: &Conf,
     connector: &Connector,
     endpoints: &[Endpoint],
-    order: &[&Upstream],
+    upstreams: &[Upstream],
+    order: &[usize],
+    health: &[Health],
     body_for: impl Fn(&Upstream) -> Bytes,
     stream: bool,
+    json_limit: usize,
 ) -> Result<Answer, ApiError> {
     let mut last_err: Option<AttemptError> = None;
-    for (i, u) in order.iter().enumerate() {
-        let attempts = i as u32 + 1;
+    for (n, &i) in order.iter().enumerate() {
+        let u = &upstreams[i];
+        let h = &health[i];
+        let last = n + 1 == order.len();
+        let attempts = n as u32 + 1;
         let p = &conf.providers[u.provider];
         let ep = &endpoints[u.provider];
+        let now = crate::time::now_ms();
         match attempt(connector, ep, p, body_for(u), stream).await {
-            Ok((session, peer)) => {
-                let status = session.response_header().map_or(502, |h| h.status.as_u16());
-                let retryable = status == 429 || status >= 500;
-                if retryable && i + 1 < order.len() {
-                    tracing::warn!(provider = %u.provider_name, model = %u.model, status, "upstream failed before the first byte; trying the next");
-                    last_err = Some(AttemptError::Connect(format!(
-                        "{} answered {status}",
-                        ep.host
-                    )));
-                    continue;
+            Ok((mut session, peer)) => {
+                let header = session.response_header();
+                let status = header.map_or(502, |h| h.status.as_u16());
+                let is_sse = header
+                    .and_then(|h| h.headers.get("content-type"))
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("text/event-stream"));
+                if status == 429 || status >= 500 {
+                    h.failed(
+                        p,
+                        u,
+                        now,
+                        header.filter(|_| status == 429).and_then(retry_after),
+                    );
+                    if !last {
+                        tracing::warn!(provider = %u.provider_name, model = %u.model, status, "upstream failed before the first byte; trying the next");
+                        last_err = Some(AttemptError::Connect(format!(
+                            "{} answered {status}",
+                            ep.host
+                        )));
+                        session.shutdown().await;
+                        continue;
+                    }
+                }
+                let mut body = None;
+                if (200..300).contains(&status) && (!stream || !is_sse) {
+                    // A JSON answer (or a stream that came back as JSON): read and check it now.
+                    let problem = match read_body(&mut session, p.idle_timeout, json_limit).await {
+                        Ok(b) => {
+                            let problem = if stream {
+                                Some(unusable(&b).unwrap_or_else(|| {
+                                    "answered JSON to a streaming request".into()
+                                }))
+                            } else {
+                                unusable(&b)
+                            };
+                            body = Some(b);
+                            problem
+                        }
+                        Err(e) => Some(e),
+                    };
+                    if let Some(problem) = problem {
+                        h.failed(p, u, now, None);
+                        tracing::warn!(provider = %u.provider_name, model = %u.model, problem = %problem, "upstream answer not usable");
+                        session.shutdown().await;
+                        if last {
+                            return Err(ApiError::UpstreamUnavailable {
+                                detail: format!("{} {problem}", ep.host),
+                            });
+                        }
+                        last_err = Some(AttemptError::Connect(format!("{} {problem}", ep.host)));
+                        continue;
+                    }
+                }
+                if (200..300).contains(&status) {
+                    h.succeeded(u);
                 }
                 return Ok(Answer {
                     session,
                     peer,
-                    upstream: (*u).clone(),
+                    upstream: u.clone(),
                     status,
                     attempts,
                     first_byte: Instant::now(),
+                    body,
                 });
             }
             Err(e) => {
                 let (AttemptError::Connect(d) | AttemptError::Timeout(d)) = &e;
                 tracing::warn!(provider = %u.provider_name, model = %u.model, detail = %d, "upstream attempt failed");
+                h.failed(p, u, now, None);
                 last_err = Some(e);
             }
         }

@@ -63,6 +63,17 @@ impl Mock {
     }
 }
 
+/// The faults of the matrix tiers `f_<fault>` (see `conf_text`).
+pub const FAULTS: &[&str] = &[
+    "status-500",
+    "status-503",
+    "status-429-retry-30",
+    "reset",
+    "malformed",
+    "stall",
+    "error_body",
+];
+
 /// Conf for gateway tests: tiers over the mock and over a dead address, small limits.
 pub fn conf_text(
     store_url: &str,
@@ -74,6 +85,19 @@ pub fn conf_text(
     redis: &str,
 ) -> String {
     let ca_file = tls_fixture("ca.pem");
+    // The fault matrix: each tier's first upstream fails one way (the mock reads the fault from
+    // the model name), its second is the healthy mock.
+    let mut fault_tiers = String::new();
+    let mut fault_models = String::new();
+    for f in FAULTS {
+        fault_tiers.push_str(&format!(
+            "[tiers.f_{t}]\ninput_usd_per_mtok = \"0.12\"\noutput_usd_per_mtok = \"0.48\"\ndefault_max_output_tokens = 1000\nupstreams = [{{ provider = \"mock\", model = \"fault-{f}\" }}, {{ provider = \"mock\", model = \"mock-small\", weight = 0 }}]\n\n",
+            t = f.replace('-', "_")
+        ));
+        fault_models.push_str(&format!(
+            "models.\"fault-{f}\" = {{ input_usd_per_mtok = \"0.10\", output_usd_per_mtok = \"0.40\" }}\n"
+        ));
+    }
     format!(
         r#"
 [gateway]
@@ -123,6 +147,22 @@ input_usd_per_mtok = "1"
 output_usd_per_mtok = "1"
 upstreams = [{{ provider = "untrusted", model = "mock-small" }}]
 
+{fault_tiers}
+[tiers.f_slow_headers]
+input_usd_per_mtok = "0.12"
+output_usd_per_mtok = "0.48"
+upstreams = [{{ provider = "impatient", model = "fault-slow-1000" }}, {{ provider = "mock", model = "mock-small", weight = 0 }}]
+
+[tiers.f_tls]
+input_usd_per_mtok = "0.12"
+output_usd_per_mtok = "0.48"
+upstreams = [{{ provider = "untrusted", model = "mock-small" }}, {{ provider = "mock", model = "mock-small", weight = 0 }}]
+
+[tiers.f_nousage]
+input_usd_per_mtok = "0.12"
+output_usd_per_mtok = "0.48"
+upstreams = [{{ provider = "mock", model = "fault-nousage" }}]
+
 [tiers.slow]
 input_usd_per_mtok = "1"
 output_usd_per_mtok = "1"
@@ -135,14 +175,18 @@ api_key_env = "DUANG_TEST_MOCK_KEY"
 connect_timeout_ms = 1000
 first_byte_timeout_ms = 5000
 idle_timeout_ms = 1500
+cooldown_after_failures = 3
+cooldown_ms = 1000
 models."mock-small" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
 models."mock-large" = {{ input_usd_per_mtok = "3", output_usd_per_mtok = "15" }}
-
+models."fault-nousage" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
+{fault_models}
 [providers.impatient]
 kind = "openai"
 base_url = "http://127.0.0.1:{mock_port}/v1"
 first_byte_timeout_ms = 300
 models."mock-small" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
+models."fault-slow-1000" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
 
 [providers.secure]
 kind = "openai"
