@@ -133,15 +133,7 @@ async fn the_fault_matrix(backend: Backend) {
     );
     assert_eq!(s.record.upstream_model.as_deref(), Some("mock-small"));
     add(&s);
-    let metrics = relay
-        .client
-        .get(&relay.metrics)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = relay.metrics_text().await;
     assert!(
         metrics.contains(
             "duang_upstream_cooling{model=\"fault-status-429-retry-30\",provider=\"mock\"} 1"
@@ -246,15 +238,7 @@ async fn an_upstream_that_keeps_failing_cools_down_then_is_probed(backend: Backe
         (200, 1),
         "skipped while cooling down"
     );
-    let metrics = relay
-        .client
-        .get(&relay.metrics)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = relay.metrics_text().await;
     assert!(
         metrics.contains("duang_upstream_cooling{model=\"fault-status-503\",provider=\"mock\"} 1")
     );

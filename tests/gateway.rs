@@ -90,15 +90,7 @@ async fn completion_is_routed_billed_and_recorded(backend: Backend) {
             .checked_sub(budget_cost(4))
             .expect("sub")
     );
-    let metrics = relay
-        .client
-        .get(&relay.metrics)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = relay.metrics_text().await;
     assert!(
         metrics.contains(
             r#"duang_requests_total{route="/v1/chat/completions",status="200",tier="budget"} 1"#

@@ -238,15 +238,7 @@ async fn redis_limits() {
     requests_per_minute_count_down_then_refuse(&relay).await;
     tokens_are_bounded_at_admission_and_corrected_after(&relay).await;
     in_flight_counts_the_requests_still_running(&relay).await;
-    let metrics = relay
-        .client
-        .get(&relay.metrics)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = relay.metrics_text().await;
     assert!(metrics.contains("duang_redis_up 1"), "{metrics}");
 }
 

@@ -364,6 +364,18 @@ impl Relay {
         Node::spawn(self._dir.path(), &*self.conf_for).await
     }
 
+    /// The gateway's Prometheus text.
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(&self.metrics)
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
     pub fn store(&self) -> &Store {
         &self.t.store
     }
