@@ -168,6 +168,7 @@ fn main() -> io::Result<()> {
         let stats = Arc::new(Stats::default());
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
+            .route("/v1/messages", post(messages))
             .route("/_mock/stats", get(stats_handler))
             .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(AppState {
@@ -184,6 +185,92 @@ fn main() -> io::Result<()> {
         )
         .await
     })
+}
+
+const ANTHROPIC_MESSAGE: &str = include_str!("../tests/fixtures/anthropic/message.json");
+const ANTHROPIC_STREAM: &str = include_str!("../tests/fixtures/anthropic/stream.sse");
+const ANTHROPIC_TOOL_STREAM: &str = include_str!("../tests/fixtures/anthropic/tool_stream.sse");
+
+fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({"type": "error", "error": {"type": kind, "message": message}})),
+    )
+        .into_response()
+}
+
+/// Anthropic's Messages API: replays the recorded fixtures (`tests/fixtures/anthropic`).
+async fn messages(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    s.stats.requests.fetch_add(1, Ordering::SeqCst);
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "body is not JSON",
+        );
+    };
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    if let Ok(mut last) = s.stats.last_request.lock() {
+        *last = json!({
+            "body": req,
+            "body_bytes": body.len(),
+            "x-api-key": header("x-api-key"),
+            "anthropic-version": header("anthropic-version"),
+            "authorization": header("authorization"),
+        });
+    }
+    if header("anthropic-version").is_none() {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "anthropic-version: header is required",
+        );
+    }
+    if !req["max_tokens"].is_u64() || !req["messages"].is_array() {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "max_tokens and messages are required",
+        );
+    }
+    let model = req["model"].as_str().unwrap_or("claude").to_owned();
+    if model == "fault-overloaded" {
+        return anthropic_error(
+            StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            "overloaded_error",
+            "Overloaded",
+        );
+    }
+    if req["stream"].as_bool() != Some(true) {
+        let text = ANTHROPIC_MESSAGE.replace("MODEL", &model);
+        return ([(header::CONTENT_TYPE, "application/json")], text).into_response();
+    }
+    let fixture = if req["tools"].is_array() {
+        ANTHROPIC_TOOL_STREAM
+    } else {
+        ANTHROPIC_STREAM
+    };
+    let events: Vec<Bytes> = fixture
+        .replace("MODEL", &model)
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| Bytes::from(format!("{e}\n\n")))
+        .collect();
+    let gap = Knobs::new(&s.args, &json!({})).gap;
+    let stream = futures_util::stream::unfold(events.into_iter(), move |mut it| async move {
+        let next = it.next()?;
+        pause(gap).await;
+        Some((Ok::<_, io::Error>(next), it))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 /// Sleeps, but not at all for zero: a zero-length tokio sleep still waits for the next timer tick

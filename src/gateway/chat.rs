@@ -9,6 +9,7 @@ use super::request::{ChatRequest, parse_chat, read_body};
 use super::service::RequestCtx;
 use super::state::Gateway;
 use super::upstream::{self, Answer};
+use crate::conf::ProviderKind;
 use crate::money::{NanoUsd, Rounding};
 use crate::store::{Settlement, UsageRecord};
 use bytes::{Bytes, BytesMut};
@@ -74,6 +75,14 @@ pub async fn handle(
                     "The request's worst-case cost is out of range.",
                 )
             })?;
+        // Fields an upstream of this tier could not honour are refused before anything is held.
+        if tier
+            .upstreams
+            .iter()
+            .any(|u| u.enabled && conf.providers[u.provider].kind == ProviderKind::Anthropic)
+        {
+            super::anthropic::check(&req.body)?;
+        }
         let limits = super::limits::Effective::of(&caller, conf, now);
         let admission = match gw
             .limits
@@ -123,7 +132,16 @@ pub async fn handle(
             &tier.upstreams,
             &order,
             health,
-            |u| req.upstream_body(&u.model),
+            |u| match conf.providers[u.provider].kind {
+                ProviderKind::Anthropic => super::anthropic::request(
+                    &req.body,
+                    &u.model,
+                    req.stream,
+                    u64::from(tier.default_max_output_tokens.get()),
+                )
+                .unwrap_or_default(),
+                _ => req.upstream_body(&u.model),
+            },
             req.stream,
             MAX_JSON_ANSWER,
         )
@@ -351,7 +369,17 @@ async fn relay(
     if req.stream {
         relay_stream(gw, session, ctx, req, &mut answer, &mut out).await;
     } else {
-        relay_json(session, ctx, req, &mut answer, &mut out, p.idle_timeout).await;
+        let anthropic = p.kind == ProviderKind::Anthropic;
+        relay_json(
+            session,
+            ctx,
+            req,
+            &mut answer,
+            &mut out,
+            p.idle_timeout,
+            anthropic,
+        )
+        .await;
     }
     out.provider_cost = answer
         .upstream
@@ -373,6 +401,7 @@ async fn relay_json(
     answer: &mut Answer,
     out: &mut Outcome,
     timeout: std::time::Duration,
+    anthropic: bool,
 ) {
     let pre_read = answer.body.take();
     let body = match pre_read {
@@ -389,7 +418,13 @@ async fn relay_json(
             return;
         }
     };
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let body = if anthropic {
+        v = super::anthropic::response(&v);
+        Bytes::from(v.to_string())
+    } else {
+        body
+    };
     out.usage = usage_of(&v).unwrap_or_else(|| Usage {
         input_tokens: count_tokens(&req.prompt_text()),
         output_tokens: counted_json_output_tokens(&v),
@@ -420,6 +455,8 @@ async fn relay_stream(
 ) {
     let p = &gw.conf.providers[answer.upstream.provider];
     let mut sse = SseRelay::new(req.client_wants_usage);
+    let mut translate =
+        (p.kind == ProviderKind::Anthropic).then(super::anthropic::StreamTranslator::default);
     let header = match response_header(200, "text/event-stream", ctx, None) {
         Ok(h) => h,
         Err(_) => return,
@@ -433,7 +470,10 @@ async fn relay_stream(
     loop {
         match answer.session.read_response_body().await {
             Ok(Some(chunk)) => {
-                let pass = sse.feed(&chunk);
+                let pass = match translate.as_mut() {
+                    Some(t) => sse.feed(&t.feed(&chunk)),
+                    None => sse.feed(&chunk),
+                };
                 if pass.is_empty() {
                     continue;
                 }

@@ -9,6 +9,7 @@
 //! 7. settle: bill the real usage and queue the usage record ([`chat`]); the [`worker`] writes
 //!    batches, keeps the key cache fresh and returns idle leases.
 
+pub mod anthropic;
 pub mod auth;
 mod chat;
 pub mod error;

@@ -168,7 +168,12 @@ fn request_header(
     body_len: usize,
     stream: bool,
 ) -> pingora::Result<RequestHeader> {
-    let path = format!("{}/chat/completions", ep.base_path);
+    let anthropic = p.kind == crate::conf::ProviderKind::Anthropic;
+    let path = if anthropic {
+        format!("{}/messages", ep.base_path)
+    } else {
+        format!("{}/chat/completions", ep.base_path)
+    };
     let mut h = RequestHeader::build("POST", path.as_bytes(), Some(8))?;
     let host = if (ep.tls && ep.port == 443) || (!ep.tls && ep.port == 80) {
         ep.host.clone()
@@ -192,7 +197,12 @@ fn request_header(
         "user-agent",
         concat!("duang-relay/", env!("CARGO_PKG_VERSION")),
     )?;
-    if let Some(key) = &p.api_key {
+    if anthropic {
+        h.insert_header("anthropic-version", super::anthropic::VERSION)?;
+        if let Some(key) = &p.api_key {
+            h.insert_header("x-api-key", key.expose().as_str())?;
+        }
+    } else if let Some(key) = &p.api_key {
         h.insert_header("authorization", format!("Bearer {}", key.expose()))?;
     }
     Ok(h)
@@ -260,7 +270,7 @@ fn classify(e: &pingora::Error, host: &str) -> AttemptError {
 
 /// Why a 2xx answer is not a usable one (checked before anything reaches the client, so the
 /// request can still move to the next upstream).
-fn unusable(body: &[u8]) -> Option<String> {
+fn unusable(body: &[u8], kind: crate::conf::ProviderKind) -> Option<String> {
     let v: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(_) => return Some("answered 200 with a body that is not JSON".into()),
@@ -269,7 +279,11 @@ fn unusable(body: &[u8]) -> Option<String> {
         let m = e["message"].as_str().unwrap_or("no message");
         return Some(format!("answered 200 with an error: {m}"));
     }
-    if !v["choices"].is_array() {
+    if kind == crate::conf::ProviderKind::Anthropic {
+        if !super::anthropic::is_message(&v) {
+            return Some("answered 200 without a message".into());
+        }
+    } else if !v["choices"].is_array() {
         return Some("answered 200 without choices".into());
     }
     None
@@ -356,11 +370,11 @@ pub async fn send(
                     let problem = match read_body(&mut session, p.idle_timeout, json_limit).await {
                         Ok(b) => {
                             let problem = if stream {
-                                Some(unusable(&b).unwrap_or_else(|| {
+                                Some(unusable(&b, p.kind).unwrap_or_else(|| {
                                     "answered JSON to a streaming request".into()
                                 }))
                             } else {
-                                unusable(&b)
+                                unusable(&b, p.kind)
                             };
                             body = Some(b);
                             problem

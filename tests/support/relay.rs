@@ -163,6 +163,17 @@ input_usd_per_mtok = "0.12"
 output_usd_per_mtok = "0.48"
 upstreams = [{{ provider = "mock", model = "fault-nousage" }}]
 
+[tiers.claude]
+input_usd_per_mtok = "3.60"
+output_usd_per_mtok = "18.00"
+default_max_output_tokens = 1000
+upstreams = [{{ provider = "claude", model = "claude-sonnet" }}]
+
+[tiers.claude_fallback]
+input_usd_per_mtok = "0.12"
+output_usd_per_mtok = "0.48"
+upstreams = [{{ provider = "claude", model = "fault-overloaded" }}, {{ provider = "mock", model = "mock-small", weight = 0 }}]
+
 [tiers.slow]
 input_usd_per_mtok = "1"
 output_usd_per_mtok = "1"
@@ -181,6 +192,13 @@ models."mock-small" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.4
 models."mock-large" = {{ input_usd_per_mtok = "3", output_usd_per_mtok = "15" }}
 models."fault-nousage" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
 {fault_models}
+[providers.claude]
+kind = "anthropic"
+base_url = "http://127.0.0.1:{mock_port}/v1"
+api_key_env = "DUANG_TEST_MOCK_KEY"
+models."claude-sonnet" = {{ input_usd_per_mtok = "3", output_usd_per_mtok = "15" }}
+models."fault-overloaded" = {{ input_usd_per_mtok = "3", output_usd_per_mtok = "15" }}
+
 [providers.impatient]
 kind = "openai"
 base_url = "http://127.0.0.1:{mock_port}/v1"

@@ -1,0 +1,186 @@
+//! The `anthropic` provider kind against Anthropic's wire format (the mock upstream replays the
+//! documented Messages API answers in `tests/fixtures/anthropic`): requests translated, answers
+//! and streams translated back event by event, billed from Anthropic's own counts; fields it
+//! cannot take refused before any credit is held; its overload error moving to the next upstream.
+
+mod support;
+
+use duang::conf::Backend;
+use duang::money::NanoUsd;
+use serde_json::{Value, json};
+use support::relay::{PROVIDER_KEY, Relay};
+
+fn ask(model: &str) -> Value {
+    json!({"model": model, "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say hello."}
+    ]})
+}
+
+fn events(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).expect("each event is JSON"))
+        .collect()
+}
+
+/// claude tier: $3.60 / $18.00 per 1M tokens.
+fn claude_cost(input: i64, output: i64) -> NanoUsd {
+    NanoUsd::from_nanos(input * 3600 + output * 18000)
+}
+
+async fn anthropic_upstreams_speak_openai_to_clients(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
+
+    // A JSON answer.
+    let r = relay.post(ask("claude")).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "claude-sonnet");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "Hello! How can I help you today?"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["prompt_tokens"], 16, "input plus cache reads");
+    assert_eq!(v["usage"]["completion_tokens"], 9);
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 4);
+    let seen = relay.mock.stats().await["last_request"].clone();
+    assert_eq!(seen["x-api-key"], PROVIDER_KEY);
+    assert_eq!(seen["anthropic-version"], "2023-06-01");
+    assert!(
+        seen["authorization"].is_null(),
+        "no bearer header to Anthropic"
+    );
+    assert_eq!(seen["body"]["model"], "claude-sonnet");
+    assert_eq!(seen["body"]["system"], "Be brief.");
+    assert_eq!(
+        seen["body"]["messages"],
+        json!([{"role": "user", "content": "Say hello."}])
+    );
+    assert_eq!(
+        seen["body"]["max_tokens"], 1000,
+        "the tier's default cap: Anthropic needs one"
+    );
+
+    // A stream: text deltas, the stop reason, [DONE]; usage only for those who ask.
+    let mut body = ask("claude");
+    body["stream"] = json!(true);
+    let text = relay.post(body.clone()).await.text().await.expect("body");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let ev = events(&text);
+    let content: String = ev
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "Hello!");
+    assert!(
+        ev.iter()
+            .any(|e| e["choices"][0]["finish_reason"] == "stop")
+    );
+    assert!(ev.iter().all(|e| e.get("usage").is_none()), "{text}");
+    body["stream_options"] = json!({"include_usage": true});
+    let text = relay.post(body).await.text().await.expect("body");
+    let usage = events(&text)
+        .into_iter()
+        .find_map(|e| e.get("usage").cloned())
+        .expect("usage chunk");
+    assert_eq!(
+        (
+            usage["prompt_tokens"].as_i64(),
+            usage["completion_tokens"].as_i64()
+        ),
+        (Some(25), Some(15))
+    );
+
+    // Tool calls, streamed as OpenAI tool_call deltas.
+    let mut tools = ask("claude");
+    tools["stream"] = json!(true);
+    tools["tools"] = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}}}]);
+    let text = relay.post(tools).await.text().await.expect("body");
+    let ev = events(&text);
+    let calls: Vec<&Value> = ev
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["tool_calls"].get(0))
+        .collect();
+    assert_eq!(calls[0]["id"], "toolu_01T1x1fJ34qAmk2tNTrN7Up6");
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    let args: String = calls
+        .iter()
+        .filter_map(|c| c["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&args).expect("arguments"),
+        json!({"location": "San Francisco, CA"})
+    );
+    assert!(
+        ev.iter()
+            .any(|e| e["choices"][0]["finish_reason"] == "tool_calls")
+    );
+    let seen = relay.mock.stats().await["last_request"].clone();
+    assert_eq!(seen["body"]["tools"][0]["name"], "get_weather");
+    assert_eq!(
+        seen["body"]["tools"][0]["input_schema"]["properties"]["location"]["type"],
+        "string"
+    );
+
+    // Billed from Anthropic's counts: 16 + 9, 25 + 15 (twice), 472 + 89.
+    let records = relay.usage(4).await;
+    let billed: NanoUsd = records.iter().map(|u| u.billed).sum();
+    let expected = [
+        claude_cost(16, 9),
+        claude_cost(25, 15),
+        claude_cost(25, 15),
+        claude_cost(472, 89),
+    ];
+    assert_eq!(billed, expected.into_iter().sum::<NanoUsd>());
+    assert!(
+        records
+            .iter()
+            .all(|u| u.provider.as_deref() == Some("claude"))
+    );
+}
+
+async fn what_anthropic_cannot_take_is_refused_first_and_its_overload_falls_back(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
+    let before = relay.credit().await;
+    let calls = relay.mock.stats().await["requests"].as_u64().unwrap_or(0);
+    let mut two = ask("claude");
+    two["n"] = json!(2);
+    let r = relay.post(two).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["param"], "n");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("n > 1 is not supported")
+    );
+    assert_eq!(
+        relay.mock.stats().await["requests"].as_u64().unwrap_or(0),
+        calls,
+        "nothing sent upstream"
+    );
+    assert_eq!(relay.credit().await, before, "nothing held or billed");
+
+    // Anthropic's 529 overloaded_error moves the request on, unseen.
+    let r = relay.post(ask("claude_fallback")).await;
+    assert_eq!(r.status(), 200);
+    let records = relay.usage(2).await;
+    let served = records
+        .iter()
+        .find(|u| u.tier == "claude_fallback")
+        .expect("record");
+    assert_eq!(
+        (served.attempts, served.upstream_model.as_deref()),
+        (2, Some("mock-small"))
+    );
+}
+
+support::on_both_stores!(
+    anthropic_upstreams_speak_openai_to_clients,
+    what_anthropic_cannot_take_is_refused_first_and_its_overload_falls_back,
+);
