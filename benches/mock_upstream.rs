@@ -187,6 +187,28 @@ fn main() -> io::Result<()> {
     })
 }
 
+const GEMINI_MESSAGE: &str = include_str!("../tests/fixtures/gemini/message.json");
+const GEMINI_STREAM: &str = include_str!("../tests/fixtures/gemini/stream.sse");
+
+/// Gemini's OpenAI-compatible answers (`tests/fixtures/gemini`), for models named
+/// `gemini-fixture…`.
+fn gemini_fixture(req: &Value) -> Option<Response> {
+    let model = req["model"]
+        .as_str()
+        .filter(|m| m.starts_with("gemini-fixture"))?;
+    if req["stream"].as_bool() != Some(true) {
+        let text = GEMINI_MESSAGE.replace("MODEL", model);
+        return Some(([(header::CONTENT_TYPE, "application/json")], text).into_response());
+    }
+    Some(
+        (
+            [(header::CONTENT_TYPE, "text/event-stream")],
+            GEMINI_STREAM.replace("MODEL", model),
+        )
+            .into_response(),
+    )
+}
+
 const ANTHROPIC_MESSAGE: &str = include_str!("../tests/fixtures/anthropic/message.json");
 const ANTHROPIC_STREAM: &str = include_str!("../tests/fixtures/anthropic/stream.sse");
 const ANTHROPIC_TOOL_STREAM: &str = include_str!("../tests/fixtures/anthropic/tool_stream.sse");
@@ -318,6 +340,9 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
         });
     }
     let k = Knobs::new(&s.args, &req);
+    if let Some(r) = gemini_fixture(&req) {
+        return r;
+    }
     pause(k.ttft).await;
     if let Some(status) = k.status {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -174,6 +174,11 @@ input_usd_per_mtok = "0.12"
 output_usd_per_mtok = "0.48"
 upstreams = [{{ provider = "claude", model = "fault-overloaded" }}, {{ provider = "mock", model = "mock-small", weight = 0 }}]
 
+[tiers.gemini]
+input_usd_per_mtok = "0.12"
+output_usd_per_mtok = "0.48"
+upstreams = [{{ provider = "gemini", model = "gemini-fixture-flash" }}]
+
 [tiers.slow]
 input_usd_per_mtok = "1"
 output_usd_per_mtok = "1"
@@ -198,6 +203,12 @@ base_url = "http://127.0.0.1:{mock_port}/v1"
 api_key_env = "DUANG_TEST_MOCK_KEY"
 models."claude-sonnet" = {{ input_usd_per_mtok = "3", output_usd_per_mtok = "15" }}
 models."fault-overloaded" = {{ input_usd_per_mtok = "3", output_usd_per_mtok = "15" }}
+
+[providers.gemini]
+kind = "gemini"
+base_url = "http://127.0.0.1:{mock_port}/v1"
+api_key_env = "DUANG_TEST_MOCK_KEY"
+models."gemini-fixture-flash" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
 
 [providers.impatient]
 kind = "openai"

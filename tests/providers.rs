@@ -1,4 +1,4 @@
-//! The `anthropic` provider kind against Anthropic's wire format (the mock upstream replays the
+//! Provider kinds against their wire formats. The `anthropic` kind against Anthropic's (the mock upstream replays the
 //! documented Messages API answers in `tests/fixtures/anthropic`): requests translated, answers
 //! and streams translated back event by event, billed from Anthropic's own counts; fields it
 //! cannot take refused before any credit is held; its overload error moving to the next upstream.
@@ -180,7 +180,34 @@ async fn what_anthropic_cannot_take_is_refused_first_and_its_overload_falls_back
     );
 }
 
+/// Gemini's OpenAI-compatible endpoint puts `usage` in the last content chunk: it is billed from
+/// there, and (as the chunk carries content) passed on.
+async fn gemini_streams_and_bills_with_usage_in_the_last_chunk(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
+    let r = relay.post(ask("gemini")).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello there!");
+    let mut body = ask("gemini");
+    body["stream"] = json!(true);
+    let text = relay.post(body).await.text().await.expect("body");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let content: String = events(&text)
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "Hello there!");
+    let seen = relay.mock.stats().await["last_request"].clone();
+    assert_eq!(seen["authorization"], format!("Bearer {PROVIDER_KEY}"));
+    let records = relay.usage(2).await;
+    for u in &records {
+        assert_eq!((u.input_tokens, u.output_tokens), (9, 3), "{u:?}");
+        assert_eq!(u.billed, NanoUsd::from_nanos(9 * 120 + 3 * 480));
+    }
+}
+
 support::on_both_stores!(
+    gemini_streams_and_bills_with_usage_in_the_last_chunk,
     anthropic_upstreams_speak_openai_to_clients,
     what_anthropic_cannot_take_is_refused_first_and_its_overload_falls_back,
 );
