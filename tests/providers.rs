@@ -206,7 +206,109 @@ async fn gemini_streams_and_bills_with_usage_in_the_last_chunk(backend: Backend)
     }
 }
 
+async fn messages_post(relay: &Relay, key: &str, body: Value) -> reqwest::Response {
+    relay
+        .client
+        .post(format!("{}/v1/messages", relay.base))
+        .header("x-api-key", key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+}
+
+/// Clients built for Claude call `POST /v1/messages` with the same keys, tiers and billing, and
+/// get Anthropic's answer, stream and error shapes.
+async fn anthropic_clients_use_v1_messages(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
+    let ask = json!({"model": "budget", "max_tokens": 50, "system": "Be brief.",
+                     "messages": [{"role": "user", "content": [{"type": "text", "text": "Say hello."}]}]});
+    let r = messages_post(&relay, &relay.key, ask.clone()).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(
+        (v["type"].as_str(), v["role"].as_str()),
+        (Some("message"), Some("assistant"))
+    );
+    assert_eq!(
+        v["content"],
+        json!([{"type": "text", "text": "tok0 tok1 tok2 tok3 "}])
+    );
+    assert_eq!(v["stop_reason"], "end_turn");
+    assert_eq!(v["usage"], json!({"input_tokens": 10, "output_tokens": 4}));
+    let seen = relay.mock.stats().await["last_request"].clone();
+    assert_eq!(
+        seen["body"]["messages"][0],
+        json!({"role": "system", "content": "Be brief."})
+    );
+    assert_eq!(seen["body"]["max_tokens"], 50);
+    assert_eq!(seen["body"]["model"], "mock-small");
+
+    let mut stream = ask.clone();
+    stream["stream"] = json!(true);
+    let text = messages_post(&relay, &relay.key, stream)
+        .await
+        .text()
+        .await
+        .expect("body");
+    let names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(names.first(), Some(&"message_start"), "{text}");
+    assert_eq!(&names[names.len() - 2..], ["message_delta", "message_stop"]);
+    assert!(names.contains(&"content_block_start") && names.contains(&"content_block_stop"));
+    let data: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).expect("json"))
+        .collect();
+    let said: String = data
+        .iter()
+        .filter_map(|d| d["delta"]["text"].as_str())
+        .collect();
+    assert_eq!(said, "tok0 tok1 tok2 tok3 ");
+    let delta = data
+        .iter()
+        .find(|d| d["type"] == "message_delta")
+        .expect("message_delta");
+    assert_eq!(delta["usage"]["output_tokens"], 4);
+    assert_eq!(delta["delta"]["stop_reason"], "end_turn");
+    assert!(
+        !text.contains("chat.completion"),
+        "nothing of OpenAI's shape leaks: {text}"
+    );
+
+    // Errors in Anthropic's shape.
+    let mut no_max = ask.clone();
+    no_max.as_object_mut().expect("object").remove("max_tokens");
+    let r = messages_post(&relay, &relay.key, no_max).await;
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(
+        (v["type"].as_str(), v["error"]["type"].as_str()),
+        (Some("error"), Some("invalid_request_error"))
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_tokens")
+    );
+    let r = messages_post(&relay, "sk-relay_not-a-key", ask).await;
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["type"], "authentication_error");
+
+    // Billed like any request of the tier (the refused key left no record: it is nobody's).
+    let records = relay.usage(3).await;
+    let billed: NanoUsd = records.iter().map(|u| u.billed).sum();
+    assert_eq!(billed, NanoUsd::from_nanos(2 * (10 * 120 + 4 * 480)));
+}
+
 support::on_both_stores!(
+    anthropic_clients_use_v1_messages,
     gemini_streams_and_bills_with_usage_in_the_last_chunk,
     anthropic_upstreams_speak_openai_to_clients,
     what_anthropic_cannot_take_is_refused_first_and_its_overload_falls_back,

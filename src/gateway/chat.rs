@@ -3,6 +3,7 @@
 //! and tells Pingora it is done, so bodies of any size reach the upstream.
 
 use super::error::ApiError;
+use super::inbound::ClientFormat;
 use super::metrics::METRICS;
 use super::relay::{SseRelay, Usage, count_tokens, counted_json_output_tokens, usage_of};
 use super::request::{ChatRequest, parse_chat, read_body};
@@ -51,7 +52,11 @@ pub async fn handle(
         .await?;
     let body = read_body(session, conf.gateway.max_request_body_bytes.get()).await;
     let result = async {
-        let req = parse_chat(conf, &body?)?;
+        let body = match ctx.format {
+            ClientFormat::Anthropic => super::inbound::to_openai(&body?)?,
+            ClientFormat::OpenAi => body?,
+        };
+        let req = parse_chat(conf, &body)?;
         ctx.stream = req.stream;
         let tier = &conf.tiers[req.tier];
         ctx.tier = Some(tier.name.clone());
@@ -429,6 +434,10 @@ async fn relay_json(
         input_tokens: count_tokens(&req.prompt_text()),
         output_tokens: counted_json_output_tokens(&v),
     });
+    let body = match ctx.format {
+        ClientFormat::Anthropic => Bytes::from(super::inbound::message(&v).to_string()),
+        ClientFormat::OpenAi => body,
+    };
     ctx.first_byte = Some(Instant::now());
     let written = async {
         session
@@ -454,7 +463,14 @@ async fn relay_stream(
     out: &mut Outcome,
 ) {
     let p = &gw.conf.providers[answer.upstream.provider];
-    let mut sse = SseRelay::new(req.client_wants_usage);
+    let to_anthropic = ctx.format == ClientFormat::Anthropic;
+    // An Anthropic client gets the usage in `message_delta`, so the usage chunk is always kept.
+    let mut sse = SseRelay::new(req.client_wants_usage || to_anthropic);
+    let mut events = to_anthropic.then(super::inbound::EventsFromChunks::default);
+    let mut shape = move |b: Bytes| match events.as_mut() {
+        Some(e) => e.feed(&b),
+        None => b,
+    };
     let mut translate =
         (p.kind == ProviderKind::Anthropic).then(super::anthropic::StreamTranslator::default);
     let header = match response_header(200, "text/event-stream", ctx, None) {
@@ -470,10 +486,10 @@ async fn relay_stream(
     loop {
         match answer.session.read_response_body().await {
             Ok(Some(chunk)) => {
-                let pass = match translate.as_mut() {
+                let pass = shape(match translate.as_mut() {
                     Some(t) => sse.feed(&t.feed(&chunk)),
                     None => sse.feed(&chunk),
-                };
+                });
                 if pass.is_empty() {
                     continue;
                 }
@@ -491,7 +507,7 @@ async fn relay_stream(
                 }
             }
             Ok(None) => {
-                let rest = sse.finish();
+                let rest = shape(sse.finish());
                 let _ = session.write_response_body(Some(rest), true).await;
                 break;
             }
@@ -513,7 +529,8 @@ async fn relay_stream(
     if let Some(e) = failed {
         let mut tail = BytesMut::from(&sse.finish()[..]);
         tail.extend_from_slice(&e.sse_event());
-        let _ = session.write_response_body(Some(tail.freeze()), true).await;
+        let tail = shape(tail.freeze());
+        let _ = session.write_response_body(Some(tail), true).await;
         out.error_code = Some(e.code().to_owned());
         if sse.events == 0 {
             // Nothing was generated: the request costs nothing.
@@ -533,7 +550,10 @@ pub async fn write_error(
     e: &ApiError,
 ) -> pingora::Result<()> {
     ctx.status = e.status();
-    let body = e.body();
+    let body = match ctx.format {
+        ClientFormat::Anthropic => super::inbound::error_body(e),
+        ClientFormat::OpenAi => e.body(),
+    };
     if let ApiError::RateLimited { retry_after_ms, .. } = e {
         ctx.retry_after_s = Some(retry_after_ms.div_ceil(1000).max(1));
     }

@@ -15,6 +15,7 @@ mod chat;
 pub mod error;
 pub mod health;
 pub mod hold;
+pub mod inbound;
 pub mod limits;
 pub mod metrics;
 mod models;

@@ -40,6 +40,8 @@ pub struct RequestCtx {
     pub rate_headers: Option<super::limits::RateHeaders>,
     /// Seconds for `Retry-After` on a 429.
     pub retry_after_s: Option<u64>,
+    /// The API shape the client speaks (set by the route).
+    pub format: super::inbound::ClientFormat,
 }
 
 impl Default for RequestCtx {
@@ -54,6 +56,7 @@ impl Default for RequestCtx {
             first_byte: None,
             rate_headers: None,
             retry_after_s: None,
+            format: super::inbound::ClientFormat::OpenAi,
         }
     }
 }
@@ -61,7 +64,7 @@ impl Default for RequestCtx {
 /// Request metrics, with the route label limited to the routes we serve.
 fn observe(path: &str, ctx: &RequestCtx) {
     let route = match path {
-        "/v1/chat/completions" | "/v1/models" | "/healthz" => path,
+        "/v1/chat/completions" | "/v1/messages" | "/v1/models" | "/healthz" => path,
         _ => "other",
     };
     let tier = ctx.tier.as_deref().unwrap_or("");
@@ -108,6 +111,14 @@ impl ProxyHttp for GatewayService {
                 }
                 r
             }
+            ("POST", "/v1/messages") => {
+                ctx.format = super::inbound::ClientFormat::Anthropic;
+                let r = super::chat::handle(&self.gateway, session, ctx).await;
+                if r.is_ok() && ctx.status == 0 {
+                    ctx.status = 200;
+                }
+                r
+            }
             ("GET", "/healthz") => {
                 ctx.status = if self.gateway.store().is_some() {
                     200
@@ -127,7 +138,7 @@ impl ProxyHttp for GatewayService {
                 respond_json(session, 200, self.gateway.models_body.clone()).await?;
                 Ok(())
             }
-            (_, "/healthz" | "/v1/models" | "/v1/chat/completions") => {
+            (_, "/healthz" | "/v1/models" | "/v1/chat/completions" | "/v1/messages") => {
                 Err(ApiError::MethodNotAllowed {
                     method: method.to_string(),
                     path: path.clone(),
