@@ -23,6 +23,9 @@ IDLE_STREAMS=${IDLE_STREAMS:-1000}
 CLIENT_CORE=${CLIENT_CORE:-0}
 SERVER_CORE=${SERVER_CORE:-1}
 REDIS=${REDIS-redis://127.0.0.1:6379}
+# The store the gateway writes usage to: a SQLite file of its own by default; STORE_URL (an
+# existing, empty PostgreSQL database) moves that work out of the gateway's process.
+STORE_URL=${STORE_URL:-}
 
 command -v wrk >/dev/null || { echo "wrk is required: apt-get install wrk" >&2; exit 1; }
 cargo build --release --quiet --bins
@@ -51,7 +54,7 @@ listen = "127.0.0.1:$GW_PORT"
 metrics_listen = "127.0.0.1:$METRICS_PORT"
 threads = 1
 [store]
-url = "sqlite://$work/duang.db"
+url = "${STORE_URL:-sqlite://$work/duang.db}"
 [limits.default_key]
 requests_per_minute = 10000000
 tokens_per_minute = 1000000000000
