@@ -15,6 +15,9 @@ use std::time::Duration;
 
 /// How often the spent amounts of capped keys are re-read from the store.
 pub const REFRESH_SPENT_EVERY: Duration = Duration::from_secs(1);
+/// A key unused this long (and with nothing held or unwritten) is forgotten; its next request
+/// reads its spending from the store again.
+const FORGET_AFTER_MS: i64 = 10 * 60 * 1000;
 
 #[derive(Default)]
 struct Spent {
@@ -25,6 +28,7 @@ struct Spent {
     unwritten: i64,
     /// Worst cases of requests in flight.
     holding: i64,
+    last_used_ms: i64,
 }
 
 #[derive(Default)]
@@ -88,6 +92,7 @@ impl SpendBook {
             }
         }
         let mut s = spent.lock().unwrap_or_else(|p| p.into_inner());
+        s.last_used_ms = crate::time::now_ms();
         let used = s.stored + s.unwritten;
         if used + s.holding + worst.nanos() > cap.nanos() {
             return Err(ApiError::SpendCapReached {
@@ -116,9 +121,15 @@ impl SpendBook {
         }
     }
 
-    /// Keys whose spending this node follows.
-    pub fn followed(&self) -> Vec<i64> {
-        let map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+    /// Keys whose spending this node follows; keys idle for [`FORGET_AFTER_MS`] with nothing
+    /// held or unwritten are forgotten first, so the book and the refresh stay as small as the
+    /// set of keys in use.
+    pub fn followed(&self, now_ms: i64) -> Vec<i64> {
+        let mut map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, spent| {
+            let s = spent.lock().unwrap_or_else(|p| p.into_inner());
+            s.holding != 0 || s.unwritten != 0 || now_ms - s.last_used_ms < FORGET_AFTER_MS
+        });
         map.keys().copied().collect()
     }
 
@@ -136,5 +147,28 @@ impl SpendBook {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_keys_are_forgotten_unless_something_is_pending() {
+        let book = SpendBook::default();
+        let idle = book.entry(1);
+        idle.lock().expect("lock").last_used_ms = 0;
+        let pending = book.entry(2);
+        {
+            let mut p = pending.lock().expect("lock");
+            p.last_used_ms = 0;
+            p.unwritten = 5;
+        }
+        let recent = book.entry(3);
+        recent.lock().expect("lock").last_used_ms = FORGET_AFTER_MS;
+        let mut followed = book.followed(FORGET_AFTER_MS + 1);
+        followed.sort_unstable();
+        assert_eq!(followed, [2, 3]);
     }
 }

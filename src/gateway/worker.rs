@@ -175,7 +175,7 @@ impl BackgroundService for Worker {
                 _ = idle.tick() => return_idle(gw, &store).await,
                 _ = spent.tick() => {
                     // Between batch writes, so what is stored and what is unwritten never overlap.
-                    let followed = gw.spend.followed();
+                    let followed = gw.spend.followed(crate::time::now_ms());
                     if !followed.is_empty() {
                         match store.key_spent(&followed).await {
                             Ok(totals) => gw.spend.refreshed(&totals, &followed),
