@@ -167,18 +167,30 @@ fn parse_nanos(digits: &str, original: &str) -> Result<i128, MoneyError> {
     Ok(whole * i128::from(NANOS_PER_USD) + frac_nanos)
 }
 
-/// `$1.50`, `-$0.00000012`, `$1,234.00`: exact, at least two decimals, no trailing zeros beyond.
-impl fmt::Display for NanoUsd {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl NanoUsd {
+    /// The sign, whole dollars and fraction (at least two decimals, no trailing zeros beyond).
+    fn parts(self) -> (&'static str, u64, String) {
         let sign = if self.0 < 0 { "-" } else { "" };
         let abs = self.0.unsigned_abs();
-        let whole = abs / NANOS_PER_USD as u64;
-        let frac = abs % NANOS_PER_USD as u64;
-        let mut frac_str = format!("{frac:09}");
+        let mut frac_str = format!("{:09}", abs % NANOS_PER_USD as u64);
         while frac_str.len() > 2 && frac_str.ends_with('0') {
             frac_str.pop();
         }
-        write!(f, "{sign}${}.{frac_str}", group_thousands(whole))
+        (sign, abs / NANOS_PER_USD as u64, frac_str)
+    }
+
+    /// A plain decimal for machines: `1.50`, `-0.00000012`, `1234.00` (no `$`, no grouping).
+    pub fn decimal(self) -> String {
+        let (sign, whole, frac) = self.parts();
+        format!("{sign}{whole}.{frac}")
+    }
+}
+
+/// `$1.50`, `-$0.00000012`, `$1,234.00`: exact, at least two decimals, no trailing zeros beyond.
+impl fmt::Display for NanoUsd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (sign, whole, frac) = self.parts();
+        write!(f, "{sign}${}.{frac}", group_thousands(whole))
     }
 }
 
@@ -248,8 +260,7 @@ impl PricePerMtok {
 
     /// As USD per million tokens, e.g. `0.12`, for display and for the `/v1/models` pricing.
     pub fn usd_per_mtok_string(self) -> String {
-        let s = NanoUsd(i64::try_from(self.0).unwrap_or(i64::MAX)).to_string();
-        s.trim_start_matches('$').replace(',', "")
+        NanoUsd(i64::try_from(self.0).unwrap_or(i64::MAX)).decimal()
     }
 }
 
@@ -353,6 +364,11 @@ mod tests {
         assert_eq!(NanoUsd::from_nanos(1_500_000_000).to_string(), "$1.50");
         assert_eq!(NanoUsd::from_nanos(-120).to_string(), "-$0.00000012");
         assert_eq!(NanoUsd::ZERO.to_string(), "$0.00");
+        assert_eq!(
+            NanoUsd::from_nanos(-1_234_500_000_000).decimal(),
+            "-1234.50"
+        );
+        assert_eq!(NanoUsd::from_nanos(120).decimal(), "0.00000012");
         assert_eq!(
             NanoUsd::from_cents(123_456_789).expect("fits").to_string(),
             "$1,234,567.89"

@@ -338,7 +338,7 @@ pub fn account_json(state: &AppState, a: &Account) -> Value {
         "email_verified": a.is_verified(),
         "status": a.status.as_str(),
         "role": a.role.as_str(),
-        "balance_usd": a.credit().to_string().trim_start_matches('$').replace(',', ""),
+        "balance_usd": a.credit().decimal(),
         "balance_nano_usd": a.credit().nanos(),
         "low_balance": a.credit() < state.conf.admin.low_balance_warning,
         "created_at_ms": a.created_at,

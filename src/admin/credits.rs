@@ -7,7 +7,7 @@
 //! timestamp, unreadable JSON) and 5xx when the store failed, so Stripe delivers it again.
 
 use super::error::{AdminError, ApiError};
-use super::pages::{csrf_field, form_error, page};
+use super::pages::{cents_text, csrf_field, form_error, page};
 use super::server::AppState;
 use super::stripe::{CheckoutRequest, verify_signature};
 use super::web::SignedIn;
@@ -31,12 +31,6 @@ pub struct BuyRequest {
     amount_usd: Option<String>,
     /// A token of the page the form was on: the same click sent twice makes one Checkout Session.
     nonce: Option<String>,
-}
-
-fn cents_text(cents: i64) -> String {
-    NanoUsd::from_cents(cents)
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| format!("{cents}¢"))
 }
 
 /// Checks the amount against the conf's packages and custom bounds.

@@ -122,7 +122,7 @@ pub fn usage_json(r: &UsageRecord) -> Value {
         "error_code": r.error_code,
         "input_tokens": r.input_tokens,
         "output_tokens": r.output_tokens,
-        "billed_usd": r.billed.to_string().trim_start_matches('$').replace(',', ""),
+        "billed_usd": r.billed.decimal(),
         "billed_nano_usd": r.billed.nanos(),
         "latency_ms": r.latency_ms,
         "ttft_ms": r.ttft_ms,

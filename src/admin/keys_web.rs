@@ -183,7 +183,7 @@ pub fn key_json(k: &ApiKey) -> Value {
         "tokens_per_minute": k.limits.tokens_per_minute,
         "in_flight": k.limits.in_flight,
         "throttle": k.throttle.active_at(crate::time::now_ms()).then(|| json!({"requests_per_minute": k.throttle.requests_per_minute, "tokens_per_minute": k.throttle.tokens_per_minute, "until_ms": k.throttle.until_ms})),
-        "spend_cap_usd": k.spend_cap.map(|c| c.to_string().trim_start_matches('$').replace(',', "")),
+        "spend_cap_usd": k.spend_cap.map(NanoUsd::decimal),
     })
 }
 

@@ -47,10 +47,6 @@ fn actor(o: &Operator) -> String {
     format!("operator:{}", o.0.account.email)
 }
 
-fn usd(n: NanoUsd) -> String {
-    n.to_string().trim_start_matches('$').replace(',', "")
-}
-
 // ── Actions ───────────────────────────────────────────────────────────────────────────────────
 
 #[derive(Debug, Default, Deserialize)]
@@ -573,24 +569,25 @@ pub async fn revenue_json(state: &AppState, q: &RangeQuery) -> Result<Value, Adm
         t.1 = t.1.checked_add(m.provider_cost)?;
         t.2 += m.requests;
     }
-    let margin_of = |b: NanoUsd, c: NanoUsd| b.checked_sub(c).map(usd).unwrap_or_default();
+    let margin_of =
+        |b: NanoUsd, c: NanoUsd| b.checked_sub(c).map(NanoUsd::decimal).unwrap_or_default();
     Ok(json!({
         "from": format_date(from),
         "to": format_date(to - DAY_MS),
         "days": days.iter().map(|(day, (top, refund, billed, cost, n))| json!({
             "date": format_date(*day),
-            "topups_usd": usd(*top),
-            "refunds_usd": usd(*refund),
+            "topups_usd": top.decimal(),
+            "refunds_usd": refund.decimal(),
             "requests": n,
-            "billed_usd": usd(*billed),
-            "provider_cost_usd": usd(*cost),
+            "billed_usd": billed.decimal(),
+            "provider_cost_usd": cost.decimal(),
             "margin_usd": margin_of(*billed, *cost),
         })).collect::<Vec<_>>(),
         "tiers": tiers.iter().map(|(tier, (billed, cost, n))| json!({
             "tier": tier,
             "requests": n,
-            "billed_usd": usd(*billed),
-            "provider_cost_usd": usd(*cost),
+            "billed_usd": billed.decimal(),
+            "provider_cost_usd": cost.decimal(),
             "margin_usd": margin_of(*billed, *cost),
         })).collect::<Vec<_>>(),
     }))
@@ -728,7 +725,7 @@ pub async fn upstreams(State(state): State<AppState>, o: Operator) -> Response {
 fn account_json(a: &Account) -> Value {
     json!({
         "id": a.id, "email": a.email, "role": a.role.as_str(), "status": a.status.as_str(),
-        "email_verified": a.is_verified(), "balance_usd": usd(a.balance), "created_at_ms": a.created_at,
+        "email_verified": a.is_verified(), "balance_usd": a.balance.decimal(), "created_at_ms": a.created_at,
         "requests_per_minute": a.limits.requests_per_minute, "tokens_per_minute": a.limits.tokens_per_minute, "in_flight": a.limits.in_flight,
         "throttle": (a.throttle.active_at(now_ms())).then(|| json!({"requests_per_minute": a.throttle.requests_per_minute, "tokens_per_minute": a.throttle.tokens_per_minute, "until_ms": a.throttle.until_ms})),
     })

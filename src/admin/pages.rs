@@ -5,6 +5,7 @@
 use super::policies;
 use super::server::AppState;
 use super::web::Visitor;
+use crate::money::NanoUsd;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -95,6 +96,13 @@ pub fn form_error(message: Option<&str>) -> Markup {
             p.error role="alert" { (m) }
         }
     }
+}
+
+/// Whole cents as dollars: `$5.00`.
+pub fn cents_text(cents: i64) -> String {
+    NanoUsd::from_cents(cents)
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| format!("{cents}¢"))
 }
 
 pub fn csrf_field(v: &Visitor) -> Markup {

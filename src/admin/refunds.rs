@@ -5,7 +5,7 @@
 //! `charge.dispute.created`) are recorded and taken from the balance once.
 
 use super::error::{AdminError, ApiError};
-use super::pages::{csrf_field, form_error, page};
+use super::pages::{cents_text, csrf_field, form_error, page};
 use super::server::AppState;
 use super::web::SignedIn;
 use crate::money::NanoUsd;
@@ -18,12 +18,6 @@ use axum::{Form, Json};
 use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::{Value, json};
-
-pub fn cents_text(cents: i64) -> String {
-    NanoUsd::from_cents(cents)
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| format!("{cents}¢"))
-}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]

@@ -122,10 +122,6 @@ pub fn parse_query(state: &AppState, q: &UsageQuery) -> Result<Range, AdminError
     })
 }
 
-fn usd(n: NanoUsd) -> String {
-    n.to_string().trim_start_matches('$').replace(',', "")
-}
-
 /// Stacked bars: one per day, one colour per tier, height by billed amount.
 pub fn chart(state: &AppState, days: &[DailyUsage], from_ms: i64, to_ms: i64) -> Markup {
     const COLOURS: [&str; 6] = [
@@ -312,7 +308,7 @@ pub fn csv(rows: &[UsageRecord]) -> String {
             r.error_code.clone().unwrap_or_default(),
             r.input_tokens.to_string(),
             r.output_tokens.to_string(),
-            usd(r.billed),
+            r.billed.decimal(),
             r.ttft_ms.map(|t| t.to_string()).unwrap_or_default(),
             r.latency_ms.to_string(),
         ];
@@ -392,14 +388,14 @@ pub async fn api_daily(
     Ok(Json(json!({
         "from": format_date(range.from_ms),
         "to": format_date(range.to_ms - DAY_MS),
-        "total_billed_usd": usd(days.iter().map(|d| d.billed).sum()),
+        "total_billed_usd": days.iter().map(|d| d.billed).sum::<NanoUsd>().decimal(),
         "data": days.iter().map(|d| json!({
             "date": format_date(d.day_start_ms),
             "tier": d.tier,
             "requests": d.requests,
             "input_tokens": d.input_tokens,
             "output_tokens": d.output_tokens,
-            "billed_usd": usd(d.billed),
+            "billed_usd": d.billed.decimal(),
         })).collect::<Vec<_>>(),
     })))
 }

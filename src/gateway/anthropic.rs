@@ -74,8 +74,14 @@ fn blocks(content: &Value) -> Result<Value, ApiError> {
     }
 }
 
-/// Fields Anthropic cannot honour: refused before any credit is held, naming the field.
-pub fn check(body: &Map<String, Value>) -> Result<(), ApiError> {
+/// The Messages API body for an OpenAI chat-completions body, without `model` (each upstream
+/// adds its own with [`with_model`]). Fields Anthropic cannot honour are refused here, naming
+/// the field, so the caller translates once, before any credit is held.
+pub fn translate(
+    body: &Map<String, Value>,
+    stream: bool,
+    default_max: u64,
+) -> Result<Value, ApiError> {
     if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
         return Err(invalid(
             "n",
@@ -88,16 +94,6 @@ pub fn check(body: &Map<String, Value>) -> Result<(), ApiError> {
             "logprobs are not available from this tier's Anthropic upstream",
         ));
     }
-    request(body, "check", false, 1).map(|_| ())
-}
-
-/// The Messages API body for an OpenAI chat-completions body.
-pub fn request(
-    body: &Map<String, Value>,
-    model: &str,
-    stream: bool,
-    default_max: u64,
-) -> Result<Bytes, ApiError> {
     let mut system = Vec::new();
     let mut messages: Vec<Value> = Vec::new();
     for m in body
@@ -159,7 +155,6 @@ pub fn request(
         .and_then(Value::as_u64)
         .unwrap_or(default_max);
     let mut out = Map::new();
-    out.insert("model".into(), json!(model));
     out.insert("max_tokens".into(), json!(max_tokens));
     out.insert("messages".into(), Value::Array(messages));
     if !system.is_empty() {
@@ -200,9 +195,14 @@ pub fn request(
     if stream {
         out.insert("stream".into(), json!(true));
     }
-    Ok(Bytes::from(
-        serde_json::to_vec(&Value::Object(out)).unwrap_or_default(),
-    ))
+    Ok(Value::Object(out))
+}
+
+/// A translated body for one upstream: its model added, serialized.
+pub fn with_model(translated: &Value, model: &str) -> Bytes {
+    let mut v = translated.clone();
+    v["model"] = json!(model);
+    Bytes::from(serde_json::to_vec(&v).unwrap_or_default())
 }
 
 fn finish_reason(stop: &str) -> &'static str {
@@ -378,9 +378,11 @@ mod tests {
             "tools": [{"type": "function", "function": {"name": "look", "description": "Look", "parameters": {"type": "object"}}}],
             "tool_choice": "required",
         })).expect("map");
-        let out: Value =
-            serde_json::from_slice(&request(&body, "claude-x", true, 4096).expect("ok"))
-                .expect("json");
+        let out: Value = serde_json::from_slice(&with_model(
+            &translate(&body, true, 4096).expect("ok"),
+            "claude-x",
+        ))
+        .expect("json");
         assert_eq!(out["model"], "claude-x");
         assert_eq!(out["max_tokens"], 4096);
         assert_eq!(out["system"], "Be brief.");
@@ -403,7 +405,7 @@ mod tests {
         let mut two = body.clone();
         two.insert("n".into(), json!(2));
         assert!(matches!(
-            check(&two),
+            translate(&two, false, 1),
             Err(ApiError::InvalidRequest {
                 param: Some("n"),
                 ..

@@ -80,14 +80,18 @@ pub async fn handle(
                     "The request's worst-case cost is out of range.",
                 )
             })?;
-        // Fields an upstream of this tier could not honour are refused before anything is held.
-        if tier
+        // Translated once for the tier's Anthropic upstreams; fields they could not honour are
+        // refused here, before anything is held.
+        let for_anthropic = if tier
             .upstreams
             .iter()
             .any(|u| u.enabled && conf.providers[u.provider].kind == ProviderKind::Anthropic)
         {
-            super::anthropic::check(&req.body)?;
-        }
+            let cap = u64::from(tier.default_max_output_tokens.get());
+            Some(super::anthropic::translate(&req.body, req.stream, cap)?)
+        } else {
+            None
+        };
         let limits = super::limits::Effective::of(&caller, conf, now);
         let admission = match gw
             .limits
@@ -138,13 +142,10 @@ pub async fn handle(
             &order,
             health,
             |u| match conf.providers[u.provider].kind {
-                ProviderKind::Anthropic => super::anthropic::request(
-                    &req.body,
-                    &u.model,
-                    req.stream,
-                    u64::from(tier.default_max_output_tokens.get()),
-                )
-                .unwrap_or_default(),
+                ProviderKind::Anthropic => for_anthropic
+                    .as_ref()
+                    .map(|v| super::anthropic::with_model(v, &u.model))
+                    .unwrap_or_default(),
                 _ => req.upstream_body(&u.model),
             },
             req.stream,

@@ -104,15 +104,10 @@ impl ProxyHttp for GatewayService {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
         let routed: std::result::Result<(), ApiError> = match (method.as_str(), path.as_str()) {
-            ("POST", "/v1/chat/completions") => {
-                let r = super::chat::handle(&self.gateway, session, ctx).await;
-                if r.is_ok() && ctx.status == 0 {
-                    ctx.status = 200;
+            ("POST", "/v1/chat/completions" | "/v1/messages") => {
+                if path == "/v1/messages" {
+                    ctx.format = super::inbound::ClientFormat::Anthropic;
                 }
-                r
-            }
-            ("POST", "/v1/messages") => {
-                ctx.format = super::inbound::ClientFormat::Anthropic;
                 let r = super::chat::handle(&self.gateway, session, ctx).await;
                 if r.is_ok() && ctx.status == 0 {
                     ctx.status = 200;
