@@ -14,12 +14,14 @@
 #
 #   benches/load.sh                       # 10 s per arm, 64 connections
 #   DURATION=30s CONNS=128 benches/load.sh
+#   BIN=/tmp/before benches/load.sh       # binaries built earlier, no build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 IDLE_STREAMS=${IDLE_STREAMS:-1000}
+MODES=${MODES:-json sse}
 CLIENT_CORE=${CLIENT_CORE:-0}
 SERVER_CORE=${SERVER_CORE:-1}
 REDIS=${REDIS-redis://127.0.0.1:6379}
@@ -28,8 +30,14 @@ REDIS=${REDIS-redis://127.0.0.1:6379}
 STORE_URL=${STORE_URL:-}
 
 command -v wrk >/dev/null || { echo "wrk is required: apt-get install wrk" >&2; exit 1; }
-cargo build --release --quiet --bins
-bin=target/release
+# BIN=/some/dir runs binaries built earlier (say, a copy of the last commit's, to compare two
+# builds on one machine) instead of building this tree's.
+if [ -n "${BIN:-}" ]; then
+  bin=$BIN
+else
+  cargo build --release --quiet --bins
+  bin=target/release
+fi
 
 work=$(mktemp -d)
 pids=()
@@ -141,7 +149,7 @@ EOF
 }
 
 declare -A R
-for mode in json sse; do
+for mode in $MODES; do
   for arm in $ARMS; do
     case $arm in
       direct) url="http://127.0.0.1:$MOCK_PORT/v1/chat/completions"; pid="" ;;
@@ -153,7 +161,7 @@ for mode in json sse; do
     # PERF_ARM=sse.gateway (say) records a CPU profile of that arm into $PERF_OUT.
     perf_pid=""
     if [ "${PERF_ARM:-}" = "$mode.$arm" ] && [ -n "$pid" ]; then
-      perf record -F 2999 -g -p "$pid" -o "${PERF_OUT:-perf.data}" -- sleep "${DURATION%s}" >/dev/null 2>&1 &
+      perf record -F 2999 ${PERF_CALLGRAPH:---call-graph fp} -p "$pid" -o "${PERF_OUT:-perf.data}" -- sleep "${DURATION%s}" >/dev/null 2>&1 &
       perf_pid=$!
     fi
     read -r rps p50 p99 reqs < <(run_wrk "$url" "$work/$mode.lua")
@@ -172,14 +180,14 @@ done
 echo
 echo "Load: wrk -t1 -c$CONNS -d$DURATION on core $CLIENT_CORE (latency: -c1); proxy and mock on core $SERVER_CORE; $(nproc) cores, $(date -u +%F)"
 printf '%-5s %-12s %9s %11s %11s %11s %11s %11s\n' mode arm req/s "p50_us@$CONNS" "p99_us@$CONNS" cpu_us/req p50_us@1 p99_us@1
-for mode in json sse; do
+for mode in $MODES; do
   for arm in $ARMS; do
     read -r rps p50 p99 cpu l50 l99 <<<"${R[$mode.$arm]}"
     printf '%-5s %-12s %9s %11s %11s %11s %11s %11s\n' "$mode" "$arm" "$rps" "$p50" "$p99" "$cpu" "$l50" "$l99"
   done
 done
 echo
-for mode in json sse; do
+for mode in $MODES; do
   read -r prps _ _ pcpu pl50 pl99 <<<"${R[$mode.passthrough]}"
   read -r grps _ _ gcpu gl50 gl99 <<<"${R[$mode.gateway]}"
   python3 -c "print(f'$mode: gateway adds p50 {int($gl50) - int($pl50)} us, p99 {int($gl99) - int($pl99)} us over the pass-through (one connection), {int($gcpu) - int($pcpu)} us of CPU per request, at {100 * $grps / $prps:.0f}% of its req/s under load (targets: <= 100 us, <= 500 us, >= 70%)')"

@@ -105,6 +105,7 @@ async fn completion_is_routed_billed_and_recorded(backend: Backend) {
         "{metrics}"
     );
     assert!(metrics.contains("duang_holds_in_flight 0"));
+    assert!(metrics.contains("duang_usage_queue_depth 0"), "{metrics}");
     assert!(metrics.contains("duang_time_to_first_token_seconds_bucket"));
     assert!(
         metrics.contains(

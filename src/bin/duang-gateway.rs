@@ -7,6 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+/// mimalloc: glibc's malloc cost a sixth of the gateway's CPU (per-request buffers of 64 KiB
+/// in Pingora's body readers drove it into `malloc_consolidate`); see BENCHMARKS.md.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "duang-gateway",

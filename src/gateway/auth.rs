@@ -142,7 +142,8 @@ impl KeyCache {
                     return Err(invalid());
                 }
                 let store = store.ok_or(ApiError::StoreUnavailable)?;
-                match store.key_auth_by_hash(&hash).await {
+                // Boxed: the rare slow path keeps its state out of every request's future.
+                match Box::pin(store.key_auth_by_hash(&hash)).await {
                     Ok(Some(found)) => {
                         self.upsert(vec![found]);
                         self.get(&hash).ok_or(ApiError::Internal)?

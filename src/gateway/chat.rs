@@ -56,7 +56,7 @@ pub async fn handle(
             ClientFormat::Anthropic => super::inbound::to_openai(&body?)?,
             ClientFormat::OpenAi => body?,
         };
-        let req = parse_chat(conf, &body)?;
+        let mut req = parse_chat(conf, &body)?;
         ctx.stream = req.stream;
         let tier = &conf.tiers[req.tier];
         ctx.tier = Some(tier.name.clone());
@@ -134,7 +134,11 @@ pub async fn handle(
             .overhead
             .with_label_values(&[tier.name.as_str()])
             .observe(ctx.started.elapsed().as_secs_f64());
-        let answer = upstream::send(
+        // Boxed, here and for the relay below: each is a large state machine (connecting, TLS,
+        // reading) that would otherwise sit inside every request's future for its whole life;
+        // boxed, the sending part is freed once the upstream answers, and an open stream keeps
+        // only the relay's.
+        let answer = Box::pin(upstream::send(
             conf,
             &gw.connector,
             &gw.endpoints,
@@ -150,7 +154,7 @@ pub async fn handle(
             },
             req.stream,
             MAX_JSON_ANSWER,
-        )
+        ))
         .await?;
         METRICS
             .upstream_latency
@@ -159,7 +163,9 @@ pub async fn handle(
                 answer.upstream.model.as_str(),
             ])
             .observe(answer.first_byte.duration_since(sent_at).as_secs_f64());
-        let out = relay(gw, session, ctx, &req, answer).await;
+        drop(for_anthropic);
+        req.sent();
+        let out = Box::pin(relay(gw, session, ctx, &req, answer)).await;
         let cost = tier
             .prices
             .cost(
@@ -197,15 +203,16 @@ pub async fn handle(
                     model: None,
                     attempts: 0,
                 },
-            );
+            )
+            .await;
             return Err(e);
         }
     };
-    record(gw, ctx, &caller, outcome);
+    record(gw, ctx, &caller, outcome).await;
     Ok(())
 }
 
-fn record(gw: &Gateway, ctx: &RequestCtx, caller: &super::auth::Caller, o: Outcome) {
+async fn record(gw: &Gateway, ctx: &RequestCtx, caller: &super::auth::Caller, o: Outcome) {
     let finished = crate::time::now_ms();
     if let Some(tier) = &ctx.tier {
         let m = &*METRICS;
@@ -250,6 +257,7 @@ fn record(gw: &Gateway, ctx: &RequestCtx, caller: &super::auth::Caller, o: Outco
             billed: o.billed,
             record,
         })
+        .await
         .is_err()
     {
         tracing::error!(request_id = %ctx.request_id, "usage queue closed; record lost");
@@ -262,7 +270,13 @@ fn response_header(
     ctx: &RequestCtx,
     len: Option<usize>,
 ) -> pingora::Result<Box<ResponseHeader>> {
-    let mut h = ResponseHeader::build(status, Some(14))?;
+    // Room for exactly the headers below: the header stays in memory as long as the answer
+    // (minutes for a stream), and a map sized for more costs kilobytes per open stream.
+    let headers = 2
+        + if ctx.rate_headers.is_some() { 6 } else { 0 }
+        + usize::from(ctx.retry_after_s.is_some())
+        + if len.is_some() { 1 } else { 3 };
+    let mut h = ResponseHeader::build(status, Some(headers))?;
     h.insert_header("content-type", content_type)?;
     h.insert_header("x-request-id", &ctx.request_id)?;
     if let Some(r) = &ctx.rate_headers {
@@ -424,7 +438,10 @@ async fn relay_json(
             return;
         }
     };
-    let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let mut v: serde_json::Value = match answer.json.take() {
+        Some(v) => v,
+        None => serde_json::from_slice(&body).unwrap_or_default(),
+    };
     let body = if anthropic {
         v = super::anthropic::response(&v);
         Bytes::from(v.to_string())

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub billed_nano: IntCounterVec,
     pub provider_cost_nano: IntCounterVec,
     pub holds_in_flight: IntGauge,
+    /// Settled requests waiting for the usage writer.
+    pub usage_queue: IntGauge,
     pub overhead: HistogramVec,
     /// 1 while the shared rate-limit store (Redis) answers, 0 while it does not (or none is set).
     pub redis_up: IntGauge,
@@ -41,6 +43,12 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
     c
 }
 
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
 fn histogram(
     r: &Registry,
     name: &str,
@@ -59,19 +67,21 @@ fn histogram(
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let r = Registry::new();
-    let holds = IntGauge::new(
+    let holds = gauge(
+        &r,
         "duang_holds_in_flight",
         "Credit holds of requests in flight on this node",
-    )
-    .expect("valid metric");
-    r.register(Box::new(holds.clone())).expect("unique metric");
-    let redis_up = IntGauge::new(
+    );
+    let usage_queue = gauge(
+        &r,
+        "duang_usage_queue_depth",
+        "Settled requests waiting to be written to the store",
+    );
+    let redis_up = gauge(
+        &r,
         "duang_redis_up",
         "1 while the shared rate-limit store answers, else 0",
-    )
-    .expect("valid metric");
-    r.register(Box::new(redis_up.clone()))
-        .expect("unique metric");
+    );
     let fallbacks = prometheus::IntCounter::new(
         "duang_rate_limit_fallbacks_total",
         "Rate-limit checks decided without Redis because it did not answer",
@@ -145,6 +155,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &["tier"],
         ),
         holds_in_flight: holds,
+        usage_queue,
         overhead: histogram(
             &r,
             "duang_gateway_overhead_seconds",

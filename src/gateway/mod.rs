@@ -6,8 +6,9 @@
 //! 4. [`hold`]: hold credits for the worst case, from this node's credit lease;
 //! 5. [`upstream`]: send to the tier's upstreams with fallback before the first byte;
 //! 6. [`relay`]: pass the answer through event by event, reading usage;
-//! 7. settle: bill the real usage and queue the usage record ([`chat`]); the [`worker`] writes
-//!    batches, keeps the key cache fresh and returns idle leases.
+//! 7. settle: bill the real usage and queue the usage record ([`chat`]); the [`writer`] writes
+//!    batches from a thread of its own at idle priority; the [`worker`] keeps the key cache
+//!    fresh and returns idle leases.
 
 pub mod anthropic;
 pub mod auth;
@@ -26,6 +27,7 @@ pub mod spend;
 pub mod state;
 pub mod upstream;
 mod worker;
+mod writer;
 
 pub use service::GatewayService;
 pub use state::Gateway;
@@ -68,7 +70,13 @@ pub fn build_server(conf: Arc<Conf>) -> Server {
         GatewayService::new(gateway),
         "duang gateway",
     );
-    proxy.add_tcp(&conf.gateway.listen.to_string());
+    // No read buffer on client connections: Pingora's default keeps a zero-filled 64 KiB one per
+    // connection, which was most of what an idle stream cost. Headers and bodies are read into
+    // their own buffers anyway, so reads still take one system call each.
+    proxy.add_listener(
+        pingora::listeners::ListenerConfig::tcp(conf.gateway.listen.to_string())
+            .l4_buffer(pingora::listeners::L4BufferSettings::default().read(0)),
+    );
     let proxy_handle = server.add_service(proxy);
     proxy_handle.add_dependency(&worker_handle);
     let metrics = pingora::services::background::background_service(

@@ -40,11 +40,10 @@ pub struct SseRelay {
 }
 
 fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, 4));
+    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| (i, 2));
+    // Most upstreams end events with bare line feeds; look for CRLF only where there is a CR.
+    let crlf = memchr::memchr(b'\r', buf)
+        .and_then(|from| memchr::memmem::find(&buf[from..], b"\r\n\r\n").map(|i| (from + i, 4)));
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
         (a, b) => a.or(b),
@@ -69,7 +68,13 @@ impl SseRelay {
         while let Some((at, sep)) = find_event_end(&self.carry) {
             let event = self.carry.split_to(at + sep);
             if self.keep(&event) {
-                out.extend_from_slice(&event);
+                // Events kept one after the other are adjacent in `carry`'s buffer: joining them
+                // copies nothing.
+                if out.is_empty() {
+                    out = event;
+                } else {
+                    out.unsplit(event);
+                }
             }
         }
         out.freeze()
@@ -141,7 +146,7 @@ fn push_choice_text(v: &Value, field: &str, text: &mut String) {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(hay, needle).is_some()
 }
 
 /// The JSON of an event's `data:` line(s).

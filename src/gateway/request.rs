@@ -18,7 +18,12 @@ pub const MAX_CHOICES: u64 = 16;
 /// A validated chat-completions request.
 pub struct ChatRequest {
     pub tier: usize,
+    /// The parsed body, while upstream bodies are still to be made ([`ChatRequest::sent`] lets
+    /// it go: a stream can stay open for minutes, and a long chat parsed is several times its
+    /// size in bytes).
     pub body: Map<String, Value>,
+    /// The body as it came (shared, not copied), for counting the prompt when no usage comes.
+    pub raw: Bytes,
     pub stream: bool,
     /// The client asked for the usage chunk itself (otherwise we drop it).
     pub client_wants_usage: bool,
@@ -112,7 +117,7 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 /// Parses and checks a chat-completions body against the conf's tiers.
-pub fn parse_chat(conf: &Conf, body: &[u8]) -> Result<ChatRequest, ApiError> {
+pub fn parse_chat(conf: &Conf, body: &Bytes) -> Result<ChatRequest, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::InvalidRequest {
         message: format!(
             "We could not parse the JSON body of your request ({e}). Send a JSON object."
@@ -216,6 +221,7 @@ pub fn parse_chat(conf: &Conf, body: &[u8]) -> Result<ChatRequest, ApiError> {
     Ok(ChatRequest {
         tier,
         body: map,
+        raw: body.clone(),
         stream,
         client_wants_usage,
         max_output_tokens: per_choice * n,
@@ -225,24 +231,43 @@ pub fn parse_chat(conf: &Conf, body: &[u8]) -> Result<ChatRequest, ApiError> {
 
 impl ChatRequest {
     /// The body sent to an upstream: `model` rewritten, and for streams usage always requested.
+    /// Written straight from the parsed body (no copy of it, however large its messages).
     pub fn upstream_body(&self, upstream_model: &str) -> Bytes {
-        let mut body = self.body.clone();
-        body.insert("model".into(), Value::String(upstream_model.to_owned()));
-        if self.stream {
-            let opts = body
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(o) = opts {
-                o.insert("include_usage".into(), Value::Bool(true));
+        let stream_options = if self.stream {
+            match self.body.get("stream_options") {
+                None => Some(Map::new()),
+                Some(Value::Object(o)) => Some(o.clone()),
+                // Not an object: passed on as it is (the upstream says what it thinks of it).
+                Some(_) => None,
             }
-        }
-        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+            .map(|mut o| {
+                o.insert("include_usage".into(), Value::Bool(true));
+                Value::Object(o)
+            })
+        } else {
+            None
+        };
+        let body = UpstreamBody {
+            body: &self.body,
+            model: upstream_model,
+            stream_options: stream_options.as_ref(),
+        };
+        let mut out = Vec::with_capacity(self.input_upper_bound as usize + 64);
+        let _ = serde_json::to_writer(&mut out, &body);
+        Bytes::from(out)
     }
 
-    /// The prompt's text, for counting input tokens when an upstream reports no usage.
+    /// Lets the parsed body go once the request has been sent.
+    pub fn sent(&mut self) {
+        self.body = Map::new();
+    }
+
+    /// The prompt's text, for counting input tokens when an upstream reports no usage (rare, so
+    /// the body is parsed again rather than kept parsed).
     pub fn prompt_text(&self) -> String {
         let mut out = String::new();
-        if let Some(Value::Array(msgs)) = self.body.get("messages") {
+        let body: Value = serde_json::from_slice(&self.raw).unwrap_or_default();
+        if let Some(Value::Array(msgs)) = body.get("messages") {
             for m in msgs {
                 match m.get("content") {
                     Some(Value::String(s)) => out.push_str(s),
@@ -259,5 +284,74 @@ impl ChatRequest {
             }
         }
         out
+    }
+}
+
+/// The client's body with `model` (and, for streams, `stream_options`) replaced.
+struct UpstreamBody<'a> {
+    body: &'a Map<String, Value>,
+    model: &'a str,
+    stream_options: Option<&'a Value>,
+}
+
+impl serde::Serialize for UpstreamBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in self.body {
+            match (k.as_str(), self.stream_options) {
+                ("model", _) => m.serialize_entry(k, self.model)?,
+                ("stream_options", Some(o)) => m.serialize_entry(k, o)?,
+                _ => m.serialize_entry(k, v)?,
+            }
+        }
+        // `model` is always there (parse_chat requires it); `stream_options` may be new.
+        if let Some(o) = self.stream_options
+            && !self.body.contains_key("stream_options")
+        {
+            m.serialize_entry("stream_options", o)?;
+        }
+        m.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn upstream(body: &Value, stream: bool, model: &str) -> Value {
+        let req = ChatRequest {
+            tier: 0,
+            body: body.as_object().expect("an object").clone(),
+            raw: Bytes::new(),
+            stream,
+            client_wants_usage: false,
+            max_output_tokens: 1,
+            input_upper_bound: 64,
+        };
+        serde_json::from_slice(&req.upstream_body(model)).expect("JSON")
+    }
+
+    #[test]
+    fn the_upstream_body_has_the_upstream_model_and_asks_streams_for_usage() {
+        let body = json!({
+            "model": "budget",
+            "messages": [{"role": "user", "content": "hi"}],
+            "temperature": 0.5,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        });
+        let mut want = body.clone();
+        want["model"] = json!("mock-small");
+        assert_eq!(upstream(&body, false, "mock-small"), want);
+        want["stream_options"] = json!({"include_usage": true});
+        assert_eq!(upstream(&body, true, "mock-small"), want);
+
+        let mut own = body.clone();
+        own["stream_options"] = json!({"include_usage": false, "other": 1});
+        let mut want = own.clone();
+        want["model"] = json!("m2");
+        want["stream_options"] = json!({"include_usage": true, "other": 1});
+        assert_eq!(upstream(&own, true, "m2"), want);
     }
 }

@@ -44,12 +44,24 @@ pub struct RequestCtx {
     pub format: super::inbound::ClientFormat,
 }
 
+/// A request id: `req_` and 24 hex digits, the first 12 the time in milliseconds, the rest
+/// random. Ids in time order make the store's unique indexes on them (the usage record's
+/// request id, the ledger's reference) grow at their end: a batch then dirties a few index pages
+/// instead of one page per row, which made usage writing several times cheaper on SQLite.
+fn request_id(now_ms: i64) -> String {
+    let mut id = [0u8; 12];
+    id[..6].copy_from_slice(&now_ms.to_be_bytes()[2..]);
+    id[6..].copy_from_slice(&rand::random::<[u8; 6]>());
+    format!("req_{}", hex::encode(id))
+}
+
 impl Default for RequestCtx {
     fn default() -> Self {
+        let now_ms = crate::time::now_ms();
         RequestCtx {
-            request_id: format!("req_{}", hex::encode(rand::random::<[u8; 12]>())),
+            request_id: request_id(now_ms),
             started: Instant::now(),
-            started_ms: crate::time::now_ms(),
+            started_ms: now_ms,
             status: 0,
             tier: None,
             stream: false,
@@ -158,5 +170,21 @@ impl ProxyHttp for GatewayService {
             ErrorType::InternalError,
             "requests are answered in request_filter",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_id;
+
+    #[test]
+    fn request_ids_sort_by_time_and_differ_within_a_millisecond() {
+        let a = request_id(1_764_547_200_000);
+        let b = request_id(1_764_547_200_000);
+        let c = request_id(1_764_547_200_001);
+        assert_eq!(a.len(), 28);
+        assert!(a.starts_with("req_019ad"), "{a}");
+        assert_ne!(a, b);
+        assert!(a < c && b < c);
     }
 }

@@ -81,7 +81,8 @@ impl SpendBook {
         let loaded = spent.lock().unwrap_or_else(|p| p.into_inner()).loaded;
         if !loaded {
             let store = store.ok_or(ApiError::StoreUnavailable)?;
-            let from_store = store.key_spent(&[key_id]).await.map_err(|e| {
+            // Boxed: the rare slow path keeps its state out of every request's future.
+            let from_store = Box::pin(store.key_spent(&[key_id])).await.map_err(|e| {
                 tracing::error!(error = %e, key_id, "reading a key's spending failed");
                 ApiError::StoreUnavailable
             })?;

@@ -24,9 +24,10 @@ pub struct Gateway {
     pub spend: SpendBook,
     /// Rate limits: Redis when configured, in process otherwise.
     pub limits: super::limits::Limiter,
-    /// Settled requests on their way to the store, written in batches by the worker.
-    pub settlements: mpsc::UnboundedSender<Settlement>,
-    pub(super) settlements_rx: Mutex<Option<mpsc::UnboundedReceiver<Settlement>>>,
+    /// Settled requests on their way to the store, written in batches by the usage writer
+    /// (bounded: a request that finds it full waits, see `writer`).
+    pub settlements: mpsc::Sender<Settlement>,
+    pub(super) settlements_rx: Mutex<Option<mpsc::Receiver<Settlement>>>,
     pub connector: Connector,
     /// One per provider, in conf order.
     pub endpoints: Vec<Endpoint>,
@@ -39,7 +40,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(conf: Arc<Conf>) -> Arc<Gateway> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(super::writer::QUEUE_CAPACITY);
         let host = nix::unistd::gethostname()
             .ok()
             .and_then(|h| h.into_string().ok())

@@ -143,6 +143,8 @@ pub struct Answer {
     pub first_byte: Instant,
     /// A JSON answer, read and checked before anything reached the client.
     pub body: Option<Bytes>,
+    /// That answer, parsed (once) when it was checked.
+    pub json: Option<serde_json::Value>,
 }
 
 /// Why one attempt failed before any answer.
@@ -268,25 +270,25 @@ fn classify(e: &pingora::Error, host: &str) -> AttemptError {
     }
 }
 
-/// Why a 2xx answer is not a usable one (checked before anything reaches the client, so the
-/// request can still move to the next upstream).
-fn unusable(body: &[u8], kind: crate::conf::ProviderKind) -> Option<String> {
+/// A 2xx answer, parsed, or why it is not a usable one (checked before anything reaches the
+/// client, so the request can still move to the next upstream).
+fn checked(body: &[u8], kind: crate::conf::ProviderKind) -> Result<serde_json::Value, String> {
     let v: serde_json::Value = match serde_json::from_slice(body) {
         Ok(v) => v,
-        Err(_) => return Some("answered 200 with a body that is not JSON".into()),
+        Err(_) => return Err("answered 200 with a body that is not JSON".into()),
     };
     if let Some(e) = v.get("error") {
         let m = e["message"].as_str().unwrap_or("no message");
-        return Some(format!("answered 200 with an error: {m}"));
+        return Err(format!("answered 200 with an error: {m}"));
     }
     if kind == crate::conf::ProviderKind::Anthropic {
         if !super::anthropic::is_message(&v) {
-            return Some("answered 200 without a message".into());
+            return Err("answered 200 without a message".into());
         }
     } else if !v["choices"].is_array() {
-        return Some("answered 200 without choices".into());
+        return Err("answered 200 without choices".into());
     }
-    None
+    Ok(v)
 }
 
 /// Reads a JSON answer whole (bounded by `limit` bytes, `idle` between reads).
@@ -365,16 +367,20 @@ pub async fn send(
                     }
                 }
                 let mut body = None;
+                let mut json = None;
                 if (200..300).contains(&status) && (!stream || !is_sse) {
                     // A JSON answer (or a stream that came back as JSON): read and check it now.
                     let problem = match read_body(&mut session, p.idle_timeout, json_limit).await {
                         Ok(b) => {
-                            let problem = if stream {
-                                Some(unusable(&b, p.kind).unwrap_or_else(|| {
-                                    "answered JSON to a streaming request".into()
-                                }))
-                            } else {
-                                unusable(&b, p.kind)
+                            let problem = match checked(&b, p.kind) {
+                                Err(problem) => Some(problem),
+                                Ok(_) if stream => {
+                                    Some("answered JSON to a streaming request".into())
+                                }
+                                Ok(v) => {
+                                    json = Some(v);
+                                    None
+                                }
                             };
                             body = Some(b);
                             problem
@@ -405,6 +411,7 @@ pub async fn send(
                     attempts,
                     first_byte: Instant::now(),
                     body,
+                    json,
                 });
             }
             Err(e) => {

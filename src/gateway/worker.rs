@@ -1,12 +1,12 @@
 //! The gateway's background worker (a Pingora background service): it connects the store inside
 //! Pingora's runtime, returns leases a previous run of this node left behind, warms the key cache
-//! and the tokenizer, resolves upstream addresses, and then keeps the cache fresh, writes settled
-//! requests in batches, and returns idle leases. On shutdown it waits for requests in flight,
-//! writes what is queued and returns every lease.
+//! and the tokenizer, resolves upstream addresses, starts the usage [`writer`](super::writer), and
+//! then keeps the cache fresh and returns idle leases. On shutdown it waits for the writer (which
+//! lets requests in flight finish and writes what they settle) and returns every lease.
 
 use super::auth::{REFRESH_EVERY, Refresher};
 use super::state::Gateway;
-use crate::store::{Settlement, Store};
+use crate::store::Store;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::ServiceReadyNotifier;
@@ -14,10 +14,6 @@ use pingora::services::background::BackgroundService;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Settlements written in one transaction at most.
-const BATCH_MAX: usize = 512;
-/// How long the first settlement of a batch waits for others to join it.
-const BATCH_WINDOW: Duration = Duration::from_millis(20);
 /// An account idle this long gives its unpromised lease back.
 const LEASE_IDLE_MS: i64 = 30_000;
 const RESOLVE_EVERY: Duration = Duration::from_secs(30);
@@ -42,48 +38,6 @@ fn resolve_all(gw: &Arc<Gateway>) {
     for (p, ep) in gw.conf.providers.iter().zip(&gw.endpoints) {
         if p.enabled && !ep.resolve() {
             tracing::error!(provider = %p.name, host = %ep.host, "cannot resolve the provider's host; will retry");
-        }
-    }
-}
-
-/// Writes a batch; a batch the store refuses is retried one settlement at a time so one bad
-/// entry cannot hold the others back.
-async fn write(gw: &Gateway, store: &Store, batch: Vec<Settlement>) {
-    let node_id = gw.node_id.as_str();
-    let billed: Vec<(i64, crate::money::NanoUsd)> = batch
-        .iter()
-        .filter(|s| s.billed.is_positive())
-        .map(|s| (s.record.key_id, s.billed))
-        .collect();
-    for attempt in 0..5 {
-        match store.settle_batch(node_id, &batch).await {
-            Ok(()) => {
-                gw.spend.written(&billed);
-                let mut keys: Vec<(i64, i64)> = batch
-                    .iter()
-                    .map(|s| (s.record.key_id, s.record.finished_at))
-                    .collect();
-                keys.sort_unstable();
-                keys.dedup_by_key(|k| k.0);
-                for (key_id, at) in keys {
-                    let _ = store.touch_key(key_id, at).await;
-                }
-                return;
-            }
-            Err(crate::store::StoreError::Invalid(_)) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, attempt, "writing usage failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-            }
-        }
-    }
-    for s in batch {
-        match store.settle_batch(node_id, std::slice::from_ref(&s)).await {
-            Ok(()) if s.billed.is_positive() => gw.spend.written(&[(s.record.key_id, s.billed)]),
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!(error = %e, request_id = %s.record.request_id, "usage record could not be written")
-            }
         }
     }
 }
@@ -144,13 +98,20 @@ impl BackgroundService for Worker {
         tracing::info!(keys = gw.keys.len(), node = %gw.node_id, "gateway ready");
         ready.notify_ready();
 
-        let Some(mut rx) = gw.settlements_rx.lock().ok().and_then(|mut r| r.take()) else {
+        let Some(rx) = gw.settlements_rx.lock().ok().and_then(|mut r| r.take()) else {
             return;
+        };
+        // The usage writer: a thread of its own, with its own store connection (see `writer`).
+        let writer = match super::writer::spawn(gw.clone(), rx, shutdown.clone()) {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the usage writer");
+                return;
+            }
         };
         let mut refresh = tokio::time::interval(REFRESH_EVERY);
         let mut idle = tokio::time::interval(Duration::from_secs(5));
         let mut resolve = tokio::time::interval(RESOLVE_EVERY);
-        let mut spent = tokio::time::interval(super::spend::REFRESH_SPENT_EVERY);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -159,30 +120,7 @@ impl BackgroundService for Worker {
                         tracing::warn!(error = %e, "refreshing the key cache failed");
                     }
                 }
-                Some(first) = rx.recv() => {
-                    // Gather for a moment: one transaction for many requests is what makes
-                    // usage logging cheap under load.
-                    let mut batch = vec![first];
-                    let until = tokio::time::Instant::now() + BATCH_WINDOW;
-                    while batch.len() < BATCH_MAX {
-                        match tokio::time::timeout_at(until, rx.recv()).await {
-                            Ok(Some(s)) => batch.push(s),
-                            _ => break,
-                        }
-                    }
-                    write(gw, &store, batch).await;
-                }
                 _ = idle.tick() => return_idle(gw, &store).await,
-                _ = spent.tick() => {
-                    // Between batch writes, so what is stored and what is unwritten never overlap.
-                    let followed = gw.spend.followed(crate::time::now_ms());
-                    if !followed.is_empty() {
-                        match store.key_spent(&followed).await {
-                            Ok(totals) => gw.spend.refreshed(&totals, &followed),
-                            Err(e) => tracing::warn!(error = %e, "reading capped keys' spending failed"),
-                        }
-                    }
-                }
                 _ = resolve.tick() => {
                     let g = gw.clone();
                     let _ = tokio::task::spawn_blocking(move || resolve_all(&g)).await;
@@ -190,24 +128,9 @@ impl BackgroundService for Worker {
             }
         }
 
-        // Shutdown: let requests in flight finish, write everything, give every lease back.
-        let deadline = Instant::now() + gw.conf.gateway.graceful_shutdown_timeout;
-        loop {
-            let mut batch = Vec::new();
-            while let Ok(s) = rx.try_recv() {
-                batch.push(s);
-            }
-            if !batch.is_empty() {
-                write(gw, &store, batch).await;
-            }
-            if gw.credit.holds_in_flight() == 0 || Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        while let Ok(s) = rx.try_recv() {
-            write(gw, &store, vec![s]).await;
-        }
+        // Shutdown: the writer lets requests in flight finish and writes what they settle; then
+        // every lease goes back.
+        let _ = writer.await;
         match store.return_node_leases(&gw.node_id).await {
             Ok((n, total)) => tracing::info!(leases = n, %total, "returned leases at shutdown"),
             Err(e) => {
@@ -239,9 +162,10 @@ impl BackgroundService for MetricsServer {
             axum::routing::get(move || {
                 let gw = gw.clone();
                 async move {
-                    super::metrics::METRICS
-                        .holds_in_flight
-                        .set(gw.credit.holds_in_flight());
+                    let m = &*super::metrics::METRICS;
+                    m.holds_in_flight.set(gw.credit.holds_in_flight());
+                    m.usage_queue
+                        .set((gw.settlements.max_capacity() - gw.settlements.capacity()) as i64);
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
