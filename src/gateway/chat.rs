@@ -14,6 +14,7 @@ use crate::conf::ProviderKind;
 use crate::money::{NanoUsd, Rounding};
 use crate::store::{Settlement, UsageRecord};
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use std::time::Instant;
@@ -501,13 +502,41 @@ async fn relay_stream(
     }
     answer.session.set_read_timeout(Some(p.idle_timeout));
     let mut failed: Option<ApiError> = None;
+    // A read already made while gathering (see below), handled before reading again.
+    let mut ahead: Option<pingora::Result<Option<Bytes>>> = None;
     loop {
-        match answer.session.read_response_body().await {
+        let read = match ahead.take() {
+            Some(r) => r,
+            None => answer.session.read_response_body().await,
+        };
+        match read {
             Ok(Some(chunk)) => {
-                let pass = shape(match translate.as_mut() {
-                    Some(t) => sse.feed(&t.feed(&chunk)),
-                    None => sse.feed(&chunk),
-                });
+                let mut pass = relay_chunk(&mut sse, &mut translate, &mut shape, &chunk);
+                // What the upstream has already sent goes out in the same write: one system
+                // call and one TCP segment for events that arrived together, where writing each
+                // chunk as read cost a system call per event. Nothing waits for more: only reads
+                // that complete at once are gathered (Pingora's body reads resume safely).
+                let mut joined: Option<BytesMut> = None;
+                while joined.as_ref().map_or(pass.len(), BytesMut::len) < GATHER_MAX {
+                    match answer.session.read_response_body().now_or_never() {
+                        Some(Ok(Some(more))) => {
+                            let more = relay_chunk(&mut sse, &mut translate, &mut shape, &more);
+                            if !more.is_empty() {
+                                joined
+                                    .get_or_insert_with(|| BytesMut::from(&pass[..]))
+                                    .extend_from_slice(&more);
+                            }
+                        }
+                        Some(r) => {
+                            ahead = Some(r);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                if let Some(j) = joined {
+                    pass = j.freeze();
+                }
                 if pass.is_empty() {
                     continue;
                 }
@@ -559,6 +588,22 @@ async fn relay_stream(
         input_tokens: count_tokens(&req.prompt_text()),
         output_tokens: sse.counted_output_tokens(),
     });
+}
+
+/// Bytes gathered into one write to a streaming client at most.
+const GATHER_MAX: usize = 16 * 1024;
+
+/// One chunk from the upstream, through the translators: what the client gets of it now.
+fn relay_chunk(
+    sse: &mut SseRelay,
+    translate: &mut Option<super::anthropic::StreamTranslator>,
+    shape: &mut impl FnMut(Bytes) -> Bytes,
+    chunk: &[u8],
+) -> Bytes {
+    shape(match translate.as_mut() {
+        Some(t) => sse.feed(&t.feed(chunk)),
+        None => sse.feed(chunk),
+    })
 }
 
 /// Writes an error response (before anything else was written).

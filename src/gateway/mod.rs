@@ -7,8 +7,8 @@
 //! 5. [`upstream`]: send to the tier's upstreams with fallback before the first byte;
 //! 6. [`relay`]: pass the answer through event by event, reading usage;
 //! 7. settle: bill the real usage and queue the usage record ([`chat`]); the [`writer`] writes
-//!    batches from a thread of its own at idle priority; the [`worker`] keeps the key cache
-//!    fresh and returns idle leases.
+//!    batches from a thread of its own; the [`worker`] keeps the key cache fresh and returns
+//!    idle leases.
 
 pub mod anthropic;
 pub mod auth;
