@@ -60,7 +60,7 @@ pub async fn handle(
         let mut req = parse_chat(conf, &body)?;
         ctx.stream = req.stream;
         let tier = &conf.tiers[req.tier];
-        ctx.tier = Some(tier.name.clone());
+        ctx.tier = Some(req.tier);
         if let Some(allowed) = &caller.allowed_models
             && !allowed.contains(&tier.name)
         {
@@ -131,9 +131,8 @@ pub async fn handle(
             });
         }
         let sent_at = Instant::now();
-        METRICS
+        gw.tier_metrics[req.tier]
             .overhead
-            .with_label_values(&[tier.name.as_str()])
             .observe(ctx.started.elapsed().as_secs_f64());
         // Boxed, here and for the relay below: each is a large state machine (connecting, TLS,
         // reading) that would otherwise sit inside every request's future for its whole life;
@@ -215,26 +214,22 @@ pub async fn handle(
 
 async fn record(gw: &Gateway, ctx: &RequestCtx, caller: &super::auth::Caller, o: Outcome) {
     let finished = crate::time::now_ms();
-    if let Some(tier) = &ctx.tier {
-        let m = &*METRICS;
-        m.tokens
-            .with_label_values(&[tier.as_str(), "input"])
-            .inc_by(o.usage.input_tokens);
-        m.tokens
-            .with_label_values(&[tier.as_str(), "output"])
-            .inc_by(o.usage.output_tokens);
-        m.billed_nano
-            .with_label_values(&[tier.as_str()])
-            .inc_by(o.billed.nanos().max(0) as u64);
+    if let Some(t) = ctx.tier {
+        let m = &gw.tier_metrics[t];
+        m.input_tokens.inc_by(o.usage.input_tokens);
+        m.output_tokens.inc_by(o.usage.output_tokens);
+        m.billed_nano.inc_by(o.billed.nanos().max(0) as u64);
         m.provider_cost_nano
-            .with_label_values(&[tier.as_str()])
             .inc_by(o.provider_cost.nanos().max(0) as u64);
     }
     let record = UsageRecord {
         request_id: ctx.request_id.clone(),
         account_id: caller.account_id,
         key_id: caller.key_id,
-        tier: ctx.tier.clone().unwrap_or_default(),
+        tier: ctx
+            .tier
+            .map(|t| gw.conf.tiers[t].name.clone())
+            .unwrap_or_default(),
         provider: o.provider,
         upstream_model: o.model,
         stream: ctx.stream,

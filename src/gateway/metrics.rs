@@ -2,7 +2,8 @@
 //! cardinality: route, tier, status class or error code, provider and model from the conf.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use std::sync::LazyLock;
 
@@ -166,6 +167,40 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         registry: r,
     }
 });
+
+/// One tier's metrics, looked up once at start: a look-up by label values hashes them under a
+/// lock, and a request touched a dozen of them.
+pub struct TierMetrics {
+    pub input_tokens: IntCounter,
+    pub output_tokens: IntCounter,
+    pub billed_nano: IntCounter,
+    pub provider_cost_nano: IntCounter,
+    pub overhead: Histogram,
+    pub ttft: Histogram,
+    /// By chat route: `/v1/chat/completions`, then `/v1/messages`.
+    pub latency: [Histogram; 2],
+    /// Answers with status 200, by chat route.
+    pub ok: [IntCounter; 2],
+}
+
+/// The chat routes, in the order of [`TierMetrics::latency`] and [`TierMetrics::ok`].
+pub const CHAT_ROUTES: [&str; 2] = ["/v1/chat/completions", "/v1/messages"];
+
+impl TierMetrics {
+    pub fn new(tier: &str) -> TierMetrics {
+        let m = &*METRICS;
+        TierMetrics {
+            input_tokens: m.tokens.with_label_values(&[tier, "input"]),
+            output_tokens: m.tokens.with_label_values(&[tier, "output"]),
+            billed_nano: m.billed_nano.with_label_values(&[tier]),
+            provider_cost_nano: m.provider_cost_nano.with_label_values(&[tier]),
+            overhead: m.overhead.with_label_values(&[tier]),
+            ttft: m.ttft.with_label_values(&[tier]),
+            latency: CHAT_ROUTES.map(|r| m.latency.with_label_values(&[r, tier])),
+            ok: CHAT_ROUTES.map(|r| m.requests.with_label_values(&[r, tier, "200"])),
+        }
+    }
+}
 
 /// The text exposition of every metric.
 pub fn render() -> String {

@@ -31,8 +31,8 @@ pub struct RequestCtx {
     pub started_ms: i64,
     /// The status sent to the client (request_filter).
     pub status: u16,
-    /// The tier named by the request (chat, step 3).
-    pub tier: Option<String>,
+    /// The tier named by the request, as its index in the conf (chat, step 3).
+    pub tier: Option<usize>,
     pub stream: bool,
     /// When the first byte of the answer went to the client (chat, step 6).
     pub first_byte: Option<Instant>,
@@ -74,23 +74,34 @@ impl Default for RequestCtx {
 }
 
 /// Request metrics, with the route label limited to the routes we serve.
-fn observe(path: &str, ctx: &RequestCtx) {
+fn observe(gw: &Gateway, path: &str, ctx: &RequestCtx) {
+    let elapsed = ctx.started.elapsed().as_secs_f64();
+    let tier = ctx.tier.map(|t| (t, &gw.tier_metrics[t]));
+    if let Some((_, tm)) = tier
+        && let Some(t) = ctx.first_byte
+    {
+        tm.ttft.observe(t.duration_since(ctx.started).as_secs_f64());
+    }
+    // The common case from handles looked up at start; anything else by its labels.
+    let chat_route = super::metrics::CHAT_ROUTES.iter().position(|r| *r == path);
+    if let (Some((_, tm)), Some(r)) = (tier, chat_route) {
+        tm.latency[r].observe(elapsed);
+        if ctx.status == 200 {
+            tm.ok[r].inc();
+            return;
+        }
+    }
     let route = match path {
         "/v1/chat/completions" | "/v1/messages" | "/v1/models" | "/healthz" => path,
         _ => "other",
     };
-    let tier = ctx.tier.as_deref().unwrap_or("");
+    let tier = tier.map_or("", |(t, _)| gw.conf.tiers[t].name.as_str());
     let m = &*super::metrics::METRICS;
     m.requests
         .with_label_values(&[route, tier, &ctx.status.to_string()])
         .inc();
-    m.latency
-        .with_label_values(&[route, tier])
-        .observe(ctx.started.elapsed().as_secs_f64());
-    if let Some(t) = ctx.first_byte {
-        m.ttft
-            .with_label_values(&[tier])
-            .observe(t.duration_since(ctx.started).as_secs_f64());
+    if chat_route.is_none() || ctx.tier.is_none() {
+        m.latency.with_label_values(&[route, tier]).observe(elapsed);
     }
 }
 
@@ -156,7 +167,7 @@ impl ProxyHttp for GatewayService {
         if let Err(e) = routed {
             super::chat::write_error(session, ctx, &e).await?;
         }
-        observe(&path, ctx);
+        observe(&self.gateway, &path, ctx);
         Ok(true)
     }
 

@@ -36,6 +36,8 @@ pub struct Gateway {
     /// Cool-down state of every tier's upstreams.
     pub health: super::health::HealthBook,
     pub models_body: Bytes,
+    /// Each tier's metric handles, in conf order.
+    pub tier_metrics: Vec<super::metrics::TierMetrics>,
 }
 
 impl Gateway {
@@ -59,6 +61,11 @@ impl Gateway {
             picks: conf.tiers.iter().map(|_| AtomicU64::new(0)).collect(),
             health: super::health::HealthBook::new(&conf),
             models_body: super::models::models_body(&conf),
+            tier_metrics: conf
+                .tiers
+                .iter()
+                .map(|t| super::metrics::TierMetrics::new(&t.name))
+                .collect(),
             conf,
         })
     }
