@@ -142,8 +142,10 @@ impl KeyCache {
                     return Err(invalid());
                 }
                 let store = store.ok_or(ApiError::StoreUnavailable)?;
-                // Boxed: the rare slow path keeps its state out of every request's future.
-                match Box::pin(store.key_auth_by_hash(&hash)).await {
+                // Boxed, in a statement of its own: the rare slow path keeps its state out of
+                // every request's future.
+                let looking_up = Box::pin(store.key_auth_by_hash(&hash));
+                match looking_up.await {
                     Ok(Some(found)) => {
                         self.upsert(vec![found]);
                         self.get(&hash).ok_or(ApiError::Internal)?

@@ -138,7 +138,9 @@ pub async fn handle(
         // reading) that would otherwise sit inside every request's future for its whole life;
         // boxed, the sending part is freed once the upstream answers, and an open stream keeps
         // only the relay's.
-        let answer = Box::pin(upstream::send(
+        // (The box is made in a statement of its own: a temporary lives to the end of its
+        // statement, and one that spans an await is kept in this future's state, unboxed.)
+        let sending = Box::pin(upstream::send(
             conf,
             &gw.connector,
             &gw.endpoints,
@@ -154,8 +156,8 @@ pub async fn handle(
             },
             req.stream,
             MAX_JSON_ANSWER,
-        ))
-        .await?;
+        ));
+        let answer = sending.await?;
         METRICS
             .upstream_latency
             .with_label_values(&[
@@ -165,7 +167,8 @@ pub async fn handle(
             .observe(answer.first_byte.duration_since(sent_at).as_secs_f64());
         drop(for_anthropic);
         req.sent();
-        let out = Box::pin(relay(gw, session, ctx, &req, answer)).await;
+        let relaying = Box::pin(relay(gw, session, ctx, &req, answer));
+        let out = relaying.await;
         let cost = tier
             .prices
             .cost(
@@ -371,22 +374,28 @@ async fn relay(
         model: Some(answer.upstream.model.clone()),
         attempts: answer.attempts,
     };
+    // Only the stream's relay is awaited in place: this future lives as long as the answer
+    // (minutes for a stream), so the other branches' larger state machines are boxed and live
+    // only while they run.
     if !(200..300).contains(&answer.status) {
-        let body = read_all(&mut answer, p.idle_timeout)
-            .await
-            .unwrap_or_default();
-        let e = upstream_error(answer.status, &body, &p.name);
-        out.status = e.status();
-        out.error_code = Some(e.code().to_owned());
-        upstream::release(&gw.connector, answer).await;
-        let _ = write_error(session, ctx, &e).await;
+        let refused = Box::pin(async {
+            let body = read_all(&mut answer, p.idle_timeout)
+                .await
+                .unwrap_or_default();
+            let e = upstream_error(answer.status, &body, &p.name);
+            out.status = e.status();
+            out.error_code = Some(e.code().to_owned());
+            upstream::release(&gw.connector, answer).await;
+            let _ = write_error(session, ctx, &e).await;
+        });
+        refused.await;
         return out;
     }
     if req.stream {
         relay_stream(gw, session, ctx, req, &mut answer, &mut out).await;
     } else {
         let anthropic = p.kind == ProviderKind::Anthropic;
-        relay_json(
+        let json = Box::pin(relay_json(
             session,
             ctx,
             req,
@@ -394,8 +403,8 @@ async fn relay(
             &mut out,
             p.idle_timeout,
             anthropic,
-        )
-        .await;
+        ));
+        json.await;
     }
     out.provider_cost = answer
         .upstream
@@ -406,7 +415,8 @@ async fn relay(
             Rounding::Conservative,
         )
         .unwrap_or(NanoUsd::ZERO);
-    upstream::release(&gw.connector, answer).await;
+    let released = Box::pin(upstream::release(&gw.connector, answer));
+    released.await;
     out
 }
 

@@ -114,14 +114,14 @@ impl CreditBook {
             if let Err(local) = Self::try_take(&credit, want) {
                 let store = store.ok_or(ApiError::StoreUnavailable)?;
                 let slice = (want - local).max(MIN_LEASE_NANOS);
-                // Boxed: the rare slow path keeps its state out of every request's future.
-                let granted =
-                    Box::pin(store.take_lease(account_id, node_id, NanoUsd::from_nanos(slice)))
-                        .await
-                        .map_err(|e| {
-                            tracing::error!(error = %e, account_id, "taking a credit lease failed");
-                            ApiError::StoreUnavailable
-                        })?;
+                // Boxed, in a statement of its own: the rare slow path keeps its state out of
+                // every request's future.
+                let leasing =
+                    Box::pin(store.take_lease(account_id, node_id, NanoUsd::from_nanos(slice)));
+                let granted = leasing.await.map_err(|e| {
+                    tracing::error!(error = %e, account_id, "taking a credit lease failed");
+                    ApiError::StoreUnavailable
+                })?;
                 let mut l = credit.local.lock().unwrap_or_else(|p| p.into_inner());
                 *l += granted.nanos();
                 if *l < want {

@@ -81,8 +81,11 @@ impl SpendBook {
         let loaded = spent.lock().unwrap_or_else(|p| p.into_inner()).loaded;
         if !loaded {
             let store = store.ok_or(ApiError::StoreUnavailable)?;
-            // Boxed: the rare slow path keeps its state out of every request's future.
-            let from_store = Box::pin(store.key_spent(&[key_id])).await.map_err(|e| {
+            // Boxed, in a statement of its own: the rare slow path keeps its state out of every
+            // request's future.
+            let keys = [key_id];
+            let reading = Box::pin(store.key_spent(&keys));
+            let from_store = reading.await.map_err(|e| {
                 tracing::error!(error = %e, key_id, "reading a key's spending failed");
                 ApiError::StoreUnavailable
             })?;
