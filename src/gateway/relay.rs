@@ -33,7 +33,9 @@ pub struct SseRelay {
     carry: BytesMut,
     client_wants_usage: bool,
     pub usage: Option<Usage>,
-    /// Events seen before any usage, kept to count their text if usage never comes.
+    /// The text of events seen before any usage, for counting if usage never comes: their
+    /// `content` strings as JSON literals (escapes kept), joined by commas. Only the text is
+    /// kept, not the events, or a long answer would hold its whole stream here until its end.
     uncounted: Vec<u8>,
     /// Content events relayed (a proxy for "output was delivered").
     pub events: u64,
@@ -84,7 +86,7 @@ impl SseRelay {
     pub fn finish(&mut self) -> Bytes {
         let rest = self.carry.split().freeze();
         if !rest.is_empty() && self.usage.is_none() {
-            self.uncounted.extend_from_slice(&rest);
+            push_content_literals(&rest, &mut self.uncounted);
         }
         rest
     }
@@ -106,7 +108,7 @@ impl SseRelay {
         if !contains(event, b"[DONE]") {
             self.events += 1;
             if self.usage.is_none() {
-                self.uncounted.extend_from_slice(event);
+                push_content_literals(event, &mut self.uncounted);
             }
         }
         true
@@ -114,16 +116,49 @@ impl SseRelay {
 
     /// Output tokens when the upstream reported none: the relayed text, counted with tiktoken.
     pub fn counted_output_tokens(&self) -> u64 {
-        let mut text = String::new();
-        for line in self.uncounted.split(|b| *b == b'\n') {
-            let Some(data) = line.strip_prefix(b"data:") else {
-                continue;
-            };
-            if let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii()) {
-                push_choice_text(&v, "delta", &mut text);
-            }
-        }
+        let mut list = Vec::with_capacity(self.uncounted.len() + 2);
+        list.push(b'[');
+        list.extend_from_slice(&self.uncounted);
+        list.push(b']');
+        let text = serde_json::from_slice::<Vec<String>>(&list)
+            .map(|parts| parts.concat())
+            .unwrap_or_else(|_| String::from_utf8_lossy(&self.uncounted).into_owned());
         count_tokens(&text)
+    }
+}
+
+/// Appends the string value of each `"content"` key in an event to `out`, as a JSON literal
+/// (a `null` or non-string content is skipped). Keys only: a quote inside a JSON string is
+/// escaped, so `"content"` followed by a colon cannot come from inside a value.
+fn push_content_literals(event: &[u8], out: &mut Vec<u8>) {
+    let mut rest = event;
+    while let Some(at) = memchr::memmem::find(rest, b"\"content\"") {
+        rest = &rest[at + b"\"content\"".len()..];
+        let Some(value) = rest.trim_ascii_start().strip_prefix(b":") else {
+            continue;
+        };
+        let Some(body) = value.trim_ascii_start().strip_prefix(b"\"") else {
+            continue;
+        };
+        let mut i = 0;
+        let end = loop {
+            match body.get(i) {
+                Some(b'\\') => i += 2,
+                Some(b'"') => break Some(i),
+                Some(_) => i += 1,
+                None => break None,
+            }
+        };
+        let Some(end) = end else {
+            return;
+        };
+        if !out.is_empty() {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(&body[..end]);
+        out.push(b'"');
+        rest = &body[end + 1..];
     }
 }
 
@@ -220,6 +255,32 @@ mod tests {
                 })
             );
         }
+    }
+
+    #[test]
+    fn counts_only_the_content_strings_of_a_stream_without_usage() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"He said \\\"hi\\\"\\n\"}}]}\n\n",
+            "data: {\"choices\": [{\"index\": 0, \"delta\": {\"content\": \"caf\\u00e9 \"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"{\\\"content\\\":\\\"no\\\"}\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"done\"}}]}",
+        );
+        let mut r = SseRelay::new(false);
+        let out = r.feed(stream.as_bytes());
+        let rest = r.finish();
+        assert_eq!([&out[..], &rest[..]].concat(), stream.as_bytes());
+        assert_eq!(r.events, 4);
+        assert_eq!(
+            r.counted_output_tokens(),
+            count_tokens("He said \"hi\"\ncafé done")
+        );
+        // What is kept is the text, not the events.
+        assert!(
+            r.uncounted.len() < 64,
+            "{}",
+            String::from_utf8_lossy(&r.uncounted)
+        );
     }
 
     #[test]
