@@ -73,36 +73,38 @@ impl Default for RequestCtx {
     }
 }
 
-/// Request metrics, with the route label limited to the routes we serve.
+/// Request metrics, with the route label limited to the routes we serve. A chat request that
+/// named a tier (only the chat routes do) uses its tier's handles looked up at start; anything
+/// else goes by its labels.
 fn observe(gw: &Gateway, path: &str, ctx: &RequestCtx) {
+    let m = &*super::metrics::METRICS;
     let elapsed = ctx.started.elapsed().as_secs_f64();
-    let tier = ctx.tier.map(|t| (t, &gw.tier_metrics[t]));
-    if let Some((_, tm)) = tier
-        && let Some(t) = ctx.first_byte
-    {
-        tm.ttft.observe(t.duration_since(ctx.started).as_secs_f64());
-    }
-    // The common case from handles looked up at start; anything else by its labels.
+    let status = ctx.status;
     let chat_route = super::metrics::CHAT_ROUTES.iter().position(|r| *r == path);
-    if let (Some((_, tm)), Some(r)) = (tier, chat_route) {
+    if let (Some(t), Some(r)) = (ctx.tier, chat_route) {
+        let tm = &gw.tier_metrics[t];
         tm.latency[r].observe(elapsed);
-        if ctx.status == 200 {
-            tm.ok[r].inc();
-            return;
+        if let Some(first) = ctx.first_byte {
+            tm.ttft
+                .observe(first.duration_since(ctx.started).as_secs_f64());
         }
+        if status == 200 {
+            tm.ok[r].inc();
+        } else {
+            m.requests
+                .with_label_values(&[path, gw.conf.tiers[t].name.as_str(), &status.to_string()])
+                .inc();
+        }
+        return;
     }
     let route = match path {
         "/v1/chat/completions" | "/v1/messages" | "/v1/models" | "/healthz" => path,
         _ => "other",
     };
-    let tier = tier.map_or("", |(t, _)| gw.conf.tiers[t].name.as_str());
-    let m = &*super::metrics::METRICS;
     m.requests
-        .with_label_values(&[route, tier, &ctx.status.to_string()])
+        .with_label_values(&[route, "", &status.to_string()])
         .inc();
-    if chat_route.is_none() || ctx.tier.is_none() {
-        m.latency.with_label_values(&[route, tier]).observe(elapsed);
-    }
+    m.latency.with_label_values(&[route, ""]).observe(elapsed);
 }
 
 async fn respond_json(session: &mut Session, status: u16, body: Bytes) -> Result<()> {
