@@ -65,7 +65,17 @@ impl Drop for CapHold {
 impl SpendBook {
     fn entry(&self, key_id: i64) -> Arc<Mutex<Spent>> {
         let mut map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(key_id).or_default().clone()
+        map.entry(key_id)
+            .or_insert_with(|| {
+                // Used from its creation on: a new entry waiting for its first read of the store
+                // must not look idle to `followed`, or it would be forgotten while its request
+                // goes on, and that request's spending with it.
+                Arc::new(Mutex::new(Spent {
+                    last_used_ms: crate::time::now_ms(),
+                    ..Spent::default()
+                }))
+            })
+            .clone()
     }
 
     /// Reserves `worst` of the key's cap, or says the cap is reached. The first request of a
@@ -157,6 +167,15 @@ impl SpendBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_just_met_is_not_forgotten_while_its_spending_is_read() {
+        let book = SpendBook::default();
+        let first = book.entry(7);
+        assert_eq!(book.followed(crate::time::now_ms()), [7]);
+        // Its request goes on with the same entry a second request finds.
+        assert!(Arc::ptr_eq(&first, &book.entry(7)));
+    }
 
     #[test]
     fn idle_keys_are_forgotten_unless_something_is_pending() {
