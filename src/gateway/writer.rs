@@ -10,7 +10,7 @@
 //!
 //! The queue between the requests and the writer is bounded ([`QUEUE_CAPACITY`]): when the store
 //! cannot keep up for seconds, requests that finish wait to enqueue their settlement (their
-//! answer has already gone out) rather than let memory grow without end. Usage is never dropped.
+//! answer has already gone out) rather than let memory grow without end or drop a settlement.
 //!
 //! The re-read of capped keys' spending runs here too, between batch writes, so what is stored
 //! and what is unwritten never overlap (see `spend`).
