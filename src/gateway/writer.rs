@@ -54,29 +54,38 @@ pub fn spawn(
     Ok(done_rx)
 }
 
-/// The writer's own connection. An in-memory SQLite database exists only in its own pool, so
-/// that one is shared instead.
-async fn open(gw: &Gateway) -> Store {
+/// The writer's own connection (`None`: the gateway shut down before one could be made). An
+/// in-memory SQLite database exists only in its own pool, so that one is shared instead.
+async fn open(gw: &Gateway, shutdown: &mut ShutdownWatch) -> Option<Store> {
     let in_memory = gw.conf.store.backend == crate::conf::Backend::Sqlite
         && crate::store::sqlite_path(gw.conf.store.url.expose()).is_none();
     if in_memory && let Some(store) = gw.store() {
-        return store.clone();
+        return Some(store.clone());
     }
     let mut conf = gw.conf.store.clone();
     conf.max_connections = NonZeroU32::MIN;
     loop {
         match Store::connect(&conf).await {
-            Ok(store) => return store,
+            Ok(store) => return Some(store),
             Err(e) => {
                 tracing::error!(error = %e, "usage writer: store unavailable; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::select! {
+                    _ = shutdown.changed() => return None,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
             }
         }
     }
 }
 
 async fn run(gw: &Gateway, mut rx: mpsc::Receiver<Settlement>, mut shutdown: ShutdownWatch) {
-    let store = open(gw).await;
+    let Some(store) = open(gw, &mut shutdown).await else {
+        tracing::error!(
+            queued = rx.len(),
+            "shutting down without a store connection; queued usage records are not written"
+        );
+        return;
+    };
     let mut spent = tokio::time::interval(super::spend::REFRESH_SPENT_EVERY);
     loop {
         tokio::select! {
