@@ -39,6 +39,104 @@ pub async fn handle(
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), ApiError> {
+    // Three phases, each boxed: this future lives as long as the answer (minutes for a stream)
+    // and is sized for its largest state. Awaited in place, key lookup, body reading, limits,
+    // holds and sending (6.9 KB of state together) stayed in every open stream; boxed, they are
+    // freed once the upstream answers, and an open stream keeps what settling needs and a
+    // pointer to the relay.
+    // (Each box lives in a block of its own, so it is freed once awaited: a box bound in this
+    // scope would be kept, finished, until the request ends. It is made in a statement of its
+    // own: the unboxed future, as a temporary of the awaiting statement, would stay in this
+    // state.)
+    let (caller, started) = {
+        let starting = Box::pin(start(gw, session, ctx));
+        starting.await
+    }?;
+    let result = match started {
+        // Taken apart, so the answer moves into the relay whole rather than leaving its slot in
+        // this future's state.
+        Ok(Started { req, answer, cost }) => {
+            let out = {
+                let relaying = Box::pin(relay(gw, session, ctx, &req, answer));
+                relaying.await
+            };
+            Ok(cost.settle(&gw.conf, req.tier, out))
+        }
+        Err(e) => Err(e),
+    };
+    let (outcome, result) = match result {
+        Ok(o) => (o, Ok(())),
+        Err(e) => (
+            Outcome {
+                status: e.status(),
+                error_code: Some(e.code().to_owned()),
+                usage: Usage::default(),
+                billed: NanoUsd::ZERO,
+                provider_cost: NanoUsd::ZERO,
+                provider: None,
+                model: None,
+                attempts: 0,
+            },
+            Err(e),
+        ),
+    };
+    let recording = Box::pin(record(gw, ctx, &caller, outcome));
+    recording.await;
+    result
+}
+
+/// A request on its way: sent, answered, with its holds taken.
+struct Started {
+    req: ChatRequest,
+    answer: Answer,
+    cost: Held,
+}
+
+/// What settling a request needs: its credit and spend-cap holds and its limiter admission.
+struct Held {
+    hold: super::hold::Hold,
+    cap_hold: Option<super::spend::CapHold>,
+    admission: super::limits::Admission,
+}
+
+impl Held {
+    /// Settles the holds to what the relay used; a request that failed before any output
+    /// costs nothing.
+    fn settle(self, conf: &crate::conf::Conf, tier: usize, out: Outcome) -> Outcome {
+        let Held {
+            hold,
+            cap_hold,
+            admission,
+        } = self;
+        let cost = conf.tiers[tier]
+            .prices
+            .cost(
+                out.usage.input_tokens,
+                out.usage.output_tokens,
+                Rounding::FavourCustomer,
+            )
+            .unwrap_or(hold.amount());
+        let billed = if out.status < 400 || out.usage.output_tokens > 0 {
+            hold.settle(cost)
+        } else {
+            hold.settle(NanoUsd::ZERO)
+        };
+        if let Some(c) = cap_hold {
+            c.settle(billed);
+        }
+        admission.finish(out.usage.input_tokens + out.usage.output_tokens);
+        Outcome { billed, ..out }
+    }
+}
+
+/// Key (1), body and tier (3), limits (2), holds (4), upstream (5). An error before the key is
+/// known is returned as is (nothing to record); one after it comes with the caller, to be
+/// recorded.
+async fn start(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<(super::auth::Caller, Result<Started, ApiError>), ApiError> {
     let conf = &gw.conf;
     let now = crate::time::now_ms();
     let presented = super::auth::presented_key(session.req_header()).map(str::to_owned);
@@ -52,7 +150,7 @@ pub async fn handle(
         )
         .await?;
     let body = read_body(session, conf.gateway.max_request_body_bytes.get()).await;
-    let result = async {
+    let started = async {
         let body = match ctx.format {
             ClientFormat::Anthropic => super::inbound::to_openai(&body?)?,
             ClientFormat::OpenAi => body?,
@@ -134,13 +232,7 @@ pub async fn handle(
         gw.tier_metrics[req.tier]
             .overhead
             .observe(ctx.started.elapsed().as_secs_f64());
-        // Boxed, here and for the relay below: each is a large state machine (connecting, TLS,
-        // reading) that would otherwise sit inside every request's future for its whole life;
-        // boxed, the sending part is freed once the upstream answers, and an open stream keeps
-        // only the relay's.
-        // (The box is made in a statement of its own: a temporary lives to the end of its
-        // statement, and one that spans an await is kept in this future's state, unboxed.)
-        let sending = Box::pin(upstream::send(
+        let answer = upstream::send(
             conf,
             &gw.connector,
             &gw.endpoints,
@@ -156,8 +248,8 @@ pub async fn handle(
             },
             req.stream,
             MAX_JSON_ANSWER,
-        ));
-        let answer = sending.await?;
+        )
+        .await?;
         METRICS
             .upstream_latency
             .with_label_values(&[
@@ -167,52 +259,18 @@ pub async fn handle(
             .observe(answer.first_byte.duration_since(sent_at).as_secs_f64());
         drop(for_anthropic);
         req.sent();
-        let relaying = Box::pin(relay(gw, session, ctx, &req, answer));
-        let out = relaying.await;
-        let cost = tier
-            .prices
-            .cost(
-                out.usage.input_tokens,
-                out.usage.output_tokens,
-                Rounding::FavourCustomer,
-            )
-            .unwrap_or(hold.amount());
-        let billed = if out.status < 400 || out.usage.output_tokens > 0 {
-            hold.settle(cost)
-        } else {
-            hold.settle(NanoUsd::ZERO)
-        };
-        if let Some(c) = cap_hold {
-            c.settle(billed);
-        }
-        admission.finish(out.usage.input_tokens + out.usage.output_tokens);
-        Ok(Outcome { billed, ..out })
+        Ok(Started {
+            req,
+            answer,
+            cost: Held {
+                hold,
+                cap_hold,
+                admission,
+            },
+        })
     }
     .await;
-    let outcome = match result {
-        Ok(o) => o,
-        Err(e) => {
-            record(
-                gw,
-                ctx,
-                &caller,
-                Outcome {
-                    status: e.status(),
-                    error_code: Some(e.code().to_owned()),
-                    usage: Usage::default(),
-                    billed: NanoUsd::ZERO,
-                    provider_cost: NanoUsd::ZERO,
-                    provider: None,
-                    model: None,
-                    attempts: 0,
-                },
-            )
-            .await;
-            return Err(e);
-        }
-    };
-    record(gw, ctx, &caller, outcome).await;
-    Ok(())
+    Ok((caller, started))
 }
 
 async fn record(gw: &Gateway, ctx: &RequestCtx, caller: &super::auth::Caller, o: Outcome) {
@@ -269,13 +327,15 @@ fn response_header(
     ctx: &RequestCtx,
     len: Option<usize>,
 ) -> pingora::Result<Box<ResponseHeader>> {
-    // Room for exactly the headers below: the header stays in memory as long as the answer
-    // (minutes for a stream), and a map sized for more costs kilobytes per open stream.
-    let headers = 2
+    // Room for exactly the headers below and the two Pingora adds (`date`, `connection`): the
+    // header stays in memory as long as the answer (minutes for a stream), and a map that grows
+    // keeps twice the room. Names go out in lower case (`build_no_case`), which HTTP allows;
+    // keeping their case would take a second map of the same size.
+    let headers = 4
         + if ctx.rate_headers.is_some() { 6 } else { 0 }
         + usize::from(ctx.retry_after_s.is_some())
-        + if len.is_some() { 1 } else { 3 };
-    let mut h = ResponseHeader::build(status, Some(headers))?;
+        + if len.is_some() { 1 } else { 2 };
+    let mut h = ResponseHeader::build_no_case(status, Some(headers))?;
     h.insert_header("content-type", content_type)?;
     h.insert_header("x-request-id", &ctx.request_id)?;
     if let Some(r) = &ctx.rate_headers {
@@ -305,7 +365,8 @@ fn response_header(
             // Chunked framing keeps the connection reusable; without it the body would end only
             // when the connection closes.
             h.insert_header("transfer-encoding", "chunked")?;
-            h.insert_header("cache-control", "no-cache")?;
+            // For a reverse proxy in front (nginx), which would otherwise buffer the stream.
+            // (No `cache-control`: an answer to a POST is not cached without one.)
             h.insert_header("x-accel-buffering", "no")?;
         }
     }
@@ -356,68 +417,78 @@ fn upstream_error(status: u16, body: &[u8], provider: &str) -> ApiError {
 }
 
 /// Relays the answer to the client and returns what was used.
-async fn relay(
-    gw: &Gateway,
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    req: &ChatRequest,
+///
+/// An `async` block rather than an `async fn`: an `async fn` moves each by-value argument into a
+/// second slot of its state, and this state lives as long as the answer, so every open stream
+/// would carry a dead copy of the `Answer` (1.3 KB).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep a second copy of `answer` in its state"
+)]
+fn relay<'a>(
+    gw: &'a Gateway,
+    session: &'a mut Session,
+    ctx: &'a mut RequestCtx,
+    req: &'a ChatRequest,
     mut answer: Answer,
-) -> Outcome {
-    let p = &gw.conf.providers[answer.upstream.provider];
-    let mut out = Outcome {
-        status: answer.status,
-        error_code: None,
-        usage: Usage::default(),
-        billed: NanoUsd::ZERO,
-        provider_cost: NanoUsd::ZERO,
-        provider: Some(answer.upstream.provider_name.clone()),
-        model: Some(answer.upstream.model.clone()),
-        attempts: answer.attempts,
-    };
-    // Only the stream's relay is awaited in place: this future lives as long as the answer
-    // (minutes for a stream), so the other branches' larger state machines are boxed and live
-    // only while they run.
-    if !(200..300).contains(&answer.status) {
-        let refused = Box::pin(async {
-            let body = read_all(&mut answer, p.idle_timeout)
-                .await
-                .unwrap_or_default();
-            let e = upstream_error(answer.status, &body, &p.name);
-            out.status = e.status();
-            out.error_code = Some(e.code().to_owned());
-            upstream::release(&gw.connector, answer).await;
-            let _ = write_error(session, ctx, &e).await;
-        });
-        refused.await;
-        return out;
+) -> impl std::future::Future<Output = Outcome> + Send + 'a {
+    async move {
+        let p = &gw.conf.providers[answer.upstream.provider];
+        let mut out = Outcome {
+            status: answer.status,
+            error_code: None,
+            usage: Usage::default(),
+            billed: NanoUsd::ZERO,
+            provider_cost: NanoUsd::ZERO,
+            provider: Some(answer.upstream.provider_name.clone()),
+            model: Some(answer.upstream.model.clone()),
+            attempts: answer.attempts,
+        };
+        // Only the stream's relay is awaited in place: this future lives as long as the answer
+        // (minutes for a stream), so the other branches' larger state machines are boxed and live
+        // only while they run.
+        if !(200..300).contains(&answer.status) {
+            let refused = Box::pin(async {
+                let body = read_all(&mut answer, p.idle_timeout)
+                    .await
+                    .unwrap_or_default();
+                let e = upstream_error(answer.status, &body, &p.name);
+                out.status = e.status();
+                out.error_code = Some(e.code().to_owned());
+                upstream::release(&gw.connector, answer).await;
+                let _ = write_error(session, ctx, &e).await;
+            });
+            refused.await;
+            return out;
+        }
+        if req.stream {
+            relay_stream(gw, session, ctx, req, &mut answer, &mut out).await;
+        } else {
+            let anthropic = p.kind == ProviderKind::Anthropic;
+            let json = Box::pin(relay_json(
+                session,
+                ctx,
+                req,
+                &mut answer,
+                &mut out,
+                p.idle_timeout,
+                anthropic,
+            ));
+            json.await;
+        }
+        out.provider_cost = answer
+            .upstream
+            .cost
+            .cost(
+                out.usage.input_tokens,
+                out.usage.output_tokens,
+                Rounding::Conservative,
+            )
+            .unwrap_or(NanoUsd::ZERO);
+        let released = Box::pin(upstream::release(&gw.connector, answer));
+        released.await;
+        out
     }
-    if req.stream {
-        relay_stream(gw, session, ctx, req, &mut answer, &mut out).await;
-    } else {
-        let anthropic = p.kind == ProviderKind::Anthropic;
-        let json = Box::pin(relay_json(
-            session,
-            ctx,
-            req,
-            &mut answer,
-            &mut out,
-            p.idle_timeout,
-            anthropic,
-        ));
-        json.await;
-    }
-    out.provider_cost = answer
-        .upstream
-        .cost
-        .cost(
-            out.usage.input_tokens,
-            out.usage.output_tokens,
-            Rounding::Conservative,
-        )
-        .unwrap_or(NanoUsd::ZERO);
-    let released = Box::pin(upstream::release(&gw.connector, answer));
-    released.await;
-    out
 }
 
 async fn relay_json(
@@ -501,7 +572,12 @@ async fn relay_stream(
         Ok(h) => h,
         Err(_) => return,
     };
-    if session.write_response_header(header, false).await.is_err() {
+    // Boxed for the reason given at `write_body`, in a block so the box is freed once written.
+    let written = {
+        let writing = Box::pin(session.write_response_header(header, false));
+        writing.await
+    };
+    if written.is_err() {
         out.error_code = Some("client_disconnected".into());
         return;
     }
@@ -546,11 +622,7 @@ async fn relay_stream(
                     continue;
                 }
                 ctx.first_byte.get_or_insert_with(Instant::now);
-                if session
-                    .write_response_body(Some(pass), false)
-                    .await
-                    .is_err()
-                {
+                if write_body(session, pass, false).await.is_err() {
                     // The client left: stop the upstream (the session is not reused) and bill
                     // what was generated so far.
                     out.error_code = Some("client_disconnected".into());
@@ -560,7 +632,7 @@ async fn relay_stream(
             }
             Ok(None) => {
                 let rest = shape(sse.finish());
-                let _ = session.write_response_body(Some(rest), true).await;
+                let _ = write_body(session, rest, true).await;
                 break;
             }
             Err(e) => {
@@ -582,7 +654,7 @@ async fn relay_stream(
         let mut tail = BytesMut::from(&sse.finish()[..]);
         tail.extend_from_slice(&e.sse_event());
         let tail = shape(tail.freeze());
-        let _ = session.write_response_body(Some(tail), true).await;
+        let _ = write_body(session, tail, true).await;
         out.error_code = Some(e.code().to_owned());
         if sse.events == 0 {
             // Nothing was generated: the request costs nothing.
@@ -593,6 +665,14 @@ async fn relay_stream(
         input_tokens: count_tokens(&req.prompt_text()),
         output_tokens: sse.counted_output_tokens(),
     });
+}
+
+/// Writes part of a stream to the client. Boxed: Pingora's write is the largest state machine
+/// in the relay (768 bytes), and awaited in place it would size the relay's state, which an open
+/// stream keeps while it waits on the upstream, not just while it writes.
+async fn write_body(session: &mut Session, data: Bytes, end: bool) -> pingora::Result<()> {
+    let writing = Box::pin(session.write_response_body(Some(data), end));
+    writing.await
 }
 
 /// Bytes gathered into one write to a streaming client at most.

@@ -7,6 +7,7 @@ use super::state::Gateway;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
+use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 use std::sync::Arc;
@@ -108,7 +109,8 @@ fn observe(gw: &Gateway, path: &str, ctx: &RequestCtx) {
 }
 
 async fn respond_json(session: &mut Session, status: u16, body: Bytes) -> Result<()> {
-    let mut header = ResponseHeader::build(status, Some(3))?;
+    // Room for Pingora's `date` and `connection` too.
+    let mut header = ResponseHeader::build_no_case(status, Some(4))?;
     header.insert_header("content-type", "application/json")?;
     header.insert_header("content-length", body.len().to_string())?;
     session
@@ -125,6 +127,13 @@ impl ProxyHttp for GatewayService {
         RequestCtx::default()
     }
 
+    /// None: Pingora adds a response-compression module by default, off, which every request
+    /// would still carry and call.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    // Every path but the chat route's is boxed where it writes: this future (boxed by
+    // `async_trait`) is sized for its largest state and an open stream keeps it whole, so only
+    // the chat route's small outer future is awaited in place.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
@@ -150,12 +159,16 @@ impl ProxyHttp for GatewayService {
                 } else {
                     br#"{"status":"starting"}"#
                 };
-                respond_json(session, ctx.status, Bytes::from_static(body)).await?;
+                let responding =
+                    Box::pin(respond_json(session, ctx.status, Bytes::from_static(body)));
+                responding.await?;
                 Ok(())
             }
             ("GET", "/v1/models") => {
                 ctx.status = 200;
-                respond_json(session, 200, self.gateway.models_body.clone()).await?;
+                let responding =
+                    Box::pin(respond_json(session, 200, self.gateway.models_body.clone()));
+                responding.await?;
                 Ok(())
             }
             (_, "/healthz" | "/v1/models" | "/v1/chat/completions" | "/v1/messages") => {
@@ -167,7 +180,8 @@ impl ProxyHttp for GatewayService {
             _ => Err(ApiError::NotFound { path: path.clone() }),
         };
         if let Err(e) = routed {
-            super::chat::write_error(session, ctx, &e).await?;
+            let writing = Box::pin(super::chat::write_error(session, ctx, &e));
+            writing.await?;
         }
         observe(&self.gateway, &path, ctx);
         Ok(true)

@@ -12,7 +12,7 @@ use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use pingora::protocols::http::client::HttpSession;
 use pingora::protocols::tls::CaType;
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::utils::tls::{WrappedX509, parse_x509};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +30,9 @@ pub struct Endpoint {
     /// Path of the base URL without a trailing slash, e.g. `/v1`.
     pub base_path: String,
     pub addr: RwLock<Option<SocketAddr>>,
+    /// The peer last built for `addr`, shared by the requests that go there: built once per
+    /// address, not once per request, and an open stream holds a pointer to it, not a copy.
+    peer: RwLock<Option<Arc<HttpPeer>>>,
     /// The provider's own trust roots (`ca_file`), shared by every peer built for it.
     pub ca: Option<Arc<CaType>>,
     /// Keeps each provider's pooled connections apart: two providers on one address may differ
@@ -49,6 +52,7 @@ impl Endpoint {
             tls,
             base_path: url.path().trim_end_matches('/').to_owned(),
             addr: RwLock::new(None),
+            peer: RwLock::new(None),
             pool_group: {
                 use std::hash::{Hash, Hasher};
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -136,7 +140,7 @@ pub fn order(
 /// An upstream that answered with a status line: the open session and how we got it.
 pub struct Answer {
     pub session: HttpSession,
-    pub peer: HttpPeer,
+    pub peer: Arc<HttpPeer>,
     pub upstream: Upstream,
     pub status: u16,
     pub attempts: u32,
@@ -153,14 +157,24 @@ enum AttemptError {
     Timeout(String),
 }
 
-fn peer_for(ep: &Endpoint, p: &Provider) -> Option<HttpPeer> {
+fn peer_for(ep: &Endpoint, p: &Provider) -> Option<Arc<HttpPeer>> {
     let addr = ep.addr()?;
+    let same = |peer: &HttpPeer| peer.address().as_inet() == Some(&addr);
+    if let Ok(cached) = ep.peer.read()
+        && let Some(peer) = cached.as_ref().filter(|peer| same(peer))
+    {
+        return Some(peer.clone());
+    }
     let mut peer = HttpPeer::new(addr, ep.tls, ep.host.clone());
     peer.options.connection_timeout = Some(p.connect_timeout);
     peer.options.total_connection_timeout = Some(p.connect_timeout.saturating_mul(2));
     peer.options.idle_timeout = Some(POOL_IDLE);
     peer.options.ca = ep.ca.clone();
     peer.group_key = ep.pool_group;
+    let peer = Arc::new(peer);
+    if let Ok(mut cached) = ep.peer.write() {
+        *cached = Some(peer.clone());
+    }
     Some(peer)
 }
 
@@ -176,7 +190,9 @@ fn request_header(
     } else {
         format!("{}/chat/completions", ep.base_path)
     };
-    let mut h = RequestHeader::build("POST", path.as_bytes(), Some(8))?;
+    // Names in lower case: the header stays in the session as long as the answer, and keeping
+    // their case would take a second map.
+    let mut h = RequestHeader::build_no_case("POST", path.as_bytes(), Some(8))?;
     let host = if (ep.tls && ep.port == 443) || (!ep.tls && ep.port == 80) {
         ep.host.clone()
     } else {
@@ -216,13 +232,13 @@ async fn attempt(
     p: &Provider,
     body: Bytes,
     stream: bool,
-) -> Result<(HttpSession, HttpPeer), AttemptError> {
+) -> Result<(HttpSession, Arc<HttpPeer>), AttemptError> {
     let peer = peer_for(ep, p)
         .ok_or_else(|| AttemptError::Connect(format!("{} does not resolve", ep.host)))?;
     // A pooled connection the server closed meanwhile fails on first use: try once more, fresh.
     for try_no in 0..2 {
         let (mut session, reused) = connector
-            .get_http_session(&peer)
+            .get_http_session(&*peer)
             .await
             .map_err(|e| classify(&e, &ep.host))?;
         let header = request_header(ep, p, body.len(), stream)
@@ -433,7 +449,7 @@ pub async fn send(
 pub async fn release(connector: &Connector, mut answer: Answer) {
     if answer.session.response_done() {
         connector
-            .release_http_session(answer.session, &answer.peer, Some(POOL_IDLE))
+            .release_http_session(answer.session, &*answer.peer, Some(POOL_IDLE))
             .await;
     } else {
         answer.session.shutdown().await;
