@@ -455,3 +455,52 @@ pub async fn release(connector: &Connector, mut answer: Answer) {
         answer.session.shutdown().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_is_built_once_per_address_and_again_when_the_address_changes() {
+        let conf = crate::conf::Conf::parse(
+            r#"
+[tiers.budget]
+input_usd_per_mtok = "0.12"
+output_usd_per_mtok = "0.48"
+upstreams = [{ provider = "mock", model = "mock-small" }]
+[providers.mock]
+kind = "openai"
+base_url = "http://upstream.test:8000/v1"
+models."mock-small" = { input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }
+"#,
+            "test.toml",
+            &|_| None,
+        )
+        .expect("conf");
+        let p = &conf.providers[0];
+        let ep = Endpoint::new(p);
+        assert!(
+            peer_for(&ep, p).is_none(),
+            "no peer before the host resolves"
+        );
+        let first: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        *ep.addr.write().unwrap() = Some(first);
+        let a = peer_for(&ep, p).expect("peer");
+        let b = peer_for(&ep, p).expect("peer");
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "one peer shared by requests to one address"
+        );
+        assert_eq!(a.address().as_inet(), Some(&first));
+        assert_eq!(a.sni(), "upstream.test");
+        let moved: SocketAddr = "127.0.0.2:8000".parse().unwrap();
+        *ep.addr.write().unwrap() = Some(moved);
+        let c = peer_for(&ep, p).expect("peer");
+        assert_eq!(
+            c.address().as_inet(),
+            Some(&moved),
+            "a new address, a new peer"
+        );
+        assert!(Arc::ptr_eq(&c, &peer_for(&ep, p).expect("peer")));
+    }
+}
