@@ -143,7 +143,7 @@ impl KeyCache {
                 }
                 let store = store.ok_or(ApiError::StoreUnavailable)?;
                 // Boxed, in a statement of its own: the rare slow path keeps its state out of
-                // every request's future.
+                // `chat::start`'s, which every request allocates.
                 let looking_up = Box::pin(store.key_auth_by_hash(&hash));
                 match looking_up.await {
                     Ok(Some(found)) => {

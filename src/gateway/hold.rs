@@ -115,7 +115,7 @@ impl CreditBook {
                 let store = store.ok_or(ApiError::StoreUnavailable)?;
                 let slice = (want - local).max(MIN_LEASE_NANOS);
                 // Boxed, in a statement of its own: the rare slow path keeps its state out of
-                // every request's future.
+                // `chat::start`'s, which every request allocates.
                 let leasing =
                     Box::pin(store.take_lease(account_id, node_id, NanoUsd::from_nanos(slice)));
                 let granted = leasing.await.map_err(|e| {

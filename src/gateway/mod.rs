@@ -88,3 +88,21 @@ pub fn build_server(conf: Arc<Conf>) -> Server {
     server.add_service(metrics);
     server
 }
+
+/// A conf with one tier on one OpenAI-compatible provider at `base_url`, for unit tests.
+#[cfg(test)]
+fn test_conf(base_url: &str) -> Conf {
+    let text = format!(
+        r#"
+[tiers.budget]
+input_usd_per_mtok = "0.12"
+output_usd_per_mtok = "0.48"
+upstreams = [{{ provider = "mock", model = "mock-small" }}]
+[providers.mock]
+kind = "openai"
+base_url = "{base_url}"
+models."mock-small" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
+"#
+    );
+    Conf::parse(&text, "test.toml", &|_| None).expect("conf")
+}

@@ -91,8 +91,8 @@ impl SpendBook {
         let loaded = spent.lock().unwrap_or_else(|p| p.into_inner()).loaded;
         if !loaded {
             let store = store.ok_or(ApiError::StoreUnavailable)?;
-            // Boxed, in a statement of its own: the rare slow path keeps its state out of every
-            // request's future.
+            // Boxed, in a statement of its own: the rare slow path keeps its state out of
+            // `chat::start`'s, which every request allocates.
             let keys = [key_id];
             let reading = Box::pin(store.key_spent(&keys));
             let from_store = reading.await.map_err(|e| {

@@ -73,4 +73,53 @@ impl Gateway {
     pub fn store(&self) -> Option<&Store> {
         self.store.get()
     }
+
+    /// Settled requests waiting for the usage writer.
+    pub fn usage_queue_depth(&self) -> usize {
+        self.settlements.max_capacity() - self.settlements.capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::NanoUsd;
+    use crate::store::UsageRecord;
+
+    #[test]
+    fn the_usage_queue_depth_counts_what_the_writer_has_not_taken() {
+        let gw = Gateway::new(Arc::new(super::super::test_conf(
+            "http://127.0.0.1:8000/v1",
+        )));
+        let settlement = |n: i64| Settlement {
+            billed: NanoUsd::ZERO,
+            record: UsageRecord {
+                request_id: format!("req_{n}"),
+                account_id: 1,
+                key_id: 1,
+                tier: "budget".into(),
+                provider: None,
+                upstream_model: None,
+                stream: false,
+                input_tokens: 0,
+                output_tokens: 0,
+                provider_cost: NanoUsd::ZERO,
+                billed: NanoUsd::ZERO,
+                http_status: 200,
+                error_code: None,
+                attempts: 1,
+                latency_ms: 0,
+                ttft_ms: None,
+                started_at: 0,
+                finished_at: 0,
+            },
+        };
+        assert_eq!(gw.usage_queue_depth(), 0);
+        gw.settlements.try_send(settlement(1)).expect("room");
+        gw.settlements.try_send(settlement(2)).expect("room");
+        assert_eq!(gw.usage_queue_depth(), 2);
+        let mut rx = gw.settlements_rx.lock().unwrap().take().expect("receiver");
+        rx.try_recv().expect("queued");
+        assert_eq!(gw.usage_queue_depth(), 1);
+    }
 }

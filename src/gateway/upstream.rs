@@ -462,21 +462,7 @@ mod tests {
 
     #[test]
     fn a_peer_is_built_once_per_address_and_again_when_the_address_changes() {
-        let conf = crate::conf::Conf::parse(
-            r#"
-[tiers.budget]
-input_usd_per_mtok = "0.12"
-output_usd_per_mtok = "0.48"
-upstreams = [{ provider = "mock", model = "mock-small" }]
-[providers.mock]
-kind = "openai"
-base_url = "http://upstream.test:8000/v1"
-models."mock-small" = { input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }
-"#,
-            "test.toml",
-            &|_| None,
-        )
-        .expect("conf");
+        let conf = super::super::test_conf("http://upstream.test:8000/v1");
         let p = &conf.providers[0];
         let ep = Endpoint::new(p);
         assert!(

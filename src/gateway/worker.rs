@@ -164,8 +164,7 @@ impl BackgroundService for MetricsServer {
                 async move {
                     let m = &*super::metrics::METRICS;
                     m.holds_in_flight.set(gw.credit.holds_in_flight());
-                    m.usage_queue
-                        .set((gw.settlements.max_capacity() - gw.settlements.capacity()) as i64);
+                    m.usage_queue.set(gw.usage_queue_depth() as i64);
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
