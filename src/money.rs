@@ -47,7 +47,20 @@ pub enum MoneyError {
 /// let spent: NanoUsd = "0.0146484".parse().unwrap();
 /// assert_eq!(top_up.checked_sub(spent).unwrap().to_string(), "$19.9853516");
 /// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct NanoUsd(i64);
 
 impl NanoUsd {

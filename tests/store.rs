@@ -591,6 +591,7 @@ async fn leases_move_credit_and_settlement_debits_them(store: &Store) {
     record.billed = usd("0.25");
     let batch = [Settlement {
         billed: usd("0.25"),
+        over_hold: NanoUsd::ZERO,
         record: record.clone(),
     }];
     store.settle_batch("node-a", &batch).await.expect("settle");
@@ -605,24 +606,6 @@ async fn leases_move_credit_and_settlement_debits_them(store: &Store) {
     assert_eq!(
         store.usage_page(id, None, 10).await.expect("usage"),
         vec![record]
-    );
-
-    // A settlement the lease cannot cover is refused whole.
-    let mut big = usage("req_lease_2", id, key_id, 6_000);
-    big.billed = usd("9");
-    let r = store
-        .settle_batch(
-            "node-a",
-            &[Settlement {
-                billed: usd("9"),
-                record: big,
-            }],
-        )
-        .await;
-    assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
-    assert_eq!(
-        store.usage_page(id, None, 10).await.expect("usage").len(),
-        1
     );
 
     // Returning part, then the rest (as a restarted node does).
@@ -646,6 +629,61 @@ async fn leases_move_credit_and_settlement_debits_them(store: &Store) {
     );
     let proof = store.balance_proof(id).await.expect("proof");
     assert_eq!((proof.cached, proof.leased), (usd("2.75"), NanoUsd::ZERO));
+
+    // Usage the lease cannot cover (the lease was swept, or the cost passed the hold) is taken
+    // from the balance; what the balance cannot pay either is a platform loss, never a debt.
+    store
+        .take_lease(id, "node-a", usd("1"))
+        .await
+        .expect("lease");
+    let mut above = usage("req_lease_2", id, key_id, 6_000);
+    above.billed = usd("2.5");
+    store
+        .settle_batch(
+            "node-a",
+            &[Settlement {
+                billed: usd("1.5"),
+                over_hold: usd("1"),
+                record: above,
+            }],
+        )
+        .await
+        .expect("settle above the lease");
+    assert_eq!(
+        store.lease(id, "node-a").await.expect("lease"),
+        NanoUsd::ZERO
+    );
+    let proof = store.balance_proof(id).await.expect("proof");
+    assert_eq!((proof.cached, proof.ledger_sum), (usd("0.25"), usd("0.25")));
+    let mut beyond = usage("req_lease_3", id, key_id, 7_000);
+    beyond.billed = usd("1");
+    store
+        .settle_batch(
+            "node-b",
+            &[Settlement {
+                billed: NanoUsd::ZERO,
+                over_hold: usd("1"),
+                record: beyond,
+            }],
+        )
+        .await
+        .expect("settle beyond the balance");
+    let proof = store.balance_proof(id).await.expect("proof");
+    assert!(proof.holds(), "{proof:?}");
+    assert_eq!(proof.cached, NanoUsd::ZERO);
+    let records = store.usage_page(id, None, 10).await.expect("usage");
+    let billed: Vec<(String, NanoUsd)> = records
+        .iter()
+        .map(|r| (r.request_id.clone(), r.billed))
+        .collect();
+    assert!(
+        billed.contains(&("req_lease_2".into(), usd("2.5"))),
+        "{billed:?}"
+    );
+    assert!(
+        billed.contains(&("req_lease_3".into(), usd("0.25"))),
+        "only what the balance could pay is billed: {billed:?}"
+    );
     assert!(store.reconcile().await.expect("reconcile").is_empty());
 }
 

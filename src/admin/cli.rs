@@ -49,6 +49,28 @@ pub enum Command {
     Balance { account: String },
     /// Check every account's cached balance against its ledger; non-zero exit on any mismatch.
     Reconcile,
+    /// Gateway instances and the credit they hold leased; release a gone instance's leases.
+    #[command(subcommand)]
+    Leases(LeasesCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeasesCmd {
+    /// List gateway instances with their heartbeat and leases (add --accounts for each lease).
+    List {
+        #[arg(long)]
+        accounts: bool,
+    },
+    /// Return an instance's leases to the balances now (it must have stopped renewing its
+    /// heartbeat; gone instances are also swept by the gateways after gateway.lease_expiry_ms).
+    Release {
+        /// The instance id, as `leases list` shows it (`node/start`).
+        instance: String,
+        /// Release even though the instance renewed its heartbeat recently (only if you know
+        /// its process is gone: a live one would go on spending credit it no longer holds).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,6 +196,11 @@ pub async fn run_store_command(conf: &Conf, command: Command) -> anyhow::Result<
     // Validate what can be validated before touching the store.
     let command = precheck(conf, command)?;
     let store = Store::open(&conf.store).await?;
+    if let Command::Leases(cmd) = command {
+        let result = leases(conf, &store, cmd).await;
+        store.close().await;
+        return result;
+    }
     let result = dispatch(&store, command).await;
     store.close().await;
     result
@@ -268,8 +295,8 @@ async fn dispatch(store: &Store, command: Command) -> anyhow::Result<()> {
             }
             println!("ok: every account's balance equals its ledger sum");
         }
-        Command::Up | Command::Serve | Command::CheckConf => {
-            unreachable!("handled by the binary before the store is opened")
+        Command::Up | Command::Serve | Command::CheckConf | Command::Leases(_) => {
+            unreachable!("handled before the store command dispatch")
         }
     }
     Ok(())
@@ -504,6 +531,78 @@ async fn balance(store: &Store, account: &str) -> anyhow::Result<()> {
             p.cached,
             p.ledger_sum
         )
+    }
+}
+
+async fn leases(conf: &Conf, store: &Store, cmd: LeasesCmd) -> anyhow::Result<()> {
+    let now = crate::time::now_ms();
+    let expiry_ms = conf.gateway.lease_expiry.as_millis() as i64;
+    match cmd {
+        LeasesCmd::List { accounts } => {
+            let instances = store.instances().await?;
+            if instances.is_empty() {
+                println!("no gateway instances and no leases");
+                return Ok(());
+            }
+            println!(
+                "{:<44} {:<14} {:>7} {:>16}  STATE",
+                "INSTANCE", "HEARTBEAT", "LEASES", "LEASED"
+            );
+            for i in &instances {
+                let (age, state) = match i.heartbeat_at {
+                    Some(at) if now - at < expiry_ms => {
+                        (format!("{}s ago", (now - at) / 1000), "alive")
+                    }
+                    Some(at) => (format!("{}s ago", (now - at) / 1000), "gone (swept soon)"),
+                    None => ("-".into(), "gone (no instance row)"),
+                };
+                println!(
+                    "{:<44} {:<14} {:>7} {:>16}  {state}",
+                    i.instance_id,
+                    age,
+                    i.leases,
+                    i.leased.to_string()
+                );
+            }
+            if accounts {
+                println!();
+                println!(
+                    "{:<44} {:>10} {:>16}  UPDATED",
+                    "INSTANCE", "ACCOUNT", "LEASED"
+                );
+                for l in store.leases().await? {
+                    println!(
+                        "{:<44} {:>10} {:>16}  {}",
+                        l.instance_id,
+                        l.account_id,
+                        l.amount.to_string(),
+                        crate::time::format_utc(l.updated_at)
+                    );
+                }
+            }
+            Ok(())
+        }
+        LeasesCmd::Release { instance, force } => {
+            match store
+                .release_instance(&instance, now, expiry_ms, force)
+                .await?
+            {
+                crate::store::Released::Returned { leases, total } => {
+                    println!(
+                        "released {leases} lease(s) of {instance}: {total} back to the balances"
+                    );
+                    Ok(())
+                }
+                crate::store::Released::Unknown => bail!(
+                    "no gateway instance or lease holder is named {instance:?}; nothing changed (see `duang-admin leases list`)"
+                ),
+                crate::store::Released::Alive { age_ms } => bail!(
+                    "{instance} renewed its heartbeat {}s ago: it is running and spending these leases, so nothing changed. Stop it (it returns its leases on SIGTERM), or wait {}s after it stopped; --force releases anyway",
+                    age_ms / 1000,
+                    expiry_ms / 1000
+                ),
+            }
+        }
     }
 }
 

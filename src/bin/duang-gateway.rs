@@ -67,5 +67,5 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     tracing::info!(listen = %conf.gateway.listen, "gateway starting");
-    duang::gateway::build_server(Arc::new(conf)).run_forever()
+    duang::gateway::run(Arc::new(conf))
 }

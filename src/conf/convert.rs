@@ -199,7 +199,72 @@ impl Checker<'_> {
             "gateway.graceful_shutdown_timeout_ms",
             g.graceful_shutdown_timeout_ms,
         );
+        let node_id = match &g.node_id {
+            Some(n)
+                if n.is_empty()
+                    || n.len() > 100
+                    || !n
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c)) =>
+            {
+                self.err(
+                    "gateway.node_id",
+                    format!("{n:?} is not a node name: use 1 to 100 letters, digits, '.', '_', ':' or '-'"),
+                );
+                None
+            }
+            Some(n) => Some(n.clone()),
+            None => {
+                let host = nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "gateway".into());
+                let host: String = host
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                            c
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect();
+                listen.map(|l| format!("{host}:{}", l.port()))
+            }
+        };
+        let journal_dir = match &g.journal_dir {
+            Some(d) if d.trim().is_empty() => {
+                self.err("gateway.journal_dir", "empty path");
+                None
+            }
+            Some(d) => Some(Some(PathBuf::from(d))),
+            None => Some(None),
+        };
+        let fsync: Option<u64> = self.positive(
+            "gateway.journal_fsync_interval_ms",
+            g.journal_fsync_interval_ms,
+            60_000,
+            "ms",
+        );
+        let lease_expiry = if g.lease_expiry_ms < 3_000 || g.lease_expiry_ms > 3_600_000 {
+            self.err(
+                "gateway.lease_expiry_ms",
+                format!(
+                    "{} is out of range: expected 3000 to 3600000 ms (it must leave room for several heartbeats, one every {} ms)",
+                    g.lease_expiry_ms,
+                    crate::gateway::nodes::HEARTBEAT_EVERY.as_millis()
+                ),
+            );
+            None
+        } else {
+            Some(Duration::from_millis(g.lease_expiry_ms as u64))
+        };
         Some(GatewayConf {
+            node_id: node_id?,
+            journal_dir: journal_dir?,
+            journal_fsync_interval: Duration::from_millis(fsync?),
+            lease_expiry: lease_expiry?,
             listen: listen?,
             metrics_listen: metrics_listen?,
             public_base_url: public_base_url?,

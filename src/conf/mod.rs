@@ -84,6 +84,17 @@ pub struct GatewayConf {
     pub max_request_body_bytes: NonZeroU64,
     pub threads: NonZeroU32,
     pub graceful_shutdown_timeout: Duration,
+    /// This node's stable name (default `{hostname}:{listen port}`); each process adds its start
+    /// to it for its leases (see `gateway::nodes`).
+    pub node_id: String,
+    /// Where settlements are journaled before they are stored; `None`: beside the SQLite file
+    /// (`<file>.settlements`), or `data/settlements` for PostgreSQL.
+    pub journal_dir: Option<PathBuf>,
+    /// How often the journal is flushed to disk: what a power loss can lose at most.
+    pub journal_fsync_interval: Duration,
+    /// A gateway instance that has not renewed its heartbeat for this long is gone: its leases
+    /// return to the balances.
+    pub lease_expiry: Duration,
 }
 
 #[derive(Debug, Clone)]

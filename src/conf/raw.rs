@@ -38,6 +38,10 @@ pub struct RawGateway {
     pub max_request_body_bytes: i64,
     pub threads: i64,
     pub graceful_shutdown_timeout_ms: i64,
+    pub node_id: Option<String>,
+    pub journal_dir: Option<String>,
+    pub journal_fsync_interval_ms: i64,
+    pub lease_expiry_ms: i64,
 }
 
 impl Default for RawGateway {
@@ -49,6 +53,10 @@ impl Default for RawGateway {
             max_request_body_bytes: 10 * 1024 * 1024,
             threads: 1,
             graceful_shutdown_timeout_ms: 5000,
+            node_id: None,
+            journal_dir: None,
+            journal_fsync_interval_ms: 1000,
+            lease_expiry_ms: 30_000,
         }
     }
 }

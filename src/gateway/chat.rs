@@ -27,11 +27,16 @@ struct Outcome {
     status: u16,
     error_code: Option<String>,
     usage: Usage,
+    /// Paid from the lease (see `Hold::settle`).
     billed: NanoUsd,
+    /// Cost above what the lease could back, for the balance (see `Settlement::over_hold`).
+    over_hold: NanoUsd,
     provider_cost: NanoUsd,
     provider: Option<String>,
     model: Option<String>,
     attempts: u32,
+    /// The answer's last bytes, written after the settlement is journaled.
+    tail: Option<Bytes>,
 }
 
 pub async fn handle(
@@ -48,6 +53,8 @@ pub async fn handle(
     // scope would be kept, finished, until the request ends. It is made in a statement of its
     // own: the unboxed future, as a temporary of the awaiting statement, would stay in this
     // state.)
+    // Until this request's settlement is queued for the writer: what a graceful shutdown waits for.
+    let _in_flight = gw.request_started();
     let (caller, started) = {
         let starting = Box::pin(start(gw, session, ctx));
         starting.await
@@ -72,15 +79,17 @@ pub async fn handle(
                 error_code: Some(e.code().to_owned()),
                 usage: Usage::default(),
                 billed: NanoUsd::ZERO,
+                over_hold: NanoUsd::ZERO,
                 provider_cost: NanoUsd::ZERO,
                 provider: None,
                 model: None,
                 attempts: 0,
+                tail: None,
             },
             Err(e),
         ),
     };
-    let recording = Box::pin(record(gw, ctx, &caller, outcome));
+    let recording = Box::pin(record(gw, session, ctx, &caller, outcome));
     recording.await;
     result
 }
@@ -116,16 +125,20 @@ impl Held {
                 Rounding::FavourCustomer,
             )
             .unwrap_or(hold.amount());
-        let billed = if out.status < 400 || out.usage.output_tokens > 0 {
+        let (billed, over_hold) = if out.status < 400 || out.usage.output_tokens > 0 {
             hold.settle(cost)
         } else {
             hold.settle(NanoUsd::ZERO)
         };
         if let Some(c) = cap_hold {
-            c.settle(billed);
+            c.settle(billed.checked_add(over_hold).unwrap_or(billed));
         }
         admission.finish(out.usage.input_tokens + out.usage.output_tokens);
-        Outcome { billed, ..out }
+        Outcome {
+            billed,
+            over_hold,
+            ..out
+        }
     }
 }
 
@@ -219,7 +232,7 @@ async fn start(
         };
         let hold = gw
             .credit
-            .hold(caller.account_id, worst, gw.store(), &gw.node_id, now)
+            .hold(caller.account_id, worst, gw.store(), &gw.instance_id, now)
             .await?;
         let health = gw.health.tier(req.tier);
         let order = upstream::order(&tier.upstreams, &gw.picks[req.tier], health, now);
@@ -273,13 +286,22 @@ async fn start(
     Ok((caller, started))
 }
 
-async fn record(gw: &Gateway, ctx: &RequestCtx, caller: &super::auth::Caller, o: Outcome) {
+/// Records the request: its settlement is journaled before the answer's last bytes go out (so a
+/// crash after the client has the whole answer cannot lose it), then queued for the writer.
+async fn record(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &RequestCtx,
+    caller: &super::auth::Caller,
+    o: Outcome,
+) {
     let finished = crate::time::now_ms();
     if let Some(t) = ctx.tier {
         let m = &gw.tier_metrics[t];
         m.input_tokens.inc_by(o.usage.input_tokens);
         m.output_tokens.inc_by(o.usage.output_tokens);
-        m.billed_nano.inc_by(o.billed.nanos().max(0) as u64);
+        m.billed_nano
+            .inc_by((o.billed.nanos() + o.over_hold.nanos()).max(0) as u64);
         m.provider_cost_nano
             .inc_by(o.provider_cost.nanos().max(0) as u64);
     }
@@ -297,7 +319,7 @@ async fn record(gw: &Gateway, ctx: &RequestCtx, caller: &super::auth::Caller, o:
         input_tokens: o.usage.input_tokens as i64,
         output_tokens: o.usage.output_tokens as i64,
         provider_cost: o.provider_cost,
-        billed: o.billed,
+        billed: o.billed.checked_add(o.over_hold).unwrap_or(o.billed),
         http_status: i64::from(o.status),
         error_code: o.error_code,
         attempts: i64::from(o.attempts),
@@ -308,12 +330,28 @@ async fn record(gw: &Gateway, ctx: &RequestCtx, caller: &super::auth::Caller, o:
         started_at: ctx.started_ms,
         finished_at: finished,
     };
+    let settlement = Settlement {
+        billed: o.billed,
+        over_hold: o.over_hold,
+        record,
+    };
+    let ticket = gw.journal.get().and_then(|j| {
+        let entry = serde_json::to_vec(&settlement).ok()?;
+        match j.journal.append(&entry) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                // Still queued for the store; only a crash before it is written could lose it.
+                tracing::error!(error = %e, request_id = %ctx.request_id, "journaling a settlement failed");
+                None
+            }
+        }
+    });
+    if let Some(tail) = o.tail {
+        let _ = write_body(session, tail, true).await;
+    }
     if gw
         .settlements
-        .send(Settlement {
-            billed: o.billed,
-            record,
-        })
+        .send(super::state::Queued { settlement, ticket })
         .await
         .is_err()
     {
@@ -439,10 +477,12 @@ fn relay<'a>(
             error_code: None,
             usage: Usage::default(),
             billed: NanoUsd::ZERO,
+            over_hold: NanoUsd::ZERO,
             provider_cost: NanoUsd::ZERO,
             provider: Some(answer.upstream.provider_name.clone()),
             model: Some(answer.upstream.model.clone()),
             attempts: answer.attempts,
+            tail: None,
         };
         // Only the stream's relay is awaited in place: this future lives as long as the answer
         // (minutes for a stream), so the other branches' larger state machines are boxed and live
@@ -540,13 +580,17 @@ async fn relay_json(
                 response_header(200, "application/json", ctx, Some(body.len()))?,
                 false,
             )
-            .await?;
-        session.write_response_body(Some(body), true).await
+            .await
     }
     .await;
     if written.is_err() {
+        // The client left before anything reached it: nothing to bill.
         out.error_code = Some("client_disconnected".into());
+        out.usage = Usage::default();
+        return;
     }
+    // Written once the settlement is journaled (`record`).
+    out.tail = Some(body);
 }
 
 async fn relay_stream(
@@ -588,7 +632,22 @@ async fn relay_stream(
     loop {
         let read = match ahead.take() {
             Some(r) => r,
-            None => answer.session.read_response_body().await,
+            None if gw.drain.cut.is_set() => {
+                failed = Some(ApiError::ShuttingDown);
+                break;
+            }
+            None => {
+                // A graceful shutdown's deadline ends the stream here, billed for what was
+                // delivered (see `drain`).
+                tokio::select! {
+                    biased;
+                    r = answer.session.read_response_body() => r,
+                    () = gw.drain.cut.wait() => {
+                        failed = Some(ApiError::ShuttingDown);
+                        break;
+                    }
+                }
+            }
         };
         match read {
             Ok(Some(chunk)) => {
@@ -631,8 +690,8 @@ async fn relay_stream(
                 }
             }
             Ok(None) => {
-                let rest = shape(sse.finish());
-                let _ = write_body(session, rest, true).await;
+                // The end of the stream goes out once its settlement is journaled (`record`).
+                out.tail = Some(shape(sse.finish()));
                 break;
             }
             Err(e) => {
@@ -653,8 +712,7 @@ async fn relay_stream(
     if let Some(e) = failed {
         let mut tail = BytesMut::from(&sse.finish()[..]);
         tail.extend_from_slice(&e.sse_event());
-        let tail = shape(tail.freeze());
-        let _ = write_body(session, tail, true).await;
+        out.tail = Some(shape(tail.freeze()));
         out.error_code = Some(e.code().to_owned());
         if sse.events == 0 {
             // Nothing was generated: the request costs nothing.

@@ -64,6 +64,8 @@ pub enum ApiError {
     LimiterUnavailable,
     /// The store is not reachable (a cache miss could not be resolved).
     StoreUnavailable,
+    /// The gateway is shutting down and its grace time for streams ran out.
+    ShuttingDown,
     /// A bug or an unexpected failure inside the gateway.
     Internal,
 }
@@ -87,6 +89,7 @@ impl ApiError {
             ApiError::UpstreamUnavailable { .. } => 502,
             ApiError::NoUpstream { .. }
             | ApiError::StoreUnavailable
+            | ApiError::ShuttingDown
             | ApiError::LimiterUnavailable => 503,
             ApiError::UpstreamTimeout { .. } => 504,
         }
@@ -116,6 +119,7 @@ impl ApiError {
             | ApiError::UpstreamTimeout { .. }
             | ApiError::LimiterUnavailable
             | ApiError::StoreUnavailable
+            | ApiError::ShuttingDown
             | ApiError::Internal => "api_error",
         };
         k.to_owned()
@@ -153,6 +157,7 @@ impl ApiError {
             ApiError::UpstreamTimeout { .. } => "upstream_timeout",
             ApiError::Upstream { .. } => "upstream_error",
             ApiError::StoreUnavailable => "store_unavailable",
+            ApiError::ShuttingDown => "server_shutting_down",
             ApiError::RateLimited { .. } => "rate_limit_exceeded",
             ApiError::LimiterUnavailable => "rate_limiter_unavailable",
             ApiError::Internal => "internal_error",
@@ -188,6 +193,7 @@ impl ApiError {
                 which.describe(),
                 *retry_after_ms as f64 / 1000.0
             ),
+            ApiError::ShuttingDown => "The gateway is restarting and this stream ran past its grace time, so it was ended here. You are billed only for what you received; retry the request.".into(),
             ApiError::LimiterUnavailable => "Rate limits cannot be checked right now, so the request is refused. Try again shortly.".into(),
             ApiError::Internal => "Internal error.".into(),
         }

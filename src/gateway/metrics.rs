@@ -28,6 +28,12 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     /// 1 while an upstream model is cooling down (skipped), 0 once it answers again.
     pub upstream_cooling: prometheus::IntGaugeVec,
+    /// Settlements journaled and not yet stored (grows while the store is down).
+    pub usage_backlog: IntGauge,
+    /// Usage nobody could be billed for (above the hold and the balance), nano-USD.
+    pub platform_loss_nano: prometheus::IntCounter,
+    /// Leases returned because their instance stopped renewing (swept by this node).
+    pub leases_swept: prometheus::IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -100,7 +106,26 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     r.register(Box::new(cooling.clone()))
         .expect("unique metric");
+    let loss = prometheus::IntCounter::new(
+        "duang_platform_loss_nano_usd_total",
+        "Usage above its hold that the balance could not pay either (not billed), nano-USD",
+    )
+    .expect("valid metric");
+    r.register(Box::new(loss.clone())).expect("unique metric");
+    let swept = prometheus::IntCounter::new(
+        "duang_leases_swept_total",
+        "Leases of gateway instances that stopped renewing, returned to balances by this node",
+    )
+    .expect("valid metric");
+    r.register(Box::new(swept.clone())).expect("unique metric");
     Metrics {
+        usage_backlog: gauge(
+            &r,
+            "duang_usage_backlog",
+            "Settled requests journaled on this node and not yet in the store",
+        ),
+        platform_loss_nano: loss,
+        leases_swept: swept,
         upstream_cooling: cooling,
         redis_up,
         rate_limit_fallbacks: fallbacks,

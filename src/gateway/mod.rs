@@ -13,13 +13,16 @@
 pub mod anthropic;
 pub mod auth;
 mod chat;
+pub mod drain;
 pub mod error;
 pub mod health;
 pub mod hold;
 pub mod inbound;
+pub mod journal;
 pub mod limits;
 pub mod metrics;
 mod models;
+pub mod nodes;
 pub mod relay;
 pub mod request;
 mod service;
@@ -37,27 +40,66 @@ use pingora::server::Server;
 use pingora::server::configuration::ServerConf;
 use std::sync::Arc;
 
+/// Runs the gateway until a shutdown signal has been drained (see [`drain`]): returns once every
+/// request in flight has finished or been ended, its usage written and its leases returned.
+pub fn run(conf: Arc<Conf>) -> std::process::ExitCode {
+    let (server, gateway) = match build_server(conf) {
+        Ok(built) => built,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let drain = gateway.drain.clone();
+    let signals = drain::Signals {
+        drain: drain.clone(),
+    };
+    let pingora = std::thread::Builder::new()
+        .name("duang-server".into())
+        .spawn(move || {
+            server.run(pingora::server::RunArgs {
+                shutdown_signal: Box::new(signals),
+            });
+            // Pingora's backstop ended the runtimes (its grace period ran out).
+            drain.finish();
+        });
+    if let Err(e) = pingora {
+        eprintln!("error: cannot start the server thread: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    gateway.drain.wait_done();
+    tracing::info!("gateway stopped");
+    std::process::ExitCode::SUCCESS
+}
+
 /// Builds the Pingora server: the background worker, and the gateway service listening on
 /// `conf.gateway.listen`, which starts taking requests once the worker is ready.
-pub fn build_server(conf: Arc<Conf>) -> Server {
+pub fn build_server(conf: Arc<Conf>) -> Result<(Server, Arc<Gateway>), String> {
+    let grace = conf.gateway.graceful_shutdown_timeout + drain::FLUSH_MARGIN;
     let server_conf = ServerConf {
         threads: conf.gateway.threads.get() as usize,
-        // No upgrade hand-off: start shutting down at once on SIGTERM, and give streams in
-        // flight the conf's grace to finish.
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(
-            conf.gateway
-                .graceful_shutdown_timeout
-                .as_millis()
-                .div_ceil(1000) as u64
-                + 1,
-        ),
+        // Only a backstop: the worker drains (streams finish or are ended at the conf's
+        // deadline, usage is written, leases go back) and `run` returns as soon as it is done.
+        // Pingora's grace period is a fixed sleep before its runtimes drop every task.
+        grace_period_seconds: Some(grace.as_millis().div_ceil(1000) as u64),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
     let gateway = Gateway::new(conf.clone());
+    if let Some(root) = nodes::journal_root(&conf) {
+        let fingerprint = nodes::store_fingerprint(&conf);
+        let local = nodes::open_local(&root, &gateway.instance_id, &fingerprint).map_err(|e| {
+            format!(
+                "cannot open the settlement journal under {} (gateway.journal_dir): {e}",
+                root.display()
+            )
+        })?;
+        let _ = gateway.journal.set(local);
+    }
     let gateway_for_metrics = gateway.clone();
+    let gateway_for_run = gateway.clone();
     let worker = pingora::services::background::background_service(
         "duang worker",
         worker::Worker {
@@ -73,8 +115,15 @@ pub fn build_server(conf: Arc<Conf>) -> Server {
     // No read buffer on client connections: Pingora's default keeps a zero-filled 64 KiB one per
     // connection, which was most of what an idle stream cost. Headers and bodies are read into
     // their own buffers anyway, so reads still take one system call each.
+    //
+    // SO_REUSEPORT: a new gateway process can listen on the same port while the old one drains
+    // (the rolling deploy in the README), and the kernel hands new connections to whichever is
+    // still accepting.
+    let mut socket = pingora::listeners::TcpSocketOptions::default();
+    socket.so_reuseport = Some(true);
     proxy.add_listener(
         pingora::listeners::ListenerConfig::tcp(conf.gateway.listen.to_string())
+            .tcp_socket_options(socket)
             .l4_buffer(pingora::listeners::L4BufferSettings::default().read(0)),
     );
     let proxy_handle = server.add_service(proxy);
@@ -86,7 +135,7 @@ pub fn build_server(conf: Arc<Conf>) -> Server {
         },
     );
     server.add_service(metrics);
-    server
+    Ok((server, gateway_for_run))
 }
 
 /// A conf with one tier on one OpenAI-compatible provider at `base_url`, for unit tests.

@@ -149,16 +149,16 @@ impl ProxyHttp for GatewayService {
                 r
             }
             ("GET", "/healthz") => {
-                ctx.status = if self.gateway.store().is_some() {
-                    200
+                // A draining gateway says so, for the load balancer to send new traffic
+                // elsewhere while its streams finish.
+                let (status, body): (u16, &'static [u8]) = if self.gateway.drain.draining.is_set() {
+                    (503, br#"{"status":"draining"}"#)
+                } else if self.gateway.store().is_some() {
+                    (200, br#"{"status":"ok"}"#)
                 } else {
-                    503
+                    (503, br#"{"status":"starting"}"#)
                 };
-                let body: &'static [u8] = if ctx.status == 200 {
-                    br#"{"status":"ok"}"#
-                } else {
-                    br#"{"status":"starting"}"#
-                };
+                ctx.status = status;
                 let responding =
                     Box::pin(respond_json(session, ctx.status, Bytes::from_static(body)));
                 responding.await?;

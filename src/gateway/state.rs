@@ -8,14 +8,17 @@ use crate::conf::Conf;
 use crate::store::{Settlement, Store};
 use bytes::Bytes;
 use pingora::connectors::http::Connector;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::mpsc;
 
 pub struct Gateway {
     pub conf: Arc<Conf>,
-    /// This node's name in credit leases (unique per running gateway).
-    pub node_id: String,
+    /// This process's name as a lease holder: the node id and its start (see `nodes`).
+    pub instance_id: String,
+    /// Settlements are journaled here before the answer's last bytes go out (`None`: an
+    /// in-memory store, or a unit test).
+    pub journal: OnceLock<super::nodes::LocalJournal>,
     /// Set by the worker once connected (inside Pingora's runtime).
     pub store: OnceLock<Store>,
     pub keys: KeyCache,
@@ -26,8 +29,8 @@ pub struct Gateway {
     pub limits: super::limits::Limiter,
     /// Settled requests on their way to the store, written in batches by the usage writer
     /// (bounded: a request that finds it full waits, see `writer`).
-    pub settlements: mpsc::Sender<Settlement>,
-    pub(super) settlements_rx: Mutex<Option<mpsc::Receiver<Settlement>>>,
+    pub settlements: mpsc::Sender<Queued>,
+    pub(super) settlements_rx: Mutex<Option<mpsc::Receiver<Queued>>>,
     pub connector: Connector,
     /// One per provider, in conf order.
     pub endpoints: Vec<Endpoint>,
@@ -38,17 +41,37 @@ pub struct Gateway {
     pub models_body: Bytes,
     /// Each tier's metric handles, in conf order.
     pub tier_metrics: Vec<super::metrics::TierMetrics>,
+    /// Graceful shutdown's switches (see `drain`).
+    pub drain: Arc<super::drain::Drain>,
+    /// Chat requests between their start and their settlement's hand-off to the writer: what a
+    /// drain waits for.
+    in_flight: AtomicI64,
+}
+
+/// A settlement on its way to the writer, with where it was journaled.
+pub struct Queued {
+    pub settlement: Settlement,
+    pub ticket: Option<super::journal::Ticket>,
+}
+
+/// Counts a request in [`Gateway::in_flight`] until dropped.
+pub struct InFlight<'a>(&'a AtomicI64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Gateway {
     pub fn new(conf: Arc<Conf>) -> Arc<Gateway> {
         let (tx, rx) = mpsc::channel(super::writer::QUEUE_CAPACITY);
-        let host = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "gateway".into());
         Arc::new(Gateway {
-            node_id: format!("{host}:{}", conf.gateway.listen.port()),
+            instance_id: super::nodes::new_instance_id(
+                &conf.gateway.node_id,
+                crate::time::now_ms(),
+            ),
+            journal: OnceLock::new(),
             store: OnceLock::new(),
             keys: KeyCache::default(),
             credit: Arc::new(CreditBook::default()),
@@ -66,12 +89,25 @@ impl Gateway {
                 .iter()
                 .map(|t| super::metrics::TierMetrics::new(&t.name))
                 .collect(),
+            drain: Arc::default(),
+            in_flight: AtomicI64::new(0),
             conf,
         })
     }
 
     pub fn store(&self) -> Option<&Store> {
         self.store.get()
+    }
+
+    /// Counts a chat request until its settlement is queued for the writer.
+    pub fn request_started(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(&self.in_flight)
+    }
+
+    /// Chat requests not yet settled and queued.
+    pub fn requests_in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Acquire)
     }
 
     /// Settled requests waiting for the usage writer.
@@ -91,27 +127,31 @@ mod tests {
         let gw = Gateway::new(Arc::new(super::super::test_conf(
             "http://127.0.0.1:8000/v1",
         )));
-        let settlement = |n: i64| Settlement {
-            billed: NanoUsd::ZERO,
-            record: UsageRecord {
-                request_id: format!("req_{n}"),
-                account_id: 1,
-                key_id: 1,
-                tier: "budget".into(),
-                provider: None,
-                upstream_model: None,
-                stream: false,
-                input_tokens: 0,
-                output_tokens: 0,
-                provider_cost: NanoUsd::ZERO,
+        let settlement = |n: i64| Queued {
+            ticket: None,
+            settlement: Settlement {
                 billed: NanoUsd::ZERO,
-                http_status: 200,
-                error_code: None,
-                attempts: 1,
-                latency_ms: 0,
-                ttft_ms: None,
-                started_at: 0,
-                finished_at: 0,
+                over_hold: NanoUsd::ZERO,
+                record: UsageRecord {
+                    request_id: format!("req_{n}"),
+                    account_id: 1,
+                    key_id: 1,
+                    tier: "budget".into(),
+                    provider: None,
+                    upstream_model: None,
+                    stream: false,
+                    input_tokens: 0,
+                    output_tokens: 0,
+                    provider_cost: NanoUsd::ZERO,
+                    billed: NanoUsd::ZERO,
+                    http_status: 200,
+                    error_code: None,
+                    attempts: 1,
+                    latency_ms: 0,
+                    ttft_ms: None,
+                    started_at: 0,
+                    finished_at: 0,
+                },
             },
         };
         assert_eq!(gw.usage_queue_depth(), 0);

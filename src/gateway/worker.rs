@@ -1,8 +1,9 @@
 //! The gateway's background worker (a Pingora background service): it connects the store inside
 //! Pingora's runtime, returns leases a previous run of this node left behind, warms the key cache
 //! and the tokenizer, resolves upstream addresses, starts the usage [`writer`](super::writer), and
-//! then keeps the cache fresh and returns idle leases. On shutdown it waits for the writer (which
-//! lets requests in flight finish and writes what they settle) and returns every lease.
+//! then keeps the cache fresh, returns idle leases and renews this instance's heartbeat (see
+//! `nodes`). On shutdown it drains (see `drain`): requests finish, the writer writes what they
+//! settled, and every lease goes back.
 
 use super::auth::{REFRESH_EVERY, Refresher};
 use super::state::Gateway;
@@ -17,6 +18,9 @@ use std::time::{Duration, Instant};
 /// An account idle this long gives its unpromised lease back.
 const LEASE_IDLE_MS: i64 = 30_000;
 const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+/// How often this node looks for recalls of its leases (what another node short of credit, or a
+/// debit, waits for).
+const RECALL_EVERY: Duration = Duration::from_millis(100);
 
 pub struct Worker {
     pub gateway: Arc<Gateway>,
@@ -46,11 +50,176 @@ async fn return_idle(gw: &Gateway, store: &Store) {
     let idle_before = crate::time::now_ms() - LEASE_IDLE_MS;
     for (account_id, amount) in gw.credit.take_idle(idle_before) {
         if let Err(e) = store
-            .return_lease(account_id, &gw.node_id, Some(amount))
+            .return_lease(account_id, &gw.instance_id, Some(amount))
             .await
         {
             tracing::warn!(error = %e, account_id, "returning an idle lease failed; keeping it");
             gw.credit.restore(account_id, amount);
+        }
+    }
+}
+
+/// Replays what dead instances of this node's journal root left (idempotent by request id),
+/// returns their leases, and removes their journals. Retries until the store takes it all.
+async fn recover(gw: &Gateway, store: &Store) {
+    let Some(own) = gw.journal.get() else {
+        return;
+    };
+    let Some(root) = own.dir.parent() else {
+        return;
+    };
+    let fingerprint = super::nodes::store_fingerprint(&gw.conf);
+    for orphan in super::nodes::orphans(root, &fingerprint, &own.dir) {
+        let mut settlements = Vec::with_capacity(orphan.recovered.entries.len());
+        for (i, (_, entry)) in orphan.recovered.entries.iter().enumerate() {
+            match serde_json::from_slice::<crate::store::Settlement>(entry) {
+                Ok(s) => settlements.push(s),
+                Err(e) => {
+                    tracing::error!(error = %e, entry = i, dir = %orphan.dir.display(), "a journal entry is not a settlement; skipped")
+                }
+            }
+        }
+        let mut attempt = 0u32;
+        for chunk in settlements.chunks(256) {
+            while let Err(e) = store.settle_batch(&orphan.instance_id, chunk).await {
+                attempt += 1;
+                tracing::error!(error = %e, instance = %orphan.instance_id, "replaying a crashed instance's settlements failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200u64 << attempt.min(5))).await;
+            }
+        }
+        let returned = loop {
+            match store.return_node_leases(&orphan.instance_id).await {
+                Ok(r) => break r,
+                Err(e) => {
+                    tracing::error!(error = %e, "returning a crashed instance's leases failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        let _ = store.forget_instance(&orphan.instance_id).await;
+        tracing::info!(
+            instance = %orphan.instance_id,
+            replayed = settlements.len(),
+            leases = returned.0,
+            returned = %returned.1,
+            "recovered a gateway instance that did not shut down cleanly"
+        );
+        orphan.remove();
+    }
+}
+
+/// Answers recalls: another node short of an account's credit, or a debit that reached this
+/// node's lease, asked for what this node holds unpromised.
+async fn answer_recalls(gw: &Gateway, store: &Store) {
+    let Ok(accounts) = store.recalled(&gw.instance_id).await else {
+        return;
+    };
+    for account_id in accounts {
+        let amount = gw.credit.take_unpromised(account_id);
+        match store
+            .answer_recall(account_id, &gw.instance_id, amount)
+            .await
+        {
+            Ok(back) => tracing::debug!(account_id, %back, "answered a lease recall"),
+            Err(e) => {
+                tracing::warn!(error = %e, account_id, "answering a lease recall failed; keeping the credit");
+                gw.credit.restore(account_id, amount);
+            }
+        }
+    }
+}
+
+/// One heartbeat: renew this instance, fence or unfence its credit, sweep instances that stopped.
+async fn heartbeat(gw: &Gateway, store: &Store, last_ok_ms: &mut i64) {
+    let now = crate::time::now_ms();
+    let expiry_ms = gw.conf.gateway.lease_expiry.as_millis() as i64;
+    match store.heartbeat(&gw.instance_id, now).await {
+        Ok(true) => {
+            *last_ok_ms = now;
+            gw.credit.fence(false);
+        }
+        Ok(false) => {
+            let forgotten = gw.credit.forget_all();
+            tracing::error!(instance = %gw.instance_id, %forgotten, "this instance was swept (no heartbeat for the lease expiry): its leases went back to the balances; leasing anew");
+            if store
+                .register_instance(&gw.instance_id, &gw.conf.gateway.node_id, now)
+                .await
+                .is_ok()
+            {
+                *last_ok_ms = now;
+                gw.credit.fence(false);
+            }
+        }
+        Err(e) => {
+            if now - *last_ok_ms > expiry_ms / 2 {
+                gw.credit.fence(true);
+                tracing::error!(error = %e, "heartbeat failing for half the lease expiry: not spending leased credit until it goes through");
+            } else {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+            return;
+        }
+    }
+    match store.sweep_instances(now - expiry_ms).await {
+        Ok(swept) => {
+            for (instance, n, total) in swept {
+                super::metrics::METRICS.leases_swept.inc_by(n as u64);
+                tracing::warn!(%instance, leases = n, %total, "returned the leases of a gateway instance that stopped renewing");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "sweeping stopped instances failed"),
+    }
+}
+
+/// Graceful shutdown (see `drain`): requests finish, or are ended at the deadline; the writer
+/// writes everything; leases go back (only if everything was written: otherwise the journal's
+/// replay at the next start needs them).
+async fn drain(gw: &Gateway, store: &Store, writer: tokio::sync::oneshot::Receiver<usize>) {
+    let d = &gw.drain;
+    let started = Instant::now();
+    let deadline = started + gw.conf.gateway.graceful_shutdown_timeout;
+    tracing::info!(in_flight = gw.requests_in_flight(), "draining");
+    while gw.requests_in_flight() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if gw.requests_in_flight() > 0 {
+        tracing::warn!(
+            in_flight = gw.requests_in_flight(),
+            "grace time over: ending the streams still open (billed for what was delivered)"
+        );
+        d.cut.set();
+        let cut_deadline = Instant::now() + super::drain::FLUSH_MARGIN / 2;
+        while gw.requests_in_flight() > 0 && Instant::now() < cut_deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    d.flush.set();
+    let unwritten = writer.await.unwrap_or(usize::MAX);
+    if let Some(j) = gw.journal.get()
+        && let Err(e) = j.journal.sync()
+    {
+        tracing::error!(error = %e, "flushing the journal to disk failed");
+    }
+    if unwritten > 0 {
+        tracing::error!(
+            unwritten,
+            "usage could not be written before exit: it waits in the journal, and the leases stay until the next start replays it"
+        );
+        return;
+    }
+    let _ = gw.credit.take_all();
+    match store.return_node_leases(&gw.instance_id).await {
+        Ok((n, total)) => {
+            tracing::info!(leases = n, %total, took_ms = started.elapsed().as_millis() as u64, "returned leases at shutdown");
+            let _ = store.forget_instance(&gw.instance_id).await;
+            if let Some(j) = gw.journal.get()
+                && let Err(e) = std::fs::remove_dir_all(&j.dir)
+            {
+                tracing::warn!(error = %e, "removing this instance's (empty) journal failed");
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "returning leases at shutdown failed; they return by expiry or at the next start")
         }
     }
 }
@@ -77,13 +246,18 @@ impl BackgroundService for Worker {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        match store.return_node_leases(&gw.node_id).await {
-            Ok((n, total)) if n > 0 => {
-                tracing::info!(leases = n, %total, node = %gw.node_id, "returned leases left by a previous run")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "returning old leases failed"),
+        while let Err(e) = store
+            .register_instance(
+                &gw.instance_id,
+                &gw.conf.gateway.node_id,
+                crate::time::now_ms(),
+            )
+            .await
+        {
+            tracing::error!(error = %e, "registering this gateway instance failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        recover(gw, &store).await;
         let mut refresher = Refresher::new();
         if let Err(e) = refresher.pass(&gw.keys, &store).await {
             tracing::error!(error = %e, "warming the key cache failed");
@@ -95,14 +269,14 @@ impl BackgroundService for Worker {
             super::relay::tokenizer();
         })
         .await;
-        tracing::info!(keys = gw.keys.len(), node = %gw.node_id, "gateway ready");
+        tracing::info!(keys = gw.keys.len(), instance = %gw.instance_id, "gateway ready");
         ready.notify_ready();
 
         let Some(rx) = gw.settlements_rx.lock().ok().and_then(|mut r| r.take()) else {
             return;
         };
         // The usage writer: a thread of its own, with its own store connection (see `writer`).
-        let writer = match super::writer::spawn(gw.clone(), rx, shutdown.clone()) {
+        let writer = match super::writer::spawn(gw.clone(), rx) {
             Ok(done) => done,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the usage writer");
@@ -112,6 +286,10 @@ impl BackgroundService for Worker {
         let mut refresh = tokio::time::interval(REFRESH_EVERY);
         let mut idle = tokio::time::interval(Duration::from_secs(5));
         let mut resolve = tokio::time::interval(RESOLVE_EVERY);
+        let mut beat = tokio::time::interval(super::nodes::HEARTBEAT_EVERY);
+        let mut fsync = tokio::time::interval(gw.conf.gateway.journal_fsync_interval);
+        let mut last_beat_ms = crate::time::now_ms();
+        let mut recalls = tokio::time::interval(RECALL_EVERY);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -121,22 +299,27 @@ impl BackgroundService for Worker {
                     }
                 }
                 _ = idle.tick() => return_idle(gw, &store).await,
+                _ = beat.tick() => heartbeat(gw, &store, &mut last_beat_ms).await,
+                _ = recalls.tick() => answer_recalls(gw, &store).await,
+                _ = fsync.tick() => {
+                    let g = gw.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Some(j) = g.journal.get()
+                            && let Err(e) = j.journal.sync()
+                        {
+                            tracing::error!(error = %e, "flushing the journal to disk failed");
+                        }
+                    })
+                    .await;
+                }
                 _ = resolve.tick() => {
                     let g = gw.clone();
                     let _ = tokio::task::spawn_blocking(move || resolve_all(&g)).await;
                 }
             }
         }
-
-        // Shutdown: the writer lets requests in flight finish and writes what they settle; then
-        // every lease goes back.
-        let _ = writer.await;
-        match store.return_node_leases(&gw.node_id).await {
-            Ok((n, total)) => tracing::info!(leases = n, %total, "returned leases at shutdown"),
-            Err(e) => {
-                tracing::error!(error = %e, "returning leases at shutdown failed; the next start returns them")
-            }
-        }
+        drain(gw, &store, writer).await;
+        gw.drain.finish();
     }
 }
 
@@ -165,6 +348,9 @@ impl BackgroundService for MetricsServer {
                     let m = &*super::metrics::METRICS;
                     m.holds_in_flight.set(gw.credit.holds_in_flight());
                     m.usage_queue.set(gw.usage_queue_depth() as i64);
+                    if let Some(j) = gw.journal.get() {
+                        m.usage_backlog.set(j.journal.backlog() as i64);
+                    }
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,

@@ -18,12 +18,104 @@ use sqlx::Row;
 /// about 0.2 ms), many enough that a batch needs few round trips.
 const ROWS_PER_STATEMENT: usize = 25;
 
-/// One settled request, as the gateway's flusher hands it to the store.
-#[derive(Debug, Clone)]
+/// One settled request, as the gateway's flusher hands it to the store (and journals it first,
+/// as JSON).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Settlement {
-    /// What the customer pays (≥ 0); debited from the node's lease with a usage ledger entry.
+    /// What the customer pays (≥ 0) out of the node's lease (the hold and any leased credit
+    /// the node had to spare), debited with a usage ledger entry.
     pub billed: NanoUsd,
+    /// Usage above that, which the lease could not back: taken from the balance as far as it
+    /// goes, the rest recorded as a platform loss.
+    #[serde(default)]
+    pub over_hold: NanoUsd,
     pub record: UsageRecord,
+}
+
+/// Reads an account's unleased balance with a no-op write first: it locks the row (PostgreSQL)
+/// or the database (SQLite, already IMMEDIATE), so the balance cannot change before the caller's
+/// debit in the same transaction.
+async fn lock_balance(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    account_id: i64,
+) -> Result<i64, StoreError> {
+    Ok(sqlx::query(
+        "UPDATE accounts SET updated_at = updated_at WHERE id = $1 RETURNING balance_nano",
+    )
+    .bind(account_id)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or_else(|| StoreError::not_found("account", account_id))?
+    .try_get(0)?)
+}
+
+/// A debit that the unleased balance could not cover reaches the credit gateway nodes hold
+/// leased: takes up to `want` from the account's leases (largest first) inside the caller's
+/// transaction, records it as a ledger entry of `template`'s kind under `<reference>:leased`
+/// (the balance proof still holds: the lease and the ledger move together), and asks the
+/// holders to give back what they have not promised (a recall), so the taken credit stops being
+/// spendable within a fraction of a second. Returns what was taken.
+pub(super) async fn debit_leases_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    template: &super::NewLedgerEntry,
+    reference: &str,
+    want: NanoUsd,
+) -> Result<NanoUsd, StoreError> {
+    if !want.is_positive() {
+        return Ok(NanoUsd::ZERO);
+    }
+    let rows = sqlx::query(
+        "SELECT node_id, amount_nano FROM credit_leases WHERE account_id = $1 AND amount_nano > 0
+         ORDER BY amount_nano DESC",
+    )
+    .bind(template.account_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    let now = now_ms();
+    let mut left = want.nanos();
+    for r in &rows {
+        if left == 0 {
+            break;
+        }
+        let node: String = r.try_get(0)?;
+        let amount: i64 = r.try_get(1)?;
+        let take = amount.min(left);
+        sqlx::query(
+            "UPDATE credit_leases SET amount_nano = amount_nano - $1, recall_at = $2, updated_at = $2
+             WHERE account_id = $3 AND node_id = $4",
+        )
+        .bind(take)
+        .bind(now)
+        .bind(template.account_id)
+        .bind(&node)
+        .execute(&mut **tx)
+        .await?;
+        left -= take;
+    }
+    let taken = want.nanos() - left;
+    if taken > 0 {
+        sqlx::query(
+            "INSERT INTO ledger (account_id, kind, amount_nano, external_ref, actor, reason, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(template.account_id)
+        .bind(template.kind.as_str())
+        .bind(-taken)
+        .bind(format!("{reference}:leased"))
+        .bind(template.actor.as_deref())
+        .bind(template.reason.as_deref())
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::DuplicateReference(format!("{reference}:leased"))
+            } else {
+                e.into()
+            }
+        })?;
+    }
+    Ok(NanoUsd::from_nanos(taken))
 }
 
 impl Store {
@@ -40,16 +132,7 @@ impl Store {
         }
         let now = now_ms();
         let mut tx = self.begin_write().await?;
-        // A no-op write first: it locks the row (PostgreSQL) or the database (SQLite, already
-        // IMMEDIATE), so the balance read here cannot change before the debit below.
-        let balance: i64 = sqlx::query(
-            "UPDATE accounts SET updated_at = updated_at WHERE id = $1 RETURNING balance_nano",
-        )
-        .bind(account_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| StoreError::not_found("account", account_id))?
-        .try_get(0)?;
+        let balance = lock_balance(&mut tx, account_id).await?;
         let granted = balance.min(want.nanos());
         if granted > 0 {
             sqlx::query(
@@ -75,6 +158,102 @@ impl Store {
         }
         tx.commit().await?;
         Ok(NanoUsd::from_nanos(granted))
+    }
+
+    /// Leases what a request needs (`need`), plus some headroom for the next ones: a quarter of
+    /// what the balance has beyond `need`, at most `headroom_max`. A small balance is never taken
+    /// whole by one node, so other nodes can still serve the account. Returns what moved.
+    pub async fn take_lease_for(
+        &self,
+        account_id: i64,
+        node_id: &str,
+        need: NanoUsd,
+        headroom_max: NanoUsd,
+    ) -> Result<NanoUsd, StoreError> {
+        let balance = self.account_balance_nanos(account_id).await?;
+        let rest = (balance - need.nanos()).max(0);
+        let want = need.nanos() + (rest / 4).min(headroom_max.nanos());
+        self.take_lease(account_id, node_id, NanoUsd::from_nanos(want))
+            .await
+    }
+
+    /// The account's unleased balance.
+    pub async fn balance(&self, account_id: i64) -> Result<NanoUsd, StoreError> {
+        Ok(NanoUsd::from_nanos(
+            self.account_balance_nanos(account_id).await?,
+        ))
+    }
+
+    async fn account_balance_nanos(&self, account_id: i64) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query("SELECT balance_nano FROM accounts WHERE id = $1")
+                .bind(account_id)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or_else(|| StoreError::not_found("account", account_id))?
+                .try_get(0)?,
+        )
+    }
+
+    /// Asks every other holder of the account's leases to give back what it has not promised.
+    /// Returns how many holders were asked (0: nobody else holds any).
+    pub async fn recall_leases(
+        &self,
+        account_id: i64,
+        except_node: &str,
+    ) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE credit_leases SET recall_at = $1
+             WHERE account_id = $2 AND node_id <> $3 AND amount_nano > 0",
+        )
+        .bind(now_ms())
+        .bind(account_id)
+        .bind(except_node)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Leases of the account asked to give back and not answered yet.
+    pub async fn recalls_pending(&self, account_id: i64) -> Result<i64, StoreError> {
+        Ok(sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM credit_leases WHERE account_id = $1 AND recall_at IS NOT NULL",
+        )
+        .bind(account_id)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get(0)?)
+    }
+
+    /// The accounts whose lease `node_id` was asked to give back.
+    pub async fn recalled(&self, node_id: &str) -> Result<Vec<i64>, StoreError> {
+        sqlx::query(
+            "SELECT account_id FROM credit_leases WHERE node_id = $1 AND recall_at IS NOT NULL",
+        )
+        .bind(node_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok(r.try_get(0)?))
+        .collect()
+    }
+
+    /// Answers a recall: returns `amount` (what the node had not promised; clamped to the lease)
+    /// and clears the request. Returns what moved.
+    pub async fn answer_recall(
+        &self,
+        account_id: i64,
+        node_id: &str,
+        amount: NanoUsd,
+    ) -> Result<NanoUsd, StoreError> {
+        sqlx::query(
+            "UPDATE credit_leases SET recall_at = NULL WHERE account_id = $1 AND node_id = $2",
+        )
+        .bind(account_id)
+        .bind(node_id)
+        .execute(&self.pool)
+        .await?;
+        self.return_lease(account_id, node_id, Some(amount)).await
     }
 
     /// Returns `amount` of a lease to the balance (`None`: all of it). Returns what moved.
@@ -159,8 +338,9 @@ impl Store {
 
     /// Writes a batch of settled requests in one transaction: the usage records, a usage ledger
     /// entry for each billed one, and the debit of the node's lease per account, in a few
-    /// multi-row statements. A request already recorded (a retried batch) is skipped whole, so
-    /// nothing is billed twice; a debit the lease cannot cover refuses the whole batch.
+    /// multi-row statements. A request already recorded (a retried batch, a journal replayed) is
+    /// skipped whole, so nothing is billed twice. What the lease cannot cover is taken from the
+    /// balance, and what neither can is a platform loss (never a negative balance).
     pub async fn settle_batch(
         &self,
         node_id: &str,
@@ -177,37 +357,110 @@ impl Store {
         }
         let billed: Vec<&Settlement> = batch
             .iter()
-            .filter(|s| s.billed.is_positive() && new_ids.contains(&s.record.request_id))
+            .filter(|s| {
+                (s.billed.is_positive() || s.over_hold.is_positive())
+                    && new_ids.contains(&s.record.request_id)
+            })
             .collect();
-        // One debit per account.
-        let mut per_account: std::collections::BTreeMap<i64, (i64, i64)> =
+        // One debit per account: from the node's lease first, then (a lease swept while the
+        // node was cut off, or usage above the hold) from the balance, and what neither can
+        // pay is the platform's loss, taken off the last requests' billing (never below zero).
+        let mut per_account: std::collections::BTreeMap<i64, (i64, i64, i64)> =
             std::collections::BTreeMap::new();
         for s in &billed {
-            let e = per_account.entry(s.record.account_id).or_insert((0, 0));
+            let e = per_account.entry(s.record.account_id).or_insert((0, 0, 0));
             e.0 =
                 e.0.checked_add(s.billed.nanos())
                     .ok_or(crate::money::MoneyError::Overflow)?;
             e.1 = e.1.max(s.record.finished_at);
+            e.2 =
+                e.2.checked_add(s.over_hold.nanos())
+                    .ok_or(crate::money::MoneyError::Overflow)?;
         }
-        for (account_id, (amount, at)) in per_account {
-            let debited = sqlx::query(
-                "UPDATE credit_leases SET amount_nano = amount_nano - $1, updated_at = $2
-                 WHERE account_id = $3 AND node_id = $4 AND amount_nano >= $1",
+        let mut losses: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
+        for (account_id, (amount, at, over_hold)) in per_account {
+            let leased: i64 = sqlx::query(
+                "UPDATE credit_leases SET updated_at = $1 WHERE account_id = $2 AND node_id = $3
+                 RETURNING amount_nano",
             )
-            .bind(amount)
             .bind(at)
             .bind(account_id)
             .bind(node_id)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?
-            .rows_affected();
-            if debited == 0 {
-                return Err(StoreError::Invalid(format!(
-                    "node {node_id} holds no lease of {} for account {account_id}",
-                    NanoUsd::from_nanos(amount)
-                )));
+            .map(|r| r.try_get(0))
+            .transpose()?
+            .unwrap_or(0);
+            let from_lease = leased.min(amount);
+            if from_lease > 0 {
+                sqlx::query(
+                    "UPDATE credit_leases SET amount_nano = amount_nano - $1
+                     WHERE account_id = $2 AND node_id = $3",
+                )
+                .bind(from_lease)
+                .bind(account_id)
+                .bind(node_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            let rest = amount - from_lease + over_hold;
+            if rest > 0 {
+                let balance = lock_balance(&mut tx, account_id).await?;
+                let from_balance = balance.clamp(0, rest);
+                if from_balance > 0 {
+                    sqlx::query(
+                        "UPDATE accounts SET balance_nano = balance_nano - $1 WHERE id = $2",
+                    )
+                    .bind(from_balance)
+                    .bind(account_id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                if rest > from_balance {
+                    losses.insert(account_id, rest - from_balance);
+                }
             }
         }
+        // Each loss comes off the account's latest requests in this batch.
+        let mut charged: Vec<(i64, &Settlement)> = billed
+            .iter()
+            .map(|s| (s.billed.nanos() + s.over_hold.nanos(), *s))
+            .collect();
+        for (account_id, mut loss) in losses {
+            for (amount, s) in charged.iter_mut().rev() {
+                if loss == 0 {
+                    break;
+                }
+                if s.record.account_id != account_id || *amount == 0 {
+                    continue;
+                }
+                let cut = loss.min(*amount);
+                *amount -= cut;
+                loss -= cut;
+                sqlx::query(
+                    "UPDATE usage_records SET billed_nano = billed_nano - $1,
+                            platform_loss_nano = platform_loss_nano + $1
+                      WHERE request_id = $2",
+                )
+                .bind(cut)
+                .bind(&s.record.request_id)
+                .execute(&mut *tx)
+                .await?;
+                tracing::warn!(
+                    request_id = %s.record.request_id,
+                    account_id,
+                    loss = %NanoUsd::from_nanos(cut),
+                    "usage above what the lease and the balance could pay: recorded as a platform loss"
+                );
+                crate::gateway::metrics::METRICS
+                    .platform_loss_nano
+                    .inc_by(cut as u64);
+            }
+        }
+        let billed: Vec<(i64, &Settlement)> = charged
+            .into_iter()
+            .filter(|(amount, _)| *amount > 0)
+            .collect();
         for chunk in billed.chunks(ROWS_PER_STATEMENT) {
             let mut sql = String::from(
                 "INSERT INTO ledger (account_id, kind, amount_nano, external_ref, created_at) VALUES ",
@@ -229,10 +482,10 @@ impl Store {
                 sql.push(')');
             }
             let mut q = sqlx::query(&sql);
-            for s in chunk {
+            for (amount, s) in chunk {
                 q = q
                     .bind(s.record.account_id)
-                    .bind(-s.billed.nanos())
+                    .bind(-*amount)
                     .bind(format!("usage:{}", s.record.request_id))
                     .bind(s.record.finished_at);
             }

@@ -506,9 +506,15 @@ impl Store {
         }
         let wanted = NanoUsd::from_cents(delta)?;
         let take = wanted.min(balance);
+        // What the balance cannot cover comes out of the credit gateways hold leased (recalled
+        // from them), so credit taken away cannot still be spent.
+        let from_leases =
+            super::leases::debit_leases_in(&mut tx, &entry, &reference, wanted.checked_sub(take)?)
+                .await?;
+        let take = take.checked_add(from_leases)?;
         let shortfall = wanted.checked_sub(take)?;
-        if take.is_positive() {
-            entry.amount = take.checked_neg()?;
+        if take.checked_sub(from_leases)?.is_positive() {
+            entry.amount = take.checked_sub(from_leases)?.checked_neg()?;
             entry.external_ref = reference;
             match append_in(&mut tx, &entry).await {
                 Ok(Ok(_)) => {}

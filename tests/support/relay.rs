@@ -79,10 +79,9 @@ pub fn conf_text(
     store_url: &str,
     gateway_port: u16,
     metrics: u16,
-    mock_port: u16,
-    tls_mock_port: u16,
-    dead_port: u16,
+    (mock_port, tls_mock_port, dead_port): (u16, u16, u16),
     redis: &str,
+    gateway_extra: &str,
 ) -> String {
     let ca_file = tls_fixture("ca.pem");
     // The fault matrix: each tier's first upstream fails one way (the mock reads the fault from
@@ -105,6 +104,7 @@ listen = "127.0.0.1:{gateway_port}"
 metrics_listen = "127.0.0.1:{metrics}"
 max_request_body_bytes = 6291456
 graceful_shutdown_timeout_ms = 2000
+{gateway_extra}
 
 [store]
 url = "{store_url}"
@@ -254,10 +254,13 @@ pub struct Relay {
     pub account_id: i64,
     pub key_id: i64,
     pub client: reqwest::Client,
-    _gateway: Proc,
-    conf_for: Box<dyn Fn(u16, u16) -> String + Send + Sync>,
+    pub gateway: Proc,
+    conf_for: Box<ConfFor>,
     _dir: tempfile::TempDir,
 }
+
+/// Writes a node's conf: its port, its metrics port, extra `[gateway]` lines.
+type ConfFor = dyn Fn(u16, u16, &str) -> String + Send + Sync;
 
 /// One `duang-gateway` process of a relay.
 pub struct Node {
@@ -267,12 +270,13 @@ pub struct Node {
 }
 
 impl Node {
-    /// Writes a conf for a new node (its own ports) and starts it; waits until it is ready.
-    async fn spawn(dir: &std::path::Path, conf_for: &dyn Fn(u16, u16) -> String) -> Node {
+    /// Writes a conf for a new node (its own ports, `gateway_extra` lines in its `[gateway]`)
+    /// and starts it; waits until it is ready.
+    async fn spawn(dir: &std::path::Path, conf_for: &ConfFor, gateway_extra: &str) -> Node {
         let port = free_port();
         let metrics_port = free_port();
         let conf = dir.join(format!("duang-{port}.toml"));
-        std::fs::write(&conf, conf_for(port, metrics_port)).expect("conf");
+        std::fs::write(&conf, conf_for(port, metrics_port, gateway_extra)).expect("conf");
         let child = Command::new(GATEWAY_BIN)
             .arg("--conf")
             .arg(&conf)
@@ -341,9 +345,14 @@ impl Relay {
             .unwrap_or_default();
         let dead_port = free_port();
         let (store_url, mock_port, tls_port) = (t.url.clone(), mock.port, tls_mock.port);
-        let conf_for = move |port: u16, metrics: u16| {
+        let conf_for = move |port: u16, metrics: u16, extra: &str| {
             conf_text(
-                &store_url, port, metrics, mock_port, tls_port, dead_port, &redis,
+                &store_url,
+                port,
+                metrics,
+                (mock_port, tls_port, dead_port),
+                &redis,
+                extra,
             )
         };
         let account = t
@@ -371,7 +380,7 @@ impl Relay {
                 .expect("fund");
         }
         let (key, key_id) = new_key(&t.store, account.id).await;
-        let node = Node::spawn(dir.path(), &conf_for).await;
+        let node = Node::spawn(dir.path(), &conf_for, &Relay::journal_lines(dir.path())).await;
         Relay {
             t,
             mock,
@@ -382,15 +391,35 @@ impl Relay {
             account_id: account.id,
             key_id,
             client: reqwest::Client::new(),
-            _gateway: node.proc,
+            gateway: node.proc,
             conf_for: Box::new(conf_for),
             _dir: dir,
         }
     }
 
-    /// Another gateway node on the same store (and Redis, when there is one).
+    /// Another gateway node on the same store (and Redis, when there is one), journaling
+    /// beside the first (as processes on one machine do).
     pub async fn another_node(&self) -> Node {
-        Node::spawn(self._dir.path(), &*self.conf_for).await
+        self.node_with(&Relay::journal_lines(self._dir.path()))
+            .await
+    }
+
+    /// Another gateway node with these lines in its `[gateway]` section (which must then name
+    /// its `journal_dir`).
+    pub async fn node_with(&self, gateway_lines: &str) -> Node {
+        Node::spawn(self._dir.path(), &*self.conf_for, gateway_lines).await
+    }
+
+    /// The relay's temp dir (confs, journals).
+    pub fn dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
+    fn journal_lines(dir: &std::path::Path) -> String {
+        format!(
+            "journal_dir = {:?}",
+            dir.join("journal").display().to_string()
+        )
     }
 
     /// The gateway's Prometheus text.

@@ -1,0 +1,23 @@
+-- Gateway instances and what they lose. Keep in step with ../postgres/0006_gateway_nodes.sql.
+--
+-- Each running gateway process is an instance (`instance_id` = its node id, a slash and its
+-- start): it registers at start, renews `heartbeat_at` every few seconds, and holds its credit
+-- leases under its instance id (`credit_leases.node_id`). An instance whose heartbeat is older
+-- than the conf's lease expiry is gone: any gateway (or the operator, `duang-admin leases
+-- release`) returns its leases to the balances and removes it.
+CREATE TABLE gateway_nodes (
+    instance_id   TEXT   PRIMARY KEY,
+    node_id       TEXT   NOT NULL,
+    started_at    INTEGER NOT NULL,
+    heartbeat_at  INTEGER NOT NULL
+);
+CREATE INDEX gateway_nodes_heartbeat ON gateway_nodes (heartbeat_at);
+
+-- Usage that cost more than its hold and than the balance could pay: the part nobody was billed
+-- for (a platform loss, also counted in the metric duang_platform_loss_nano_total).
+ALTER TABLE usage_records ADD COLUMN platform_loss_nano INTEGER NOT NULL DEFAULT 0 CHECK (platform_loss_nano >= 0);
+
+-- A recall: another gateway (short of credit for a request) or a debit (a dispute, a refund, an
+-- operator's adjustment) asks the holder to give back what it has not promised to a request.
+-- The holder sees it within a fraction of a second, returns that part, and clears it.
+ALTER TABLE credit_leases ADD COLUMN recall_at INTEGER;

@@ -1,0 +1,686 @@
+//! Money through a gateway's life, with the real binaries: a graceful shutdown lets streams finish
+//! and writes everything; a grace that runs out ends streams with an error event, billed for what
+//! was delivered; a SIGKILL loses no settled answer (the next start replays the journal, returns
+//! the dead instance's lease and keeps a damaged journal tail aside); a node that never comes back
+//! under its name has its lease swept back; the operator lists and releases leases by instance.
+
+mod support;
+
+use duang::conf::Backend;
+use duang::money::NanoUsd;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+use support::relay::{Proc, Relay};
+use support::{ADMIN_BIN, on_both_stores};
+
+fn stream_body(chunks: u64, gap_ms: u64) -> Value {
+    json!({"model": "budget", "stream": true, "max_tokens": 100,
+           "messages": [{"role": "user", "content": "Count slowly."}],
+           "mock": {"chunks": chunks, "gap_ms": gap_ms}})
+}
+
+/// A JSON request; bodies for any `ttft_ms` up to 9,999 have one length, so one worst case.
+fn json_body(ttft_ms: u64) -> Value {
+    let pad = "x".repeat(4 - ttft_ms.to_string().len());
+    json!({"model": "budget", "max_tokens": 100, "user": pad,
+           "messages": [{"role": "user", "content": "Say ok."}],
+           "mock": {"ttft_ms": ttft_ms}})
+}
+
+fn signal(proc: &Proc, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(proc.0.id() as i32), sig).expect("signal");
+}
+
+/// Waits for the process to exit (it must, within `within`).
+fn wait_exit(proc: &mut Proc, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = proc.0.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls until the mock has `n` streams open (so they are in flight at the gateway).
+async fn streams_open(relay: &Relay, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if relay.mock.stats().await["streams_open"].as_u64() >= Some(n) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "streams never opened at the mock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One request's answer as the client saw it.
+struct Seen {
+    request_id: String,
+    status: u16,
+    body: String,
+}
+
+async fn send(client: reqwest::Client, base: String, key: String, body: Value) -> Seen {
+    let r = client
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let request_id = r.headers()["x-request-id"].to_str().expect("id").to_owned();
+    let status = r.status().as_u16();
+    let body = r.text().await.unwrap_or_default();
+    Seen {
+        request_id,
+        status,
+        body,
+    }
+}
+
+/// `send` on a task of its own.
+fn spawn_send(
+    relay: &Relay,
+    base: String,
+    key: String,
+    body: Value,
+) -> tokio::task::JoinHandle<Seen> {
+    tokio::spawn(send(relay.client.clone(), base, key, body))
+}
+
+fn complete(s: &Seen) -> bool {
+    s.status == 200 && (s.body.contains("data: [DONE]") || s.body.starts_with('{'))
+}
+
+/// The usage records of these requests, by id.
+async fn records(relay: &Relay) -> std::collections::HashMap<String, duang::store::UsageRecord> {
+    relay
+        .store()
+        .usage_page(relay.account_id, None, 10_000)
+        .await
+        .expect("usage")
+        .into_iter()
+        .map(|r| (r.request_id.clone(), r))
+        .collect()
+}
+
+async fn funding_minus_billed(relay: &Relay, funding: &str) {
+    let billed = records(relay)
+        .await
+        .values()
+        .try_fold(NanoUsd::ZERO, |a, r| a.checked_add(r.billed))
+        .expect("sum");
+    let funding: NanoUsd = funding.parse().expect("usd");
+    assert_eq!(
+        relay.credit().await,
+        funding.checked_sub(billed).expect("sub")
+    );
+}
+
+/// SIGTERM with streams and JSON answers in flight: new connections are refused, every answer
+/// completes, every one is recorded, the lease goes back, the process exits 0.
+async fn sigterm_lets_streams_finish_and_writes_every_record(backend: Backend) {
+    let mut relay = Relay::start(backend, "5").await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(spawn_send(
+            &relay,
+            relay.base.clone(),
+            relay.key.clone(),
+            stream_body(8, 100),
+        ));
+    }
+    for _ in 0..2 {
+        tasks.push(spawn_send(
+            &relay,
+            relay.base.clone(),
+            relay.key.clone(),
+            json_body(600),
+        ));
+    }
+    streams_open(&relay, 4).await;
+    signal(&relay.gateway, nix::sys::signal::Signal::SIGTERM);
+    // The listener closes at once: a new connection is refused while the streams go on.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reqwest::get(format!("{}/healthz", relay.base))
+        .await
+        .is_ok()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the draining gateway still accepts connections"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await.expect("task"));
+    }
+    let status = wait_exit(&mut relay.gateway, Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+    for s in &seen {
+        assert!(
+            complete(s),
+            "an answer was cut by the shutdown: {} {}",
+            s.status,
+            s.body
+        );
+    }
+    // Everything was written before the exit: no waiting here.
+    let recorded = records(&relay).await;
+    for s in &seen {
+        let r = recorded
+            .get(&s.request_id)
+            .unwrap_or_else(|| panic!("{} was never recorded", s.request_id));
+        assert!(r.billed.is_positive() && r.error_code.is_none(), "{r:?}");
+    }
+    let instances = relay.store().instances().await.expect("instances");
+    assert!(
+        instances.is_empty(),
+        "the lease and the instance were not returned: {instances:?}"
+    );
+    funding_minus_billed(&relay, "5").await;
+}
+
+/// A stream longer than the grace: it ends with a `server_shutting_down` error event, billed for
+/// the part delivered, and the gateway still writes it and exits.
+async fn a_stream_past_the_grace_ends_with_an_error_event_billed_for_what_was_delivered(
+    backend: Backend,
+) {
+    let mut relay = Relay::start(backend, "5").await;
+    let task = tokio::spawn(send(
+        relay.client.clone(),
+        relay.base.clone(),
+        relay.key.clone(),
+        stream_body(40, 200),
+    ));
+    streams_open(&relay, 1).await;
+    signal(&relay.gateway, nix::sys::signal::Signal::SIGTERM);
+    let seen = task.await.expect("task");
+    let status = wait_exit(&mut relay.gateway, Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+    assert!(!seen.body.contains("[DONE]"), "{}", seen.body);
+    assert!(
+        seen.body.contains("\"code\":\"server_shutting_down\""),
+        "{}",
+        seen.body
+    );
+    let delivered = seen.body.matches("\"content\":").count() as i64;
+    assert!(delivered > 0 && delivered < 40, "{delivered}");
+    let r = records(&relay)
+        .await
+        .remove(&seen.request_id)
+        .expect("recorded");
+    assert_eq!(r.error_code.as_deref(), Some("server_shutting_down"));
+    assert!(r.output_tokens > 0 && r.output_tokens < 40, "{r:?}");
+    assert!(r.billed.is_positive(), "{r:?}");
+    funding_minus_billed(&relay, "5").await;
+}
+
+/// SIGKILL right after answers were delivered, with streams open: the next gateway on the same
+/// machine replays the journal, so every delivered answer is billed exactly once, the streams cut
+/// by the crash are not billed (our fault, our cost), and the dead instance's lease goes back.
+/// A damaged journal tail does not stop the start and is kept aside.
+async fn sigkill_loses_no_delivered_answer(backend: Backend) {
+    let mut relay = Relay::start(backend, "5").await;
+    let mut cut = Vec::new();
+    for _ in 0..3 {
+        cut.push(spawn_send(
+            &relay,
+            relay.base.clone(),
+            relay.key.clone(),
+            stream_body(40, 200),
+        ));
+    }
+    streams_open(&relay, 3).await;
+    let mut done = Vec::new();
+    for _ in 0..10 {
+        done.push(
+            send(
+                relay.client.clone(),
+                relay.base.clone(),
+                relay.key.clone(),
+                json_body(0),
+            )
+            .await,
+        );
+    }
+    // Killed as soon as the answers are in: their settlements were still on their way.
+    signal(&relay.gateway, nix::sys::signal::Signal::SIGKILL);
+    wait_exit(&mut relay.gateway, Duration::from_secs(5));
+    let mut cut_ids = HashSet::new();
+    for t in cut {
+        let s = t.await.expect("task");
+        assert!(!s.body.contains("[DONE]"));
+        cut_ids.insert(s.request_id);
+    }
+    for s in &done {
+        assert!(complete(s), "{}", s.body);
+    }
+    // A damaged tail on the dead instance's journal: the good entries still count.
+    let journal = relay.dir().join("journal");
+    let dead_dir = std::fs::read_dir(&journal)
+        .expect("journal root")
+        .flatten()
+        .next()
+        .expect("instance dir")
+        .path();
+    let segment = std::fs::read_dir(&dead_dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "journal"))
+        .expect("segment");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&segment)
+            .expect("open");
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, b'{'])
+            .expect("damage");
+    }
+    let restarted = relay.another_node().await;
+    let recorded = records(&relay).await;
+    for s in &done {
+        let r = recorded
+            .get(&s.request_id)
+            .unwrap_or_else(|| panic!("{} was delivered and lost", s.request_id));
+        assert!(r.billed.is_positive());
+    }
+    for id in &cut_ids {
+        assert!(
+            !recorded.contains_key(id),
+            "a stream cut by the crash was billed"
+        );
+    }
+    assert_eq!(recorded.len(), done.len());
+    let instances = relay.store().instances().await.expect("instances");
+    assert_eq!(instances.len(), 1, "only the new instance: {instances:?}");
+    assert!(instances[0].leased == NanoUsd::ZERO, "{instances:?}");
+    funding_minus_billed(&relay, "5").await;
+    let kept: Vec<_> = std::fs::read_dir(&journal)
+        .expect("root")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("damaged-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "the damaged tail is kept aside");
+    assert_eq!(
+        std::fs::read(kept[0].path()).expect("read"),
+        vec![200, 0, 0, 0, 1, 2, 3, 4, b'{']
+    );
+    assert!(!dead_dir.exists(), "the replayed journal is removed");
+    drop(restarted);
+}
+
+/// A node rescheduled under another name never comes back for its lease: the other gateways
+/// sweep it after the lease expiry, and the credit is spendable again.
+async fn a_gone_nodes_lease_is_swept_back(backend: Backend) {
+    let mut relay = Relay::start(backend, "5").await;
+    let first = send(
+        relay.client.clone(),
+        relay.base.clone(),
+        relay.key.clone(),
+        json_body(0),
+    )
+    .await;
+    assert!(complete(&first));
+    signal(&relay.gateway, nix::sys::signal::Signal::SIGKILL);
+    wait_exit(&mut relay.gateway, Duration::from_secs(5));
+    let leased = relay.store().instances().await.expect("instances");
+    assert_eq!(leased.len(), 1);
+    assert!(leased[0].leased.is_positive(), "{leased:?}");
+    // Elsewhere (its own journal), under another name.
+    let elsewhere = relay.dir().join("elsewhere");
+    let other = relay
+        .node_with(&format!(
+            "node_id = \"rescheduled\"\nlease_expiry_ms = 3000\njournal_dir = {:?}",
+            elsewhere.display().to_string()
+        ))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let instances = relay.store().instances().await.expect("instances");
+        if instances
+            .iter()
+            .all(|i| i.instance_id.starts_with("rescheduled/"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gone instance was never swept: {instances:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The first answer was settled only in the dead node's journal, which is not here: it stays
+    // unbilled, and all the rest of the credit is back.
+    let r = send(
+        relay.client.clone(),
+        other.base.clone(),
+        relay.key.clone(),
+        json_body(0),
+    )
+    .await;
+    assert!(complete(&r), "{}", r.body);
+    let proof = relay
+        .store()
+        .balance_proof(relay.account_id)
+        .await
+        .expect("proof");
+    assert!(proof.holds());
+}
+
+fn admin(conf: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(ADMIN_BIN)
+        .arg("--conf")
+        .arg(conf)
+        .args(args)
+        .output()
+        .expect("duang-admin");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `duang-admin leases`: lists instances and leases; refuses an unknown name and a live
+/// instance; releases a dead one's leases (with --force while its heartbeat is recent).
+async fn the_operator_lists_and_releases_leases(backend: Backend) {
+    let mut relay = Relay::start(backend, "5").await;
+    let live = relay.another_node().await;
+    for base in [&relay.base, &live.base] {
+        let s = send(
+            relay.client.clone(),
+            base.clone(),
+            relay.key.clone(),
+            json_body(0),
+        )
+        .await;
+        assert!(complete(&s));
+    }
+    signal(&relay.gateway, nix::sys::signal::Signal::SIGKILL);
+    wait_exit(&mut relay.gateway, Duration::from_secs(5));
+    let conf = std::fs::read_dir(relay.dir())
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "toml"))
+        .expect("a conf");
+    let (ok, listing) = admin(&conf, &["leases", "list", "--accounts"]);
+    assert!(ok, "{listing}");
+    let instances = relay.store().instances().await.expect("instances");
+    assert_eq!(instances.len(), 2, "{instances:?}");
+    for i in &instances {
+        assert!(listing.contains(&i.instance_id), "{listing}");
+    }
+    let (ok, out) = admin(&conf, &["leases", "release", "nobody/1"]);
+    assert!(!ok && out.contains("no gateway instance"), "{out}");
+    let live_port = live.base.rsplit(':').next().expect("port");
+    let live_id = instances
+        .iter()
+        .find(|i| i.node_id.ends_with(&format!(":{live_port}")))
+        .expect("live")
+        .instance_id
+        .clone();
+    let dead_id = instances
+        .iter()
+        .find(|i| i.instance_id != live_id)
+        .expect("dead")
+        .instance_id
+        .clone();
+    let (ok, out) = admin(&conf, &["leases", "release", &live_id]);
+    assert!(!ok && out.contains("nothing changed"), "{out}");
+    // The dead one renewed only seconds ago: refused without --force, released with it.
+    let (ok, out) = admin(&conf, &["leases", "release", &dead_id]);
+    assert!(!ok && out.contains("--force"), "{out}");
+    let (ok, out) = admin(&conf, &["leases", "release", &dead_id, "--force"]);
+    assert!(ok && out.contains("released 1 lease"), "{out}");
+    let after = relay.store().instances().await.expect("instances");
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].instance_id, live_id);
+    assert!(
+        relay
+            .store()
+            .balance_proof(relay.account_id)
+            .await
+            .expect("proof")
+            .holds()
+    );
+}
+
+/// What one request of `body` can cost at most, as a 402 on an empty account says.
+async fn worst_case(relay: &Relay, body: &Value) -> NanoUsd {
+    let r = send(
+        relay.client.clone(),
+        relay.base.clone(),
+        relay.key.clone(),
+        body.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 402, "{}", r.body);
+    let v: Value = serde_json::from_str(&r.body).expect("json");
+    let message = v["error"]["message"].as_str().expect("message");
+    let needed = message
+        .split("can cost up to $")
+        .nth(1)
+        .expect("needed")
+        .split(' ')
+        .next()
+        .expect("amount");
+    needed.parse().expect("usd")
+}
+
+async fn fund(relay: &Relay, amount: NanoUsd, reference: &str) {
+    relay
+        .store()
+        .append_ledger(&duang::store::NewLedgerEntry {
+            account_id: relay.account_id,
+            kind: duang::store::LedgerKind::TopUp,
+            amount,
+            external_ref: reference.into(),
+            actor: None,
+            reason: None,
+        })
+        .await
+        .expect("fund");
+}
+
+fn times(w: NanoUsd, n: i64) -> NanoUsd {
+    NanoUsd::from_nanos(w.nanos() * n)
+}
+
+/// Two nodes and a small balance: requests alternating between them are all served (neither
+/// node takes the whole balance), and concurrent ones are served exactly as far as the balance
+/// covers their worst cases, whichever node they reach: the other node gives back what it holds
+/// unpromised before a 402, and the 402 says what the account really has.
+async fn a_funded_customer_is_served_on_every_node(backend: Backend) {
+    let relay = Relay::start(backend, "0").await;
+    let other = relay.another_node().await;
+    let quick = json_body(0);
+    let w = worst_case(&relay, &quick).await;
+    fund(&relay, times(w, 20), "cs_small").await;
+    for i in 0..10 {
+        let base = if i % 2 == 0 { &relay.base } else { &other.base };
+        let s = send(
+            relay.client.clone(),
+            base.clone(),
+            relay.key.clone(),
+            quick.clone(),
+        )
+        .await;
+        assert_eq!(s.status, 200, "request {i} on {base}: {}", s.body);
+    }
+    // Now an account with exactly six worst cases, held at once across both nodes (slow
+    // answers), none leased yet.
+    let slow = json_body(4000);
+    assert_eq!(
+        slow.to_string().len(),
+        quick.to_string().len(),
+        "one worst case"
+    );
+    let exact = relay
+        .store()
+        .create_account(&duang::store::NewAccount {
+            email: "exact@example.com".into(),
+            password_hash: None,
+            role: duang::store::Role::Customer,
+            verified: true,
+        })
+        .await
+        .expect("account");
+    relay
+        .store()
+        .append_ledger(&duang::store::NewLedgerEntry {
+            account_id: exact.id,
+            kind: duang::store::LedgerKind::TopUp,
+            amount: times(w, 6),
+            external_ref: "cs_exact".into(),
+            actor: None,
+            reason: None,
+        })
+        .await
+        .expect("fund");
+    let (key, _) = support::new_key(relay.store(), exact.id).await;
+    let mut tasks = Vec::new();
+    for i in 0..7 {
+        let base = if i % 2 == 0 {
+            relay.base.clone()
+        } else {
+            other.base.clone()
+        };
+        tasks.push(spawn_send(&relay, base, key.clone(), slow.clone()));
+    }
+    let mut served = 0;
+    let mut refused = Vec::new();
+    for t in tasks {
+        let s = t.await.expect("task");
+        match s.status {
+            200 => served += 1,
+            402 => refused.push(s.body),
+            other => panic!("{other}: {}", s.body),
+        }
+    }
+    assert_eq!((served, refused.len()), (6, 1), "{refused:?}");
+    assert!(
+        refused[0].contains("available balance is $0.00"),
+        "{}",
+        refused[0]
+    );
+    assert!(
+        relay
+            .store()
+            .balance_proof(exact.id)
+            .await
+            .expect("proof")
+            .holds()
+    );
+}
+
+/// A dispute for the whole payment while two nodes hold leases: what the balance cannot cover
+/// comes out of the leases, the nodes give back what they held unpromised, and neither serves
+/// another request on the taken credit.
+async fn a_dispute_reaches_credit_leased_by_two_nodes(backend: Backend) {
+    let relay = Relay::start(backend, "0").await;
+    let other = relay.another_node().await;
+    let store = relay.store();
+    store
+        .record_checkout_session("cs_dispute", relay.account_id, 500, "usd")
+        .await
+        .expect("session");
+    store
+        .credit_checkout(&duang::store::PaidSession {
+            event_id: "evt_paid",
+            event_type: "checkout.session.completed",
+            session_id: "cs_dispute",
+            payment_intent: Some("pi_dispute"),
+            amount_total_cents: 500,
+            currency: "usd",
+        })
+        .await
+        .expect("credit");
+    for base in [&relay.base, &other.base] {
+        let s = send(
+            relay.client.clone(),
+            base.clone(),
+            relay.key.clone(),
+            json_body(0),
+        )
+        .await;
+        assert_eq!(s.status, 200, "{}", s.body);
+    }
+    let leased = store.instances().await.expect("instances");
+    assert_eq!(
+        leased.iter().filter(|i| i.leased.is_positive()).count(),
+        2,
+        "{leased:?}"
+    );
+    store
+        .apply_stripe_dispute("evt_dispute", "dp_1", "pi_dispute", 500, "fraudulent")
+        .await
+        .expect("dispute");
+    let proof = store.balance_proof(relay.account_id).await.expect("proof");
+    assert!(proof.holds(), "{proof:?}");
+    assert_eq!(
+        proof.cached,
+        NanoUsd::ZERO,
+        "the dispute took the leased credit too"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store
+        .recalls_pending(relay.account_id)
+        .await
+        .expect("recalls")
+        > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the nodes never answered the recall"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for base in [&relay.base, &other.base] {
+        let s = send(
+            relay.client.clone(),
+            base.clone(),
+            relay.key.clone(),
+            json_body(0),
+        )
+        .await;
+        assert_eq!(
+            s.status, 402,
+            "disputed credit was still spendable on {base}: {}",
+            s.body
+        );
+    }
+    assert!(
+        store
+            .balance_proof(relay.account_id)
+            .await
+            .expect("proof")
+            .holds()
+    );
+}
+
+on_both_stores!(
+    sigterm_lets_streams_finish_and_writes_every_record,
+    a_stream_past_the_grace_ends_with_an_error_event_billed_for_what_was_delivered,
+    sigkill_loses_no_delivered_answer,
+    a_gone_nodes_lease_is_swept_back,
+    the_operator_lists_and_releases_leases,
+    a_funded_customer_is_served_on_every_node,
+    a_dispute_reaches_credit_leased_by_two_nodes,
+);
