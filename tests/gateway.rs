@@ -600,26 +600,6 @@ async fn https_upstreams_trust_the_providers_own_ca(backend: Backend) {
     );
 }
 
-/// A key with a spend cap, made as the dashboard makes it.
-async fn capped_key(relay: &Relay, cap: NanoUsd) -> (String, i64) {
-    let m = duang::keys::generate();
-    let k = relay
-        .store()
-        .create_key(
-            &duang::store::NewKey {
-                account_id: relay.account_id,
-                name: "capped".into(),
-                spend_cap: Some(cap),
-                ..Default::default()
-            },
-            &m.hash,
-            &m.display_prefix,
-        )
-        .await
-        .expect("key");
-    (m.plaintext.expose().clone(), k.id)
-}
-
 async fn a_keys_spend_cap_stops_it_before_it_is_passed(backend: Backend) {
     let relay = Relay::start(backend, "1").await;
     let mut body = chat("budget");
@@ -630,7 +610,7 @@ async fn a_keys_spend_cap_stops_it_before_it_is_passed(backend: Backend) {
     let worst = bytes.len() as i64 * 120 + 4 * 480;
     let billed = budget_cost(4).nanos();
     let cap = NanoUsd::from_nanos(billed + worst + 1_000);
-    let (key, key_id) = capped_key(&relay, cap).await;
+    let (key, key_id) = relay.capped_key(cap).await;
     for _ in 0..2 {
         let r = relay.post_raw(bytes.clone(), Some(&key)).await;
         assert_eq!(r.status(), 200);
@@ -660,7 +640,7 @@ async fn a_keys_spend_cap_stops_it_before_it_is_passed(backend: Backend) {
     assert!(spent <= cap);
 
     // A key that already spent (as another node or an earlier run wrote it) starts from there.
-    let (key2, key2_id) = capped_key(&relay, NanoUsd::from_nanos(worst + 5_000)).await;
+    let (key2, key2_id) = relay.capped_key(NanoUsd::from_nanos(worst + 5_000)).await;
     let mut earlier = records[0].clone();
     earlier.request_id = "earlier-run".into();
     earlier.key_id = key2_id;

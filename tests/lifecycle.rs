@@ -87,6 +87,17 @@ async fn send(client: reqwest::Client, base: String, key: String, body: Value) -
     }
 }
 
+/// `send` from the relay's account to its first node.
+async fn ask(relay: &Relay, body: Value) -> Seen {
+    send(
+        relay.client.clone(),
+        relay.base.clone(),
+        relay.key.clone(),
+        body,
+    )
+    .await
+}
+
 /// `send` on a task of its own.
 fn spawn_send(
     relay: &Relay,
@@ -111,6 +122,18 @@ async fn records(relay: &Relay) -> std::collections::HashMap<String, duang::stor
         .into_iter()
         .map(|r| (r.request_id.clone(), r))
         .collect()
+}
+
+/// Waits until the gateway has written the record of this request.
+async fn record_of(relay: &Relay, request_id: &str) -> duang::store::UsageRecord {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(r) = records(relay).await.remove(request_id) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{request_id} was never recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn funding_minus_billed(relay: &Relay, funding: &str) {
@@ -244,15 +267,7 @@ async fn sigkill_loses_no_delivered_answer(backend: Backend) {
     streams_open(&relay, 3).await;
     let mut done = Vec::new();
     for _ in 0..10 {
-        done.push(
-            send(
-                relay.client.clone(),
-                relay.base.clone(),
-                relay.key.clone(),
-                json_body(0),
-            )
-            .await,
-        );
+        done.push(ask(&relay, json_body(0)).await);
     }
     // Killed as soon as the answers are in: their settlements were still on their way.
     signal(&relay.gateway, nix::sys::signal::Signal::SIGKILL);
@@ -326,13 +341,7 @@ async fn sigkill_loses_no_delivered_answer(backend: Backend) {
 /// sweep it after the lease expiry, and the credit is spendable again.
 async fn a_gone_nodes_lease_is_swept_back(backend: Backend) {
     let mut relay = Relay::start(backend, "5").await;
-    let first = send(
-        relay.client.clone(),
-        relay.base.clone(),
-        relay.key.clone(),
-        json_body(0),
-    )
-    .await;
+    let first = ask(&relay, json_body(0)).await;
     assert!(complete(&first));
     signal(&relay.gateway, nix::sys::signal::Signal::SIGKILL);
     wait_exit(&mut relay.gateway, Duration::from_secs(5));
@@ -464,13 +473,7 @@ async fn the_operator_lists_and_releases_leases(backend: Backend) {
 
 /// What one request of `body` can cost at most, as a 402 on an empty account says.
 async fn worst_case(relay: &Relay, body: &Value) -> NanoUsd {
-    let r = send(
-        relay.client.clone(),
-        relay.base.clone(),
-        relay.key.clone(),
-        body.clone(),
-    )
-    .await;
+    let r = ask(relay, body.clone()).await;
     assert_eq!(r.status, 402, "{}", r.body);
     let v: Value = serde_json::from_str(&r.body).expect("json");
     let message = v["error"]["message"].as_str().expect("message");
@@ -675,7 +678,70 @@ async fn a_dispute_reaches_credit_leased_by_two_nodes(backend: Backend) {
     );
 }
 
+/// A key's spend cap across two nodes: 200 concurrent requests (every hold in flight at once)
+/// are served exactly as far as the cap covers their worst cases, never past it, and no worst
+/// case that fitted is left unserved.
+async fn a_spend_cap_holds_across_two_nodes(backend: Backend) {
+    let relay = Relay::start(backend, "5").await;
+    let other = relay.another_node().await;
+    let body = json!({"model": "budget", "max_tokens": 1000, "user": "x",
+                      "messages": [{"role": "user", "content": "Say ok."}],
+                      "mock": {"ttft_ms": 4000}});
+    // The hold: every body byte a token at the input price, max_tokens at the output price.
+    let w = body.to_string().len() as i64 * 120 + 1000 * 480;
+    let cap: NanoUsd = "0.01".parse().expect("usd");
+    let (key, key_id) = relay.capped_key(cap).await;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let base = if i % 2 == 0 {
+            relay.base.clone()
+        } else {
+            other.base.clone()
+        };
+        tasks.push(spawn_send(&relay, base, key.clone(), body.clone()));
+    }
+    let (mut served, mut refused) = (0i64, 0);
+    for t in tasks {
+        let s = t.await.expect("task");
+        match s.status {
+            200 => served += 1,
+            402 => {
+                assert!(s.body.contains("spend_cap_reached"), "{}", s.body);
+                refused += 1;
+            }
+            other => panic!("{other}: {}", s.body),
+        }
+    }
+    let fit = cap.nanos() / w;
+    assert!(
+        served <= fit && served >= fit - 1,
+        "{served} served, {refused} refused; {fit} worst cases fit under the cap"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let billed = loop {
+        let recorded = records(&relay).await;
+        let mine: Vec<_> = recorded.values().filter(|r| r.key_id == key_id).collect();
+        if mine.len() as i64 >= 200 {
+            break mine
+                .iter()
+                .try_fold(NanoUsd::ZERO, |a, r| a.checked_add(r.billed))
+                .expect("sum");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 200 recorded",
+            mine.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(billed <= cap, "billed {billed} past the cap {cap}");
+}
+
 on_both_stores!(
+    holds_cover_images_and_usage_above_a_hold_is_billed,
+    a_client_gone_before_the_first_byte_is_not_billed,
+    an_adjustment_takes_leased_credit_too,
+    a_spend_cap_holds_across_two_nodes,
     sigterm_lets_streams_finish_and_writes_every_record,
     a_stream_past_the_grace_ends_with_an_error_event_billed_for_what_was_delivered,
     sigkill_loses_no_delivered_answer,
@@ -684,3 +750,269 @@ on_both_stores!(
     a_funded_customer_is_served_on_every_node,
     a_dispute_reaches_credit_leased_by_two_nodes,
 );
+
+/// A PostgreSQL outage longer than any retry budget: requests go on being served from the
+/// lease, the writer keeps their usage (the backlog metric shows it), and once the store is back
+/// every record is written, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_loses_no_usage() {
+    let mut relay = Relay::start(Backend::Postgres, "5").await;
+    signal(&relay.gateway, nix::sys::signal::Signal::SIGTERM);
+    wait_exit(&mut relay.gateway, Duration::from_secs(15));
+    let proxy = support::proxy::Proxy::start("127.0.0.1:5432").await;
+    let via = relay
+        .t
+        .url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port));
+    assert_ne!(via, relay.t.url, "the test store is on 127.0.0.1:5432");
+    let node = relay
+        .node_on_store(
+            &via,
+            &format!(
+                "lease_expiry_ms = 600000\njournal_dir = {:?}",
+                relay.dir().join("journal").display().to_string()
+            ),
+        )
+        .await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let s = send(
+            relay.client.clone(),
+            node.base.clone(),
+            relay.key.clone(),
+            json_body(0),
+        )
+        .await;
+        assert_eq!(s.status, 200, "{}", s.body);
+        ids.push(s.request_id);
+    }
+    proxy.cut();
+    for _ in 0..30 {
+        let s = send(
+            relay.client.clone(),
+            node.base.clone(),
+            relay.key.clone(),
+            json_body(0),
+        )
+        .await;
+        assert_eq!(
+            s.status, 200,
+            "served from the lease while the store is down: {}",
+            s.body
+        );
+        ids.push(s.request_id);
+    }
+    let backlog = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("duang_usage_backlog "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let metrics = reqwest::get(&node.metrics)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(backlog(&metrics) >= 30, "{metrics}");
+    // The outage lasts longer than the writer's old retry budget (about 6 s).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let recorded = records(&relay).await;
+        if ids.iter().all(|id| recorded.contains_key(id)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} records written after the outage",
+            ids.iter().filter(|id| recorded.contains_key(*id)).count(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(records(&relay).await.len(), ids.len());
+    let metrics = reqwest::get(&node.metrics)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(backlog(&metrics), 0, "{metrics}");
+    assert!(
+        relay
+            .store()
+            .balance_proof(relay.account_id)
+            .await
+            .expect("proof")
+            .holds()
+    );
+}
+
+/// An operator's negative adjustment for the whole credit while a node holds part of it leased:
+/// it goes through (the leased part recalled), and the node then refuses to spend it.
+async fn an_adjustment_takes_leased_credit_too(backend: Backend) {
+    let relay = Relay::start(backend, "2").await;
+    let s = ask(&relay, json_body(0)).await;
+    assert_eq!(s.status, 200, "{}", s.body);
+    let credit = relay.credit().await;
+    let leased = relay.store().instances().await.expect("instances");
+    assert!(leased[0].leased.is_positive(), "{leased:?}");
+    relay
+        .store()
+        .append_ledger(&duang::store::NewLedgerEntry {
+            account_id: relay.account_id,
+            kind: duang::store::LedgerKind::Adjustment,
+            amount: credit.checked_neg().expect("neg"),
+            external_ref: "adjust-all".into(),
+            actor: Some("test".into()),
+            reason: Some("taking it all back".into()),
+        })
+        .await
+        .expect("an adjustment of the whole credit, leased part included");
+    assert_eq!(relay.credit().await, NanoUsd::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while relay
+        .store()
+        .recalls_pending(relay.account_id)
+        .await
+        .expect("recalls")
+        > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the node never answered the recall"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let s = ask(&relay, json_body(0)).await;
+    assert_eq!(s.status, 402, "{}", s.body);
+    // More than there is: refused, nothing changed.
+    let r = relay
+        .store()
+        .append_ledger(&duang::store::NewLedgerEntry {
+            account_id: relay.account_id,
+            kind: duang::store::LedgerKind::Adjustment,
+            amount: "-1".parse().expect("usd"),
+            external_ref: "adjust-more".into(),
+            actor: Some("test".into()),
+            reason: Some("too much".into()),
+        })
+        .await;
+    assert!(
+        matches!(r, Err(duang::store::StoreError::InsufficientBalance { .. })),
+        "{r:?}"
+    );
+    assert!(
+        relay
+            .store()
+            .balance_proof(relay.account_id)
+            .await
+            .expect("proof")
+            .holds()
+    );
+}
+
+/// A client that leaves while the upstream is still preparing its answer received nothing and
+/// is billed nothing, for a stream and for a JSON answer alike.
+async fn a_client_gone_before_the_first_byte_is_not_billed(backend: Backend) {
+    let relay = Relay::start(backend, "5").await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .expect("client");
+    let mut bodies = vec![stream_body(4, 0), json_body(1500)];
+    bodies[0]["mock"]["ttft_ms"] = json!(1500);
+    for body in bodies {
+        let r = impatient
+            .post(format!("{}/v1/chat/completions", relay.base))
+            .bearer_auth(&relay.key)
+            .json(&body)
+            .send()
+            .await;
+        assert!(r.is_err(), "the client gave up before the answer");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let recorded = loop {
+        let recorded = records(&relay).await;
+        if recorded.len() == 2 {
+            break recorded;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of 2 recorded",
+            recorded.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for r in recorded.values() {
+        assert_eq!(
+            r.error_code.as_deref(),
+            Some("client_disconnected"),
+            "{r:?}"
+        );
+        assert_eq!(
+            r.billed,
+            NanoUsd::ZERO,
+            "billed for nothing received: {r:?}"
+        );
+    }
+    funding_minus_billed(&relay, "5").await;
+}
+
+/// Holds bound what a request really costs: an image part (a few bytes of URL) holds what the
+/// provider counts for an image; usage an upstream reports above the hold is billed as far as
+/// the credit goes, and only the rest is the platform's loss, recorded.
+async fn holds_cover_images_and_usage_above_a_hold_is_billed(backend: Backend) {
+    let relay = Relay::start(backend, "0").await;
+    let text = json!({"model": "budget", "max_tokens": 10,
+                      "messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}]}]});
+    let mut image = text.clone();
+    image["messages"][0]["content"]
+        .as_array_mut()
+        .expect("parts")
+        .push(json!({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}));
+    let plain = worst_case(&relay, &text).await;
+    let with_image = worst_case(&relay, &image).await;
+    // The budget tier's upstream is OpenAI-compatible: 1,536 tokens an image at $0.12/Mtok.
+    assert!(
+        with_image.nanos() - plain.nanos() >= 1_536 * 120,
+        "{plain} without the image, {with_image} with it"
+    );
+    // An upstream that reports far more input than the hold: a million prompt tokens ($0.12).
+    let mut big = json_body(0);
+    big["mock"]["prompt_tokens"] = json!(1_000_000);
+    fund(&relay, "5".parse().expect("usd"), "cs_big").await;
+    let s = ask(&relay, big.clone()).await;
+    assert_eq!(s.status, 200, "{}", s.body);
+    let r = record_of(&relay, &s.request_id).await;
+    assert_eq!(r.input_tokens, 1_000_000);
+    let expected = 1_000_000 * 120 + r.output_tokens * 480;
+    assert_eq!(
+        r.billed.nanos(),
+        expected,
+        "billed in full, above its hold: {r:?}"
+    );
+    // Now more than the whole credit: it is all billed, the rest recorded as a loss.
+    let credit = relay.credit().await;
+    big["mock"]["prompt_tokens"] = json!(100_000_000);
+    let s = ask(&relay, big).await;
+    assert_eq!(s.status, 200, "{}", s.body);
+    let last = record_of(&relay, &s.request_id).await;
+    assert_eq!(last.input_tokens, 100_000_000);
+    assert_eq!(last.billed, credit, "the whole credit, no more: {last:?}");
+    assert_eq!(relay.credit().await, NanoUsd::ZERO);
+    let metrics = reqwest::get(&relay.metrics)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let loss: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("duang_platform_loss_nano_usd_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(loss > 0, "the loss is counted: {metrics}");
+}

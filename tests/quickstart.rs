@@ -194,4 +194,22 @@ async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
         std::net::TcpStream::connect(("127.0.0.1", conf.gateway_port)).is_err(),
         "the gateway stopped too"
     );
+    // It drained first: the answer given just before the signal is recorded and billed, and
+    // the gateway's lease went back.
+    let store = duang::store::Store::open(&support::store_conf(
+        &format!("sqlite://{}", db.display()),
+        duang::conf::Backend::Sqlite,
+    ))
+    .await
+    .expect("store");
+    let account = store
+        .account(&duang::store::AccountRef::Email("you@example.com".into()))
+        .await
+        .expect("account");
+    let usage = store.usage_page(account.id, None, 10).await.expect("usage");
+    assert_eq!(usage.len(), 1, "the last answer before SIGTERM was recorded");
+    assert!(usage[0].billed.is_positive());
+    assert!(store.instances().await.expect("instances").is_empty());
+    let proof = store.balance_proof(account.id).await.expect("proof");
+    assert!(proof.holds() && proof.leased == duang::money::NanoUsd::ZERO, "{proof:?}");
 }

@@ -592,6 +592,7 @@ async fn leases_move_credit_and_settlement_debits_them(store: &Store) {
     let batch = [Settlement {
         billed: usd("0.25"),
         over_hold: NanoUsd::ZERO,
+        capped: false,
         record: record.clone(),
     }];
     store.settle_batch("node-a", &batch).await.expect("settle");
@@ -644,6 +645,7 @@ async fn leases_move_credit_and_settlement_debits_them(store: &Store) {
             &[Settlement {
                 billed: usd("1.5"),
                 over_hold: usd("1"),
+                capped: false,
                 record: above,
             }],
         )
@@ -663,6 +665,7 @@ async fn leases_move_credit_and_settlement_debits_them(store: &Store) {
             &[Settlement {
                 billed: NanoUsd::ZERO,
                 over_hold: usd("1"),
+                capped: false,
                 record: beyond,
             }],
         )

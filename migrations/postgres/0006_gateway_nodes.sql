@@ -21,3 +21,17 @@ ALTER TABLE usage_records ADD COLUMN platform_loss_nano BIGINT NOT NULL DEFAULT 
 -- operator's adjustment) asks the holder to give back what it has not promised to a request.
 -- The holder sees it within a fraction of a second, returns that part, and clears it.
 ALTER TABLE credit_leases ADD COLUMN recall_at BIGINT;
+
+-- Spend-cap leases: a key's spend cap is money too, so gateway instances lease room under it the
+-- way they lease credit. A key's room is its cap less its billed usage less every instance's
+-- cap lease; a lease shrinks in the same transaction as the usage it pays for is written.
+CREATE TABLE cap_leases (
+    id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    key_id       BIGINT NOT NULL REFERENCES api_keys (id),
+    node_id      TEXT   NOT NULL,
+    amount_nano  BIGINT NOT NULL CHECK (amount_nano >= 0),
+    recall_at    BIGINT,
+    updated_at   BIGINT NOT NULL,
+    UNIQUE (key_id, node_id)
+);
+CREATE INDEX cap_leases_node ON cap_leases (node_id);

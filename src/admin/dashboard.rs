@@ -88,6 +88,7 @@ pub async fn dashboard(
             div.card {
                 h2 { "Balance" }
                 p.balance #balance { (a.credit()) }
+                @if a.leased.is_positive() { p.hint #held-note { (a.leased) " of it is held by the gateway for requests in flight and recent use: each request keeps only what it cost, and the rest comes back by itself." } }
                 @if low { p.notice #low-balance { "Your balance is low. Requests that cannot be covered are refused with 402." } }
                 p { a.button href="/credits" { "Buy credits" } }
             }

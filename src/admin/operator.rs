@@ -722,10 +722,14 @@ pub async fn upstreams(State(state): State<AppState>, o: Operator) -> Response {
 
 // ── JSON API ──────────────────────────────────────────────────────────────────────────────────
 
+/// An account for the operator's API. `balance_usd` is the customer's whole credit, as the
+/// dashboard shows it (the ledger's sum); `leased_usd` is the part gateway nodes hold for
+/// requests in flight and recent use, `unleased_usd` the rest.
 fn account_json(a: &Account) -> Value {
     json!({
         "id": a.id, "email": a.email, "role": a.role.as_str(), "status": a.status.as_str(),
-        "email_verified": a.is_verified(), "balance_usd": a.balance.decimal(), "created_at_ms": a.created_at,
+        "email_verified": a.is_verified(), "balance_usd": a.credit().decimal(), "balance_nano_usd": a.credit().nanos(),
+        "leased_usd": a.leased.decimal(), "unleased_usd": a.balance.decimal(), "created_at_ms": a.created_at,
         "requests_per_minute": a.limits.requests_per_minute, "tokens_per_minute": a.limits.tokens_per_minute, "in_flight": a.limits.in_flight,
         "throttle": (a.throttle.active_at(now_ms())).then(|| json!({"requests_per_minute": a.throttle.requests_per_minute, "tokens_per_minute": a.throttle.tokens_per_minute, "until_ms": a.throttle.until_ms})),
     })
@@ -737,9 +741,11 @@ pub async fn api_accounts(
     Query(q): Query<Search>,
 ) -> Result<Json<Value>, ApiError> {
     let rows = state.store.search_accounts(&q.q, 500).await?;
-    Ok(Json(
-        json!({"data": rows.iter().map(account_json).collect::<Vec<_>>()}),
-    ))
+    let mut data = Vec::with_capacity(rows.len());
+    for a in rows {
+        data.push(account_json(&state.store.with_leases(a).await?));
+    }
+    Ok(Json(json!({ "data": data })))
 }
 
 pub async fn api_account(
@@ -747,7 +753,10 @@ pub async fn api_account(
     _o: Operator,
     Path(id): Path<i64>,
 ) -> Result<Json<Value>, ApiError> {
-    let a = state.store.account(&AccountRef::Id(id)).await?;
+    let a = state
+        .store
+        .with_leases(state.store.account(&AccountRef::Id(id)).await?)
+        .await?;
     let keys = state.store.list_keys(id).await?;
     let audit = state.store.audit_log(id).await?;
     let mut v = account_json(&a);
@@ -766,9 +775,8 @@ pub async fn api_account_status(
     Path(id): Path<i64>,
     Json(f): Json<StatusForm>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(account_json(
-        &set_account_status(&state, &o, id, &f).await?,
-    )))
+    let a = set_account_status(&state, &o, id, &f).await?;
+    Ok(Json(account_json(&state.store.with_leases(a).await?)))
 }
 
 pub async fn api_credits(
@@ -777,9 +785,8 @@ pub async fn api_credits(
     Path(id): Path<i64>,
     Json(f): Json<CreditsForm>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(account_json(
-        &adjust_credits(&state, &o, id, &f).await?,
-    )))
+    let a = adjust_credits(&state, &o, id, &f).await?;
+    Ok(Json(account_json(&state.store.with_leases(a).await?)))
 }
 
 pub async fn api_limits(
@@ -789,9 +796,8 @@ pub async fn api_limits(
     Json(f): Json<LimitsForm>,
 ) -> Result<Json<Value>, ApiError> {
     set_limits(&state, &o, crate::store::Target::Account(id), &f).await?;
-    Ok(Json(account_json(
-        &state.store.account(&AccountRef::Id(id)).await?,
-    )))
+    let a = state.store.account(&AccountRef::Id(id)).await?;
+    Ok(Json(account_json(&state.store.with_leases(a).await?)))
 }
 
 pub async fn api_key_limits(
@@ -811,9 +817,8 @@ pub async fn api_throttle(
     Json(f): Json<LimitsForm>,
 ) -> Result<Json<Value>, ApiError> {
     throttle(&state, &o, crate::store::Target::Account(id), &f).await?;
-    Ok(Json(account_json(
-        &state.store.account(&AccountRef::Id(id)).await?,
-    )))
+    let a = state.store.account(&AccountRef::Id(id)).await?;
+    Ok(Json(account_json(&state.store.with_leases(a).await?)))
 }
 
 pub async fn api_key_throttle(

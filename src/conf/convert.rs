@@ -611,6 +611,7 @@ impl Checker<'_> {
             );
         }
         let mut models = Vec::new();
+        let mut image_tokens = Vec::new();
         for (model, prices) in &p.models {
             let key = format!("{at}.models.{model}");
             let input = self.price(
@@ -623,8 +624,21 @@ impl Checker<'_> {
                 &prices.output_usd_per_mtok,
                 true,
             );
-            if let (Some(input), Some(output)) = (input, output) {
+            let image = match (prices.image_input_tokens_max, kind) {
+                (Some(n), _) if !(1..=1_000_000).contains(&n) => {
+                    self.err(
+                        format!("{key}.image_input_tokens_max"),
+                        format!("{n} is out of range: expected 1 to 1000000 tokens"),
+                    );
+                    None
+                }
+                (Some(n), _) => Some(n as u64),
+                (None, Some(k)) => Some(default_image_input_tokens_max(k)),
+                (None, None) => None,
+            };
+            if let (Some(input), Some(output), Some(image)) = (input, output, image) {
                 models.push((model.clone(), TokenPrices { input, output }));
+                image_tokens.push(image);
             }
         }
         Some(Provider {
@@ -643,6 +657,7 @@ impl Checker<'_> {
             cooldown_after_failures: after?,
             cooldown: cooldown?,
             models,
+            image_input_tokens_max: image_tokens,
         })
     }
 
@@ -697,6 +712,7 @@ impl Checker<'_> {
         let mut upstreams = Vec::new();
         let mut seen = HashSet::new();
         let mut weight_sum: i64 = 0;
+        let mut image_max = 0u64;
         for (i, u) in t.upstreams.iter().enumerate() {
             let key = format!("{at}.upstreams[{i}]");
             let Some(pi) = providers.iter().position(|p| p.name == u.provider) else {
@@ -707,7 +723,7 @@ impl Checker<'_> {
                 continue;
             };
             let provider = &providers[pi];
-            let Some((_, cost)) = provider.models.iter().find(|(m, _)| *m == u.model) else {
+            let Some(mi) = provider.models.iter().position(|(m, _)| *m == u.model) else {
                 let models = provider
                     .models
                     .iter()
@@ -723,6 +739,8 @@ impl Checker<'_> {
                 );
                 continue;
             };
+            let cost = &provider.models[mi].1;
+            image_max = image_max.max(provider.image_input_tokens_max[mi]);
             if !seen.insert((u.provider.as_str(), u.model.as_str())) {
                 self.err(
                     key.clone(),
@@ -783,6 +801,7 @@ impl Checker<'_> {
                 output: output?,
             },
             default_max_output_tokens: NonZeroU32::new(cap?)?,
+            image_input_tokens_max: image_max,
             upstreams,
         })
     }

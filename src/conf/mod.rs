@@ -177,6 +177,9 @@ pub struct Tier {
     pub default_max_output_tokens: NonZeroU32,
     /// In fallback order.
     pub upstreams: Vec<Upstream>,
+    /// The most input tokens one image part costs on any of the tier's upstreams: what a hold
+    /// adds per image (an image URL is a few bytes of the body and many tokens upstream).
+    pub image_input_tokens_max: u64,
 }
 
 impl Tier {
@@ -197,6 +200,19 @@ pub struct Upstream {
     pub cost: TokenPrices,
     /// The provider is on, and this is not a demo upstream displaced by a real one.
     pub enabled: bool,
+}
+
+/// The most input tokens one image costs, by provider kind, when a model's conf does not say:
+/// from the providers' published rules. OpenAI: 85 + 170 per 512-px tile in high detail (1,105
+/// for the largest image) and up to 1,536 32-px patches for the mini models; Anthropic: about
+/// width × height / 750 with images resized to 1.15 megapixels (about 1,600); Gemini: 258 per
+/// 768-px tile, or up to 1,120 at high media resolution (3,000 covers the tiling of large images).
+pub fn default_image_input_tokens_max(kind: ProviderKind) -> u64 {
+    match kind {
+        ProviderKind::OpenAi => 1_536,
+        ProviderKind::Anthropic => 1_600,
+        ProviderKind::Gemini => 3_000,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +259,8 @@ pub struct Provider {
     pub cooldown: Duration,
     /// Upstream model name → what it costs us.
     pub models: Vec<(String, TokenPrices)>,
+    /// The most input tokens each model (in `models` order) counts for one image.
+    pub image_input_tokens_max: Vec<u64>,
 }
 
 #[derive(Debug, Clone)]

@@ -56,7 +56,7 @@ impl Default for RawGateway {
             node_id: None,
             journal_dir: None,
             journal_fsync_interval_ms: 1000,
-            lease_expiry_ms: 30_000,
+            lease_expiry_ms: 300_000,
         }
     }
 }
@@ -257,6 +257,9 @@ fn default_cooldown_ms() -> i64 {
 pub struct RawModelPrices {
     pub input_usd_per_mtok: MoneyText,
     pub output_usd_per_mtok: MoneyText,
+    /// The most input tokens the provider counts for one image (default by provider kind).
+    #[serde(default)]
+    pub image_input_tokens_max: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -227,7 +227,11 @@ async fn start(
         };
         ctx.rate_headers = Some(admission.headers);
         let cap_hold = match caller.spend_cap {
-            Some(cap) => Some(gw.spend.hold(caller.key_id, cap, worst, gw.store()).await?),
+            Some(cap) => Some(
+                gw.spend
+                    .hold(caller.key_id, cap, worst, gw.store(), &gw.instance_id)
+                    .await?,
+            ),
             None => None,
         };
         let hold = gw
@@ -333,6 +337,7 @@ async fn record(
     let settlement = Settlement {
         billed: o.billed,
         over_hold: o.over_hold,
+        capped: caller.spend_cap.is_some(),
         record,
     };
     let ticket = gw.journal.get().and_then(|j| {
@@ -573,6 +578,12 @@ async fn relay_json(
         ClientFormat::Anthropic => Bytes::from(super::inbound::message(&v).to_string()),
         ClientFormat::OpenAi => body,
     };
+    if client_left(session) {
+        // Gone while the upstream answered: nothing reached the client, nothing is billed.
+        out.error_code = Some("client_disconnected".into());
+        out.usage = Usage::default();
+        return;
+    }
     ctx.first_byte = Some(Instant::now());
     let written = async {
         session
@@ -612,6 +623,12 @@ async fn relay_stream(
     };
     let mut translate =
         (p.kind == ProviderKind::Anthropic).then(super::anthropic::StreamTranslator::default);
+    if client_left(session) {
+        // Gone while the upstream prepared its answer: nothing reached the client, nothing is
+        // billed.
+        out.error_code = Some("client_disconnected".into());
+        return;
+    }
     let header = match response_header(200, "text/event-stream", ctx, None) {
         Ok(h) => h,
         Err(_) => return,
@@ -627,6 +644,8 @@ async fn relay_stream(
     }
     answer.session.set_read_timeout(Some(p.idle_timeout));
     let mut failed: Option<ApiError> = None;
+    // What the client has had of the stream: a write that fails is not billed.
+    let mut delivered = sse.delivered();
     // A read already made while gathering (see below), handled before reading again.
     let mut ahead: Option<pingora::Result<Option<Bytes>>> = None;
     loop {
@@ -683,11 +702,13 @@ async fn relay_stream(
                 ctx.first_byte.get_or_insert_with(Instant::now);
                 if write_body(session, pass, false).await.is_err() {
                     // The client left: stop the upstream (the session is not reused) and bill
-                    // what was generated so far.
+                    // what reached the client, not the events of the write that failed.
+                    sse.undeliver(delivered);
                     out.error_code = Some("client_disconnected".into());
                     answer.session.shutdown().await;
                     break;
                 }
+                delivered = sse.delivered();
             }
             Ok(None) => {
                 // The end of the stream goes out once its settlement is journaled (`record`).
@@ -723,6 +744,15 @@ async fn relay_stream(
         input_tokens: count_tokens(&req.prompt_text()),
         output_tokens: sse.counted_output_tokens(),
     });
+}
+
+/// Whether the client has closed its connection (a FIN waiting on the socket), looked at once
+/// without waiting: one read of the socket, before the answer's first byte is written.
+fn client_left(session: &mut Session) -> bool {
+    matches!(
+        session.as_mut().read_body_or_idle(true).now_or_never(),
+        Some(Err(_))
+    )
 }
 
 /// Writes part of a stream to the client. Boxed: Pingora's write is the largest state machine

@@ -39,7 +39,12 @@ pub enum ApiError {
     /// The balance cannot cover the request's worst case.
     InsufficientCredits { needed: NanoUsd, available: NanoUsd },
     /// The key's own spend cap (set by its owner) cannot cover the request's worst case.
-    SpendCapReached { cap: NanoUsd, spent: NanoUsd },
+    SpendCapReached {
+        cap: NanoUsd,
+        spent: NanoUsd,
+        /// Held under the cap by requests in flight (and usage not yet written) on every node.
+        held: NanoUsd,
+    },
     /// No upstream is enabled for the tier.
     NoUpstream { tier: String },
     /// Every upstream failed to connect or answered 5xx.
@@ -180,8 +185,8 @@ impl ApiError {
             ApiError::InsufficientCredits { needed, available } => format!(
                 "Insufficient credits: this request can cost up to {needed} (its prompt plus its max_tokens), but your available balance is {available}. Add credits, or lower max_tokens."
             ),
-            ApiError::SpendCapReached { cap, spent } => format!(
-                "This key has reached its spend cap: it may spend {cap} and has spent {spent}, so it cannot cover this request's worst case (its prompt plus its max_tokens). Raise the cap on the dashboard's API keys page, lower max_tokens, or use another key."
+            ApiError::SpendCapReached { cap, spent, held } => format!(
+                "This key has reached its spend cap: it may spend {cap}, has spent {spent} and has {held} held by requests in flight, so it cannot cover this request's worst case (its prompt plus its max_tokens). Raise the cap on the dashboard's API keys page, lower max_tokens, or use another key."
             ),
             ApiError::NoUpstream { tier } => format!("No upstream is available for `{tier}` right now."),
             ApiError::UpstreamUnavailable { detail } => format!("The upstream provider is unavailable: {detail}."),

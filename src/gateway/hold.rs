@@ -1,42 +1,23 @@
 //! Step 4: hold credits for a request's worst case, from this node's credit lease.
 //!
-//! Each account has an in-memory `local` amount: credit this node has leased from the store and
-//! not yet promised to a request. A hold takes from `local` under a short lock (no I/O); only when
-//! `local` cannot cover it does the hold top the lease up from the store, once per account at a
-//! time. A [`Hold`] must be consumed by [`Hold::settle`]; dropped unsettled (a request that failed
-//! before any output) it gives its whole amount back. The store side (leases, batched settlement)
-//! is in `store::leases`.
+//! Each account has a [`Room`]: credit this node has leased from the store and not yet promised
+//! to a request. A hold takes from it under a short lock (no I/O); only when it falls short does
+//! the hold lease more from the store, with recalls from other nodes before a 402 (see `room`).
+//! A [`Hold`] must be consumed by [`Hold::settle`]; dropped unsettled (a request that failed
+//! before any output) it gives its whole amount back. The store side (leases, batched
+//! settlement) is in `store::leases`.
 
 use super::error::ApiError;
+use super::room::{Room, Source};
 use crate::money::NanoUsd;
 use crate::store::Store;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// The most headroom a node leases beyond a request's need, so most requests never wait for the
-/// store (less when the balance is small: a quarter of what is left, see `take_lease_for`).
-const MIN_LEASE_NANOS: i64 = 1_000_000_000; // $1
-/// How long a hold the balance cannot cover waits for other nodes to give back what they hold
-/// unpromised before it is refused.
-const RECALL_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
-/// How often it looks again meanwhile.
-const RECALL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
-
-#[derive(Default)]
-pub struct AccountCredit {
-    /// Leased credit not promised to any request (nano-USD).
-    local: Mutex<i64>,
-    /// One lease top-up at a time per account.
-    refill: tokio::sync::Mutex<()>,
-    /// Holds not yet settled.
-    in_flight: AtomicI64,
-    last_used_ms: AtomicI64,
-}
-
 #[derive(Default)]
 pub struct CreditBook {
-    accounts: Mutex<HashMap<i64, Arc<AccountCredit>>>,
+    accounts: Mutex<HashMap<i64, Arc<Room>>>,
     holds_in_flight: AtomicI64,
     /// Set while this instance may have been swept (it could not renew its heartbeat for half
     /// the lease expiry): leased credit is not spent until a heartbeat goes through again.
@@ -48,7 +29,7 @@ pub struct CreditBook {
 #[must_use = "a hold must be settled, or dropped to release it"]
 pub struct Hold {
     amount: NanoUsd,
-    credit: Arc<AccountCredit>,
+    credit: Arc<Room>,
     book_in_flight: Arc<CreditBook>,
     settled: bool,
 }
@@ -69,12 +50,7 @@ impl Hold {
             return (cost, NanoUsd::ZERO);
         }
         let above = cost.nanos() - self.amount.nanos();
-        let spared = {
-            let mut local = self.credit.local.lock().unwrap_or_else(|p| p.into_inner());
-            let spared = (*local).clamp(0, above);
-            *local -= spared;
-            spared
-        };
+        let spared = self.credit.spare(above);
         self.give_back(0);
         (
             NanoUsd::from_nanos(self.amount.nanos() + spared),
@@ -83,11 +59,7 @@ impl Hold {
     }
 
     fn give_back(&self, nanos: i64) {
-        if nanos != 0
-            && let Ok(mut local) = self.credit.local.lock()
-        {
-            *local += nanos;
-        }
+        self.credit.give_back(nanos);
         self.credit.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.book_in_flight
             .holds_in_flight
@@ -104,7 +76,7 @@ impl Drop for Hold {
 }
 
 impl CreditBook {
-    fn account(&self, account_id: i64) -> Arc<AccountCredit> {
+    fn account(&self, account_id: i64) -> Arc<Room> {
         let mut map = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(account_id).or_default().clone()
     }
@@ -112,16 +84,6 @@ impl CreditBook {
     /// Holds in flight on this node (a metric, and what shutdown waits for).
     pub fn holds_in_flight(&self) -> i64 {
         self.holds_in_flight.load(Ordering::Relaxed)
-    }
-
-    fn try_take(credit: &AccountCredit, amount: i64) -> Result<(), i64> {
-        let mut local = credit.local.lock().unwrap_or_else(|p| p.into_inner());
-        if *local >= amount {
-            *local -= amount;
-            Ok(())
-        } else {
-            Err(*local)
-        }
     }
 
     /// Holds `amount` for a request of `account_id`, leasing more from the store if needed.
@@ -139,13 +101,16 @@ impl CreditBook {
         let credit = self.account(account_id);
         credit.last_used_ms.store(now_ms, Ordering::Relaxed);
         let want = amount.nanos();
-        if Self::try_take(&credit, want).is_err() {
+        if credit.try_take(want).is_err() {
             let store = store.ok_or(ApiError::StoreUnavailable)?;
+            let source = Source::Credit {
+                store,
+                account_id,
+                node_id,
+            };
             // Boxed: the rare slow path keeps its state out of `chat::start`'s, which every
             // request allocates.
-            let leasing = Box::pin(Self::lease_more(
-                &credit, account_id, amount, store, node_id,
-            ));
+            let leasing = Box::pin(credit.lease_more(amount, source));
             leasing.await?;
         }
         credit.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -158,80 +123,11 @@ impl CreditBook {
         })
     }
 
-    /// The slow path of a hold: lease what is missing (with some headroom, see
-    /// `Store::take_lease_for`); when the balance cannot cover it, recall what other nodes hold
-    /// unpromised and try again until [`RECALL_WAIT`] has passed. Takes `amount` from `local` on
-    /// success.
-    async fn lease_more(
-        credit: &AccountCredit,
-        account_id: i64,
-        amount: NanoUsd,
-        store: &Store,
-        node_id: &str,
-    ) -> Result<(), ApiError> {
-        let want = amount.nanos();
-        let _one_refill = credit.refill.lock().await;
-        let unavailable = |e: crate::store::StoreError| {
-            tracing::error!(error = %e, account_id, "taking a credit lease failed");
-            ApiError::StoreUnavailable
-        };
-        let mut recalled = false;
-        let deadline = tokio::time::Instant::now() + RECALL_WAIT;
-        loop {
-            let local = match Self::try_take(credit, want) {
-                Ok(()) => return Ok(()),
-                Err(local) => local,
-            };
-            let granted = store
-                .take_lease_for(
-                    account_id,
-                    node_id,
-                    NanoUsd::from_nanos(want - local),
-                    NanoUsd::from_nanos(MIN_LEASE_NANOS),
-                )
-                .await
-                .map_err(unavailable)?;
-            if granted.is_positive() {
-                let mut l = credit.local.lock().unwrap_or_else(|p| p.into_inner());
-                *l += granted.nanos();
-                if *l >= want {
-                    *l -= want;
-                    return Ok(());
-                }
-            }
-            // Short: other nodes may hold the account's credit unpromised. Ask them for it once,
-            // then look again until they have answered or the wait is over.
-            let asked = if recalled {
-                1
-            } else {
-                recalled = true;
-                store
-                    .recall_leases(account_id, node_id)
-                    .await
-                    .map_err(unavailable)?
-            };
-            if asked == 0 || tokio::time::Instant::now() >= deadline {
-                let local = (*credit.local.lock().unwrap_or_else(|p| p.into_inner())).max(0);
-                let balance = store.balance(account_id).await.unwrap_or(NanoUsd::ZERO);
-                return Err(ApiError::InsufficientCredits {
-                    needed: amount,
-                    available: NanoUsd::from_nanos(local + balance.nanos().max(0)),
-                });
-            }
-            tokio::time::sleep(RECALL_POLL).await;
-        }
-    }
-
     /// A recall reached this node: takes the account's unpromised credit, to be returned.
     pub fn take_unpromised(&self, account_id: i64) -> NanoUsd {
         let map = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(c) = map.get(&account_id) else {
-            return NanoUsd::ZERO;
-        };
-        let mut local = c.local.lock().unwrap_or_else(|p| p.into_inner());
-        let taken = (*local).max(0);
-        *local -= taken;
-        NanoUsd::from_nanos(taken)
+        map.get(&account_id)
+            .map_or(NanoUsd::ZERO, |c| c.take_unpromised())
     }
 
     /// Takes the unpromised credit of accounts idle since `idle_before_ms`, for returning to the
@@ -243,10 +139,9 @@ impl CreditBook {
             if c.last_used_ms.load(Ordering::Relaxed) < idle_before_ms
                 && c.in_flight.load(Ordering::Relaxed) == 0
             {
-                let mut local = c.local.lock().unwrap_or_else(|p| p.into_inner());
-                if *local > 0 {
-                    out.push((*id, NanoUsd::from_nanos(*local)));
-                    *local = 0;
+                let taken = c.take_unpromised();
+                if taken.is_positive() {
+                    out.push((*id, taken));
                 }
             }
         }
@@ -262,12 +157,7 @@ impl CreditBook {
     /// keeps in memory is no longer its own. (Holds in flight settle against the balance.)
     pub fn forget_all(&self) -> NanoUsd {
         let map = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        let mut total = 0i64;
-        for c in map.values() {
-            let mut local = c.local.lock().unwrap_or_else(|p| p.into_inner());
-            total += (*local).max(0);
-            *local = 0;
-        }
+        let total: i64 = map.values().map(|c| c.take_unpromised().nanos()).sum();
         NanoUsd::from_nanos(total)
     }
 
@@ -279,8 +169,6 @@ impl CreditBook {
 
     /// Gives credit back to `local` (a lease return that failed is not lost).
     pub fn restore(&self, account_id: i64, amount: NanoUsd) {
-        let credit = self.account(account_id);
-        let mut local = credit.local.lock().unwrap_or_else(|p| p.into_inner());
-        *local += amount.nanos();
+        self.account(account_id).give_back(amount.nanos());
     }
 }

@@ -25,6 +25,7 @@ mod models;
 pub mod nodes;
 pub mod relay;
 pub mod request;
+pub mod room;
 mod service;
 pub mod spend;
 pub mod state;

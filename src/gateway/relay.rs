@@ -28,6 +28,14 @@ pub fn usage_of(v: &Value) -> Option<Usage> {
     })
 }
 
+/// What had reached the client at one point of a stream (see [`SseRelay::delivered`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Delivered {
+    uncounted: usize,
+    events: u64,
+    usage: Option<Usage>,
+}
+
 /// The splitter and bookkeeper for one event stream.
 pub struct SseRelay {
     carry: BytesMut,
@@ -112,6 +120,23 @@ impl SseRelay {
             }
         }
         true
+    }
+
+    /// Where the relay stands, taken after each successful write to the client.
+    pub fn delivered(&self) -> Delivered {
+        Delivered {
+            uncounted: self.uncounted.len(),
+            events: self.events,
+            usage: self.usage,
+        }
+    }
+
+    /// The client never got what was fed after `mark` (its write failed): forget it, so a
+    /// disconnect is billed for exactly the events that reached the client.
+    pub fn undeliver(&mut self, mark: Delivered) {
+        self.uncounted.truncate(mark.uncounted);
+        self.events = mark.events;
+        self.usage = mark.usage;
     }
 
     /// Output tokens when the upstream reported none: the relayed text, counted with tiktoken.
@@ -229,6 +254,20 @@ mod tests {
             "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}}}}]}}\n\n"
         )
     }
+    #[test]
+    fn a_write_that_failed_is_not_counted() {
+        let mut sse = SseRelay::new(false);
+        let _ = sse.feed(chunk("one").as_bytes());
+        let _ = sse.feed(chunk(" two").as_bytes());
+        let mark = sse.delivered();
+        let _ = sse.feed(chunk(" three four five").as_bytes());
+        let all = sse.counted_output_tokens();
+        sse.undeliver(mark);
+        assert_eq!(sse.events, 2);
+        assert_eq!(sse.counted_output_tokens(), count_tokens("one two"));
+        assert!(sse.counted_output_tokens() < all);
+    }
+
     const USAGE: &str =
         "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\n";
 

@@ -29,8 +29,26 @@ pub struct ChatRequest {
     pub client_wants_usage: bool,
     /// Worst-case output tokens (max_tokens × n, or the tier's default cap × n).
     pub max_output_tokens: u64,
-    /// Upper bound of input tokens: a byte-level BPE token covers at least one byte.
+    /// Upper bound of input tokens: a byte-level BPE token covers at least one byte, and each
+    /// image part adds the most its tier's upstreams count for one image (its URL is a few bytes
+    /// of the body, the image many tokens).
     pub input_upper_bound: u64,
+}
+
+/// Image parts in the messages (`image_url`, `input_image`, `image`): what the body's length
+/// does not bound.
+fn image_parts(messages: &[Value]) -> u64 {
+    messages
+        .iter()
+        .filter_map(|m| m.get("content").and_then(Value::as_array))
+        .flatten()
+        .filter(|p| {
+            matches!(
+                p.get("type").and_then(Value::as_str),
+                Some("image_url" | "input_image" | "image")
+            )
+        })
+        .count() as u64
 }
 
 /// A too-large body is still read (and dropped) up to this much, so the client gets to read our
@@ -158,7 +176,7 @@ pub fn parse_chat(conf: &Conf, body: &Bytes) -> Result<ChatRequest, ApiError> {
                 .collect::<Vec<_>>()
                 .join(", "),
         })?;
-    match map.get("messages") {
+    let images = match map.get("messages") {
         Some(Value::Array(msgs)) if !msgs.is_empty() => {
             for (i, m) in msgs.iter().enumerate() {
                 if !m.get("role").is_some_and(Value::is_string) {
@@ -168,6 +186,7 @@ pub fn parse_chat(conf: &Conf, body: &Bytes) -> Result<ChatRequest, ApiError> {
                     ));
                 }
             }
+            image_parts(msgs)
         }
         Some(Value::Array(_)) => {
             return Err(ApiError::invalid(
@@ -187,7 +206,7 @@ pub fn parse_chat(conf: &Conf, body: &Bytes) -> Result<ChatRequest, ApiError> {
                 format!("`messages` must be an array; got {}.", type_name(other)),
             ));
         }
-    }
+    };
     let stream = match map.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -225,7 +244,8 @@ pub fn parse_chat(conf: &Conf, body: &Bytes) -> Result<ChatRequest, ApiError> {
         stream,
         client_wants_usage,
         max_output_tokens: per_choice * n,
-        input_upper_bound: body.len() as u64,
+        input_upper_bound: (body.len() as u64)
+            .saturating_add(images.saturating_mul(t.image_input_tokens_max)),
     })
 }
 

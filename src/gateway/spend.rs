@@ -1,54 +1,47 @@
-//! Step 4b: a key's own spend cap (set by its owner on the dashboard), checked with the hold.
+//! Step 4b: a key's own spend cap (set by its owner on the dashboard), checked with the hold,
+//! exact across nodes.
 //!
-//! For each capped key this node keeps what the store says the key has spent (the sum of its
-//! billed usage, re-read every [`REFRESH_SPENT_EVERY`] between batch writes, so the two never
-//! race), plus what it settled and has not written yet, plus what its requests in flight may
-//! still cost. A request is refused when that and its own worst case would pass the cap. On one
-//! node the cap is exact; with several, each sees the others' spending within about a second.
+//! A cap is money too, so it is held the way balances are: each node leases room under a capped
+//! key's cap from the store (`store::caps`: the cap less the key's billed usage less every node's
+//! lease, taken in one short transaction), holds each request's worst case against that room in
+//! memory, and gives back on settlement what the request did not cost. The lease shrinks in the
+//! transaction that writes the usage. A node short of room asks the other nodes to give back what
+//! they hold unpromised (a recall) before it refuses with 402 `spend_cap_reached`; idle room goes
+//! back after a while, and all of it at shutdown.
 
 use super::error::ApiError;
+use super::room::{Room, Source};
 use crate::money::NanoUsd;
 use crate::store::Store;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-/// How often the spent amounts of capped keys are re-read from the store.
-pub const REFRESH_SPENT_EVERY: Duration = Duration::from_secs(1);
-/// A key unused this long (and with nothing held or unwritten) is forgotten; its next request
-/// reads its spending from the store again.
-const FORGET_AFTER_MS: i64 = 10 * 60 * 1000;
-
-#[derive(Default)]
-struct Spent {
-    loaded: bool,
-    /// In the store (as last read, plus what this node wrote since).
-    stored: i64,
-    /// Settled here, not written yet.
-    unwritten: i64,
-    /// Worst cases of requests in flight.
-    holding: i64,
-    last_used_ms: i64,
-}
 
 #[derive(Default)]
 pub struct SpendBook {
-    keys: Mutex<HashMap<i64, Arc<Mutex<Spent>>>>,
+    keys: Mutex<HashMap<i64, Arc<Room>>>,
 }
 
 /// A capped key's share of one request; settle it with what was billed.
 #[must_use = "a cap hold must be settled, or dropped to release it"]
 pub struct CapHold {
-    spent: Arc<Mutex<Spent>>,
+    room: Arc<Room>,
     worst: i64,
     settled: bool,
 }
 
 impl CapHold {
+    /// Keeps what the request cost (it leaves the lease when its usage is written) and gives
+    /// the rest of the worst case back.
     pub fn settle(mut self, billed: NanoUsd) {
-        let mut s = self.spent.lock().unwrap_or_else(|p| p.into_inner());
-        s.holding -= self.worst;
-        s.unwritten += billed.nanos();
+        let billed = billed.nanos().max(0);
+        if billed <= self.worst {
+            self.room.give_back(self.worst - billed);
+        } else {
+            // Above its hold: what the lease has to spare pays for it.
+            self.room.spare(billed - self.worst);
+        }
+        self.room.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.settled = true;
     }
 }
@@ -56,110 +49,88 @@ impl CapHold {
 impl Drop for CapHold {
     fn drop(&mut self) {
         if !self.settled {
-            let mut s = self.spent.lock().unwrap_or_else(|p| p.into_inner());
-            s.holding -= self.worst;
+            self.room.give_back(self.worst);
+            self.room.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
 impl SpendBook {
-    fn entry(&self, key_id: i64) -> Arc<Mutex<Spent>> {
+    fn entry(&self, key_id: i64) -> Arc<Room> {
         let mut map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(key_id)
-            .or_insert_with(|| {
-                // Used from its creation on: a new entry waiting for its first read of the store
-                // must not look idle to `followed`, or it would be forgotten while its request
-                // goes on, and that request's spending with it.
-                Arc::new(Mutex::new(Spent {
-                    last_used_ms: crate::time::now_ms(),
-                    ..Spent::default()
-                }))
-            })
-            .clone()
+        map.entry(key_id).or_default().clone()
     }
 
-    /// Reserves `worst` of the key's cap, or says the cap is reached. The first request of a
-    /// key on this node reads its spending from the store once.
+    /// Reserves `worst` under the key's cap, leasing room from the store when this node has
+    /// too little, or says the cap is reached.
     pub async fn hold(
         &self,
         key_id: i64,
         cap: NanoUsd,
         worst: NanoUsd,
         store: Option<&Store>,
+        node_id: &str,
     ) -> Result<CapHold, ApiError> {
-        let spent = self.entry(key_id);
-        let loaded = spent.lock().unwrap_or_else(|p| p.into_inner()).loaded;
-        if !loaded {
+        let room = self.entry(key_id);
+        room.last_used_ms
+            .store(crate::time::now_ms(), Ordering::Relaxed);
+        if room.try_take(worst.nanos()).is_err() {
             let store = store.ok_or(ApiError::StoreUnavailable)?;
+            let source = Source::Cap {
+                store,
+                key_id,
+                cap,
+                node_id,
+            };
             // Boxed, in a statement of its own: the rare slow path keeps its state out of
             // `chat::start`'s, which every request allocates.
-            let keys = [key_id];
-            let reading = Box::pin(store.key_spent(&keys));
-            let from_store = reading.await.map_err(|e| {
-                tracing::error!(error = %e, key_id, "reading a key's spending failed");
-                ApiError::StoreUnavailable
-            })?;
-            let mut s = spent.lock().unwrap_or_else(|p| p.into_inner());
-            if !s.loaded {
-                s.stored = from_store.first().map_or(0, |(_, n)| n.nanos());
-                s.loaded = true;
-            }
+            let leasing = Box::pin(room.lease_more(worst, source));
+            leasing.await?;
         }
-        let mut s = spent.lock().unwrap_or_else(|p| p.into_inner());
-        s.last_used_ms = crate::time::now_ms();
-        let used = s.stored + s.unwritten;
-        if used + s.holding + worst.nanos() > cap.nanos() {
-            return Err(ApiError::SpendCapReached {
-                cap,
-                spent: NanoUsd::from_nanos(used),
-            });
-        }
-        s.holding += worst.nanos();
-        drop(s);
+        room.in_flight.fetch_add(1, Ordering::Relaxed);
         Ok(CapHold {
-            spent,
+            room,
             worst: worst.nanos(),
             settled: false,
         })
     }
 
-    /// After a batch was written: what was unwritten is now stored.
-    pub fn written(&self, billed: &[(i64, NanoUsd)]) {
-        let map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        for (key_id, amount) in billed {
-            if let Some(spent) = map.get(key_id) {
-                let mut s = spent.lock().unwrap_or_else(|p| p.into_inner());
-                s.unwritten -= amount.nanos();
-                s.stored += amount.nanos();
-            }
-        }
-    }
-
-    /// Keys whose spending this node follows; keys idle for [`FORGET_AFTER_MS`] with nothing
-    /// held or unwritten are forgotten first, so the book and the refresh stay as small as the
-    /// set of keys in use.
-    pub fn followed(&self, now_ms: i64) -> Vec<i64> {
+    /// Takes the unpromised room of keys idle since `idle_before_ms` (with nothing in flight),
+    /// for returning to the store; idle keys are forgotten.
+    pub fn take_idle(&self, idle_before_ms: i64) -> Vec<(i64, NanoUsd)> {
         let mut map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, spent| {
-            let s = spent.lock().unwrap_or_else(|p| p.into_inner());
-            s.holding != 0 || s.unwritten != 0 || now_ms - s.last_used_ms < FORGET_AFTER_MS
-        });
-        map.keys().copied().collect()
-    }
-
-    /// The store's totals (every node's spending), read between batch writes.
-    pub fn refreshed(&self, stored: &[(i64, NanoUsd)], followed: &[i64]) {
-        let map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        for key_id in followed {
-            if let Some(spent) = map.get(key_id) {
-                let mut s = spent.lock().unwrap_or_else(|p| p.into_inner());
-                if s.loaded {
-                    s.stored = stored
-                        .iter()
-                        .find(|(k, _)| k == key_id)
-                        .map_or(0, |(_, n)| n.nanos());
+        let mut out = Vec::new();
+        map.retain(|id, r| {
+            let idle = r.last_used_ms.load(Ordering::Relaxed) < idle_before_ms
+                && r.in_flight.load(Ordering::Relaxed) == 0;
+            if idle {
+                let taken = r.take_unpromised();
+                if taken.is_positive() {
+                    out.push((*id, taken));
                 }
             }
+            !idle
+        });
+        out
+    }
+
+    /// A recall reached this node: takes the key's unpromised room, to be returned.
+    pub fn take_unpromised(&self, key_id: i64) -> NanoUsd {
+        let map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&key_id)
+            .map_or(NanoUsd::ZERO, |r| r.take_unpromised())
+    }
+
+    /// Gives room back to a key's `local` (a return that failed is not lost).
+    pub fn restore(&self, key_id: i64, amount: NanoUsd) {
+        self.entry(key_id).give_back(amount.nanos());
+    }
+
+    /// This instance was swept: its cap leases are gone, so is the room it kept.
+    pub fn forget_all(&self) {
+        let map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        for r in map.values() {
+            r.take_unpromised();
         }
     }
 }
@@ -168,30 +139,48 @@ impl SpendBook {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_key_just_met_is_not_forgotten_while_its_spending_is_read() {
-        let book = SpendBook::default();
-        let first = book.entry(7);
-        assert_eq!(book.followed(crate::time::now_ms()), [7]);
-        // Its request goes on with the same entry a second request finds.
-        assert!(Arc::ptr_eq(&first, &book.entry(7)));
+    fn room_of(book: &SpendBook, key: i64) -> i64 {
+        let r = book.entry(key);
+        let n = r.take_unpromised();
+        r.give_back(n.nanos());
+        n.nanos()
     }
 
     #[test]
-    fn idle_keys_are_forgotten_unless_something_is_pending() {
+    fn a_settled_hold_keeps_what_it_cost_and_gives_back_the_rest() {
         let book = SpendBook::default();
-        let idle = book.entry(1);
-        idle.lock().expect("lock").last_used_ms = 0;
-        let pending = book.entry(2);
-        {
-            let mut p = pending.lock().expect("lock");
-            p.last_used_ms = 0;
-            p.unwritten = 5;
-        }
-        let recent = book.entry(3);
-        recent.lock().expect("lock").last_used_ms = FORGET_AFTER_MS;
-        let mut followed = book.followed(FORGET_AFTER_MS + 1);
-        followed.sort_unstable();
-        assert_eq!(followed, [2, 3]);
+        book.restore(1, NanoUsd::from_nanos(100));
+        let room = book.entry(1);
+        room.try_take(60).expect("room");
+        room.in_flight.fetch_add(1, Ordering::Relaxed);
+        let hold = CapHold {
+            room: room.clone(),
+            worst: 60,
+            settled: false,
+        };
+        hold.settle(NanoUsd::from_nanos(25));
+        assert_eq!(room_of(&book, 1), 75);
+        // Dropped unsettled, a hold gives back everything.
+        room.try_take(50).expect("room");
+        room.in_flight.fetch_add(1, Ordering::Relaxed);
+        drop(CapHold {
+            room: room.clone(),
+            worst: 50,
+            settled: false,
+        });
+        assert_eq!(room_of(&book, 1), 75);
+        assert_eq!(room.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn idle_keys_give_their_room_back_and_are_forgotten_busy_ones_are_not() {
+        let book = SpendBook::default();
+        book.restore(1, NanoUsd::from_nanos(10));
+        book.restore(2, NanoUsd::from_nanos(20));
+        book.entry(2).in_flight.fetch_add(1, Ordering::Relaxed);
+        let idle = book.take_idle(i64::MAX);
+        assert_eq!(idle, vec![(1, NanoUsd::from_nanos(10))]);
+        assert_eq!(book.keys.lock().expect("lock").len(), 1);
+        assert_eq!(book.take_unpromised(2), NanoUsd::from_nanos(20));
     }
 }

@@ -132,6 +132,7 @@ mod tests {
             settlement: Settlement {
                 billed: NanoUsd::ZERO,
                 over_hold: NanoUsd::ZERO,
+                capped: false,
                 record: UsageRecord {
                     request_id: format!("req_{n}"),
                     account_id: 1,

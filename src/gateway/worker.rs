@@ -48,6 +48,15 @@ fn resolve_all(gw: &Arc<Gateway>) {
 
 async fn return_idle(gw: &Gateway, store: &Store) {
     let idle_before = crate::time::now_ms() - LEASE_IDLE_MS;
+    for (key_id, amount) in gw.spend.take_idle(idle_before) {
+        if let Err(e) = store
+            .return_cap_lease(key_id, &gw.instance_id, amount)
+            .await
+        {
+            tracing::warn!(error = %e, key_id, "returning idle room under a spend cap failed; keeping it");
+            gw.spend.restore(key_id, amount);
+        }
+    }
     for (account_id, amount) in gw.credit.take_idle(idle_before) {
         if let Err(e) = store
             .return_lease(account_id, &gw.instance_id, Some(amount))
@@ -111,6 +120,18 @@ async fn recover(gw: &Gateway, store: &Store) {
 /// Answers recalls: another node short of an account's credit, or a debit that reached this
 /// node's lease, asked for what this node holds unpromised.
 async fn answer_recalls(gw: &Gateway, store: &Store) {
+    if let Ok(keys) = store.recalled_caps(&gw.instance_id).await {
+        for key_id in keys {
+            let amount = gw.spend.take_unpromised(key_id);
+            if let Err(e) = store
+                .return_cap_lease(key_id, &gw.instance_id, amount)
+                .await
+            {
+                tracing::warn!(error = %e, key_id, "answering a spend-cap recall failed; keeping the room");
+                gw.spend.restore(key_id, amount);
+            }
+        }
+    }
     let Ok(accounts) = store.recalled(&gw.instance_id).await else {
         return;
     };
@@ -129,29 +150,42 @@ async fn answer_recalls(gw: &Gateway, store: &Store) {
     }
 }
 
+/// A node's heartbeat: when it last went through, and since when it has gone through without a
+/// gap (a node sweeps others only once it has itself been in touch with the store for a whole
+/// expiry, so after an outage of the store every node has had the time to renew first).
+struct Beat {
+    last_ok_ms: i64,
+    healthy_since_ms: i64,
+}
+
 /// One heartbeat: renew this instance, fence or unfence its credit, sweep instances that stopped.
-async fn heartbeat(gw: &Gateway, store: &Store, last_ok_ms: &mut i64) {
+async fn heartbeat(gw: &Gateway, store: &Store, beat: &mut Beat) {
     let now = crate::time::now_ms();
     let expiry_ms = gw.conf.gateway.lease_expiry.as_millis() as i64;
     match store.heartbeat(&gw.instance_id, now).await {
         Ok(true) => {
-            *last_ok_ms = now;
+            if now - beat.last_ok_ms > 2 * super::nodes::HEARTBEAT_EVERY.as_millis() as i64 {
+                beat.healthy_since_ms = now;
+            }
+            beat.last_ok_ms = now;
             gw.credit.fence(false);
         }
         Ok(false) => {
             let forgotten = gw.credit.forget_all();
+            gw.spend.forget_all();
             tracing::error!(instance = %gw.instance_id, %forgotten, "this instance was swept (no heartbeat for the lease expiry): its leases went back to the balances; leasing anew");
             if store
                 .register_instance(&gw.instance_id, &gw.conf.gateway.node_id, now)
                 .await
                 .is_ok()
             {
-                *last_ok_ms = now;
+                beat.last_ok_ms = now;
+                beat.healthy_since_ms = now;
                 gw.credit.fence(false);
             }
         }
         Err(e) => {
-            if now - *last_ok_ms > expiry_ms / 2 {
+            if now - beat.last_ok_ms > expiry_ms / 2 {
                 gw.credit.fence(true);
                 tracing::error!(error = %e, "heartbeat failing for half the lease expiry: not spending leased credit until it goes through");
             } else {
@@ -159,6 +193,9 @@ async fn heartbeat(gw: &Gateway, store: &Store, last_ok_ms: &mut i64) {
             }
             return;
         }
+    }
+    if now - beat.healthy_since_ms < expiry_ms {
+        return;
     }
     match store.sweep_instances(now - expiry_ms).await {
         Ok(swept) => {
@@ -286,9 +323,13 @@ impl BackgroundService for Worker {
         let mut refresh = tokio::time::interval(REFRESH_EVERY);
         let mut idle = tokio::time::interval(Duration::from_secs(5));
         let mut resolve = tokio::time::interval(RESOLVE_EVERY);
-        let mut beat = tokio::time::interval(super::nodes::HEARTBEAT_EVERY);
+        let mut beats = tokio::time::interval(super::nodes::HEARTBEAT_EVERY);
         let mut fsync = tokio::time::interval(gw.conf.gateway.journal_fsync_interval);
-        let mut last_beat_ms = crate::time::now_ms();
+        let started_ms = crate::time::now_ms();
+        let mut beat = Beat {
+            last_ok_ms: started_ms,
+            healthy_since_ms: started_ms,
+        };
         let mut recalls = tokio::time::interval(RECALL_EVERY);
         loop {
             tokio::select! {
@@ -299,7 +340,7 @@ impl BackgroundService for Worker {
                     }
                 }
                 _ = idle.tick() => return_idle(gw, &store).await,
-                _ = beat.tick() => heartbeat(gw, &store, &mut last_beat_ms).await,
+                _ = beats.tick() => heartbeat(gw, &store, &mut beat).await,
                 _ = recalls.tick() => answer_recalls(gw, &store).await,
                 _ = fsync.tick() => {
                     let g = gw.clone();

@@ -14,8 +14,6 @@
 //! backlog is the metric `duang_usage_backlog`. A record the store refuses on its own while others
 //! go through is kept aside and retried every minute.
 //!
-//! The re-read of capped keys' spending runs here too, between batch writes, so what is stored
-//! and what is unwritten never overlap (see `spend`).
 
 use super::state::{Gateway, Queued};
 use crate::store::{Settlement, Store};
@@ -122,7 +120,6 @@ async fn run(gw: &Gateway, mut rx: mpsc::Receiver<Queued>) -> usize {
         stuck: Vec::new(),
         stuck_since: Instant::now(),
     };
-    let mut spent = tokio::time::interval(super::spend::REFRESH_SPENT_EVERY);
     let mut failures = 0u32;
     loop {
         let flushing = gw.drain.flush.is_set();
@@ -148,16 +145,6 @@ async fn run(gw: &Gateway, mut rx: mpsc::Receiver<Queued>) -> usize {
                         tokio::time::sleep(BATCH_WINDOW).await;
                         take_queued(&mut rx, &mut backlog.pending, BATCH_MAX);
                     }
-                }
-                _ = spent.tick() => {
-                    let followed = gw.spend.followed(crate::time::now_ms());
-                    if !followed.is_empty() {
-                        match store.key_spent(&followed).await {
-                            Ok(totals) => gw.spend.refreshed(&totals, &followed),
-                            Err(e) => tracing::warn!(error = %e, "reading capped keys' spending failed"),
-                        }
-                    }
-                    continue;
                 }
             }
         }
@@ -251,8 +238,7 @@ async fn write_some(gw: &Gateway, store: &Store, backlog: &mut Backlog) -> bool 
     }
 }
 
-/// After a write: the journal may drop these entries, the spend book counts them, keys' last
-/// use moves on.
+/// After a write: the journal may drop these entries, keys' last use moves on.
 async fn stored(gw: &Gateway, store: &Store, batch: &[Queued]) {
     if let Some(j) = gw.journal.get() {
         let mut tickets: Vec<super::journal::Ticket> =
@@ -262,13 +248,6 @@ async fn stored(gw: &Gateway, store: &Store, batch: &[Queued]) {
             j.journal.stored(t[0], t.len() as u64);
         }
     }
-    let billed: Vec<(i64, crate::money::NanoUsd)> = batch
-        .iter()
-        .map(|q| &q.settlement)
-        .filter(|s| s.billed.is_positive() || s.over_hold.is_positive())
-        .map(|s| (s.record.key_id, s.record.billed))
-        .collect();
-    gw.spend.written(&billed);
     let mut keys: Vec<(i64, i64)> = batch
         .iter()
         .map(|q| (q.settlement.record.key_id, q.settlement.record.finished_at))

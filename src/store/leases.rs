@@ -29,13 +29,33 @@ pub struct Settlement {
     /// goes, the rest recorded as a platform loss.
     #[serde(default)]
     pub over_hold: NanoUsd,
+    /// The key has a spend cap: its cap lease shrinks by `record.billed` when this is written.
+    #[serde(default)]
+    pub capped: bool,
     pub record: UsageRecord,
+}
+
+/// The two kinds of lease a node holds: credit (of an account) and room under a key's spend cap.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Leased {
+    Credit,
+    Cap,
+}
+
+impl Leased {
+    /// Its table and the column naming what is leased (constants, never input).
+    fn table(self) -> (&'static str, &'static str) {
+        match self {
+            Leased::Credit => ("credit_leases", "account_id"),
+            Leased::Cap => ("cap_leases", "key_id"),
+        }
+    }
 }
 
 /// Reads an account's unleased balance with a no-op write first: it locks the row (PostgreSQL)
 /// or the database (SQLite, already IMMEDIATE), so the balance cannot change before the caller's
 /// debit in the same transaction.
-async fn lock_balance(
+pub(super) async fn lock_balance(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     account_id: i64,
 ) -> Result<i64, StoreError> {
@@ -202,16 +222,12 @@ impl Store {
         account_id: i64,
         except_node: &str,
     ) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
-            "UPDATE credit_leases SET recall_at = $1
-             WHERE account_id = $2 AND node_id <> $3 AND amount_nano > 0",
-        )
-        .bind(now_ms())
-        .bind(account_id)
-        .bind(except_node)
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+        self.recall(Leased::Credit, account_id, except_node).await
+    }
+
+    /// The accounts whose lease `node_id` was asked to give back.
+    pub async fn recalled(&self, node_id: &str) -> Result<Vec<i64>, StoreError> {
+        self.recalled_of(Leased::Credit, node_id).await
     }
 
     /// Leases of the account asked to give back and not answered yet.
@@ -225,11 +241,35 @@ impl Store {
         .try_get(0)?)
     }
 
-    /// The accounts whose lease `node_id` was asked to give back.
-    pub async fn recalled(&self, node_id: &str) -> Result<Vec<i64>, StoreError> {
-        sqlx::query(
-            "SELECT account_id FROM credit_leases WHERE node_id = $1 AND recall_at IS NOT NULL",
-        )
+    /// Flags a recall on the leases of `id` held by nodes other than `except_node`.
+    pub(super) async fn recall(
+        &self,
+        what: Leased,
+        id: i64,
+        except_node: &str,
+    ) -> Result<u64, StoreError> {
+        let (table, column) = what.table();
+        Ok(sqlx::query(&format!(
+            "UPDATE {table} SET recall_at = $1 WHERE {column} = $2 AND node_id <> $3 AND amount_nano > 0"
+        ))
+        .bind(now_ms())
+        .bind(id)
+        .bind(except_node)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// The ids whose lease `node_id` was asked to give back.
+    pub(super) async fn recalled_of(
+        &self,
+        what: Leased,
+        node_id: &str,
+    ) -> Result<Vec<i64>, StoreError> {
+        let (table, column) = what.table();
+        sqlx::query(&format!(
+            "SELECT {column} FROM {table} WHERE node_id = $1 AND recall_at IS NOT NULL"
+        ))
         .bind(node_id)
         .fetch_all(&self.pool)
         .await?
@@ -307,6 +347,11 @@ impl Store {
     /// Returns every lease a node holds (at its start, after a crash lost its memory, and at its
     /// shutdown). Returns the number of leases and the total returned.
     pub async fn return_node_leases(&self, node_id: &str) -> Result<(usize, NanoUsd), StoreError> {
+        // Room under spend caps goes back simply by the lease going away.
+        sqlx::query("DELETE FROM cap_leases WHERE node_id = $1")
+            .bind(node_id)
+            .execute(&self.pool)
+            .await?;
         let accounts: Vec<i64> =
             sqlx::query("SELECT account_id FROM credit_leases WHERE node_id = $1")
                 .bind(node_id)
@@ -377,6 +422,11 @@ impl Store {
                 e.2.checked_add(s.over_hold.nanos())
                     .ok_or(crate::money::MoneyError::Overflow)?;
         }
+        let mut caps: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
+        for s in billed.iter().filter(|s| s.capped) {
+            *caps.entry(s.record.key_id).or_default() += s.record.billed.nanos();
+        }
+        super::caps::settle_caps_in(&mut tx, node_id, &caps).await?;
         let mut losses: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
         for (account_id, (amount, at, over_hold)) in per_account {
             let leased: i64 = sqlx::query(

@@ -116,7 +116,7 @@ impl Store {
     /// the balance cannot cover, and a reference that was already used.
     pub async fn append_ledger(&self, e: &NewLedgerEntry) -> Result<LedgerEntry, StoreError> {
         let mut tx = self.begin_write().await?;
-        match append_in(&mut tx, e).await? {
+        match debit_whole_in(&mut tx, e).await? {
             Ok(entry) => {
                 tx.commit().await?;
                 Ok(entry)
@@ -138,11 +138,12 @@ impl Store {
         if account.balance.nanos() > max_before {
             return MoneyError::Overflow.into();
         }
+        let available = match self.with_leases(account).await {
+            Ok(a) => a.credit(),
+            Err(err) => return err,
+        };
         match e.amount.checked_neg() {
-            Ok(needed) => StoreError::InsufficientBalance {
-                needed,
-                available: account.balance,
-            },
+            Ok(needed) => StoreError::InsufficientBalance { needed, available },
             Err(m) => m.into(),
         }
     }
@@ -224,6 +225,65 @@ fn validate(e: &NewLedgerEntry) -> Result<(), StoreError> {
 /// [`Store::explain_refusal`] says which.
 pub(super) struct Refused {
     max_before: i64,
+}
+
+/// Appends one entry like [`append_in`], except that a debit the unleased balance cannot cover
+/// whole takes the rest from the credit gateway nodes hold leased for the account (recalled
+/// from them, see `leases::debit_leases_in`), so a customer's whole credit can be taken back.
+/// Refused (nothing written) only when balance and leases together cannot cover it. Returns the
+/// balance's entry, or the leased part's when the balance had nothing.
+pub(super) async fn debit_whole_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    e: &NewLedgerEntry,
+) -> Result<Result<LedgerEntry, Refused>, StoreError> {
+    if !e.amount.is_negative() {
+        return append_in(tx, e).await;
+    }
+    let want = e.amount.checked_neg()?.nanos();
+    let balance = super::leases::lock_balance(tx, e.account_id).await?;
+    if balance >= want {
+        return append_in(tx, e).await;
+    }
+    let leased: i64 = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(amount_nano), 0) AS BIGINT) FROM credit_leases WHERE account_id = $1",
+    )
+    .bind(e.account_id)
+    .fetch_one(&mut **tx)
+    .await?
+    .try_get(0)?;
+    if balance.max(0) + leased < want {
+        return append_in(tx, e).await; // refused, with the usual explanation
+    }
+    let from_balance = balance.max(0);
+    let mut first = None;
+    if from_balance > 0 {
+        let part = NewLedgerEntry {
+            amount: NanoUsd::from_nanos(-from_balance),
+            ..e.clone()
+        };
+        match append_in(tx, &part).await? {
+            Ok(entry) => first = Some(entry),
+            Err(refused) => return Ok(Err(refused)),
+        }
+    }
+    super::leases::debit_leases_in(
+        tx,
+        e,
+        &e.external_ref,
+        NanoUsd::from_nanos(want - from_balance),
+    )
+    .await?;
+    if let Some(entry) = first {
+        return Ok(Ok(entry));
+    }
+    let row = sqlx::query(
+        "SELECT id, account_id, kind, amount_nano, external_ref, actor, reason, created_at
+         FROM ledger WHERE external_ref = $1",
+    )
+    .bind(format!("{}:leased", e.external_ref))
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(Ok(LedgerEntry::from_row(&row)?))
 }
 
 /// Appends one entry and moves the cached balance with it, inside the caller's transaction.

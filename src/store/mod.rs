@@ -8,6 +8,7 @@
 //! never a read followed by a write across an await.
 
 mod accounts;
+mod caps;
 mod controls;
 mod keys;
 mod leases;
@@ -22,6 +23,7 @@ mod usage;
 pub use accounts::{
     Account, AccountRef, AccountStatus, LimitOverrides, NewAccount, Role, Throttle,
 };
+pub use caps::CapUse;
 pub use controls::Target;
 pub use keys::{ApiKey, KeyAuth, KeyStatus, NewKey};
 pub use leases::Settlement;

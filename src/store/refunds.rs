@@ -260,7 +260,7 @@ impl Store {
             actor: Some(actor.to_owned()),
             reason: Some("refund of unused balance".into()),
         };
-        if let Err(refused) = append_in(&mut tx, &entry).await? {
+        if let Err(refused) = super::ledger::debit_whole_in(&mut tx, &entry).await? {
             drop(tx);
             return Err(self.explain_refusal(&entry, refused).await);
         }

@@ -222,6 +222,7 @@ pub async fn new_key(store: &Store, account_id: i64) -> (String, i64) {
 
 pub mod admin;
 pub mod browser;
+pub mod proxy;
 pub mod redis_server;
 pub mod relay;
 pub mod smtp;

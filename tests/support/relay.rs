@@ -272,7 +272,11 @@ pub struct Node {
 impl Node {
     /// Writes a conf for a new node (its own ports, `gateway_extra` lines in its `[gateway]`)
     /// and starts it; waits until it is ready.
-    async fn spawn(dir: &std::path::Path, conf_for: &ConfFor, gateway_extra: &str) -> Node {
+    async fn spawn<F: Fn(u16, u16, &str) -> String + ?Sized>(
+        dir: &std::path::Path,
+        conf_for: &F,
+        gateway_extra: &str,
+    ) -> Node {
         let port = free_port();
         let metrics_port = free_port();
         let conf = dir.join(format!("duang-{port}.toml"));
@@ -408,6 +412,35 @@ impl Relay {
     /// its `journal_dir`).
     pub async fn node_with(&self, gateway_lines: &str) -> Node {
         Node::spawn(self._dir.path(), &*self.conf_for, gateway_lines).await
+    }
+
+    /// Another gateway node that reaches the store at `store_url` (through a fault proxy, say),
+    /// with these `[gateway]` lines (which must name its `journal_dir`).
+    pub async fn node_on_store(&self, store_url: &str, gateway_lines: &str) -> Node {
+        let from = format!("url = \"{}\"", self.t.url);
+        let to = format!("url = \"{store_url}\"");
+        let conf_for = |p: u16, m: u16, e: &str| (self.conf_for)(p, m, e).replace(&from, &to);
+        Node::spawn(self._dir.path(), &conf_for, gateway_lines).await
+    }
+
+    /// A key of the relay's account with a spend cap, made as the dashboard makes it.
+    pub async fn capped_key(&self, cap: NanoUsd) -> (String, i64) {
+        let m = duang::keys::generate();
+        let k = self
+            .store()
+            .create_key(
+                &duang::store::NewKey {
+                    account_id: self.account_id,
+                    name: "capped".into(),
+                    spend_cap: Some(cap),
+                    ..Default::default()
+                },
+                &m.hash,
+                &m.display_prefix,
+            )
+            .await
+            .expect("key");
+        (m.plaintext.expose().clone(), k.id)
     }
 
     /// The relay's temp dir (confs, journals).
