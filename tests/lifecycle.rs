@@ -738,6 +738,7 @@ async fn a_spend_cap_holds_across_two_nodes(backend: Backend) {
 }
 
 on_both_stores!(
+    a_rolling_deploy_loses_nothing,
     holds_cover_images_and_usage_above_a_hold_is_billed,
     a_client_gone_before_the_first_byte_is_not_billed,
     an_adjustment_takes_leased_credit_too,
@@ -1015,4 +1016,62 @@ async fn holds_cover_images_and_usage_above_a_hold_is_billed(backend: Backend) {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     assert!(loss > 0, "the loss is counted: {metrics}");
+}
+
+/// A rolling deploy: a new gateway process starts beside the old one on the same port, the old
+/// one gets SIGTERM; its streams finish, the new one takes every new request, and nothing is
+/// lost or left leased by the old one.
+async fn a_rolling_deploy_loses_nothing(backend: Backend) {
+    let mut relay = Relay::start(backend, "5").await;
+    let mut old_streams = Vec::new();
+    for _ in 0..3 {
+        old_streams.push(spawn_send(
+            &relay,
+            relay.base.clone(),
+            relay.key.clone(),
+            stream_body(10, 100),
+        ));
+    }
+    streams_open(&relay, 3).await;
+    let new = relay.node_beside().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while relay.store().instances().await.expect("instances").len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the new process never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    signal(&relay.gateway, nix::sys::signal::Signal::SIGTERM);
+    let mut ids = Vec::new();
+    for t in old_streams {
+        let s = t.await.expect("task");
+        assert!(complete(&s), "a stream was cut by the deploy: {}", s.body);
+        ids.push(s.request_id);
+    }
+    let status = wait_exit(&mut relay.gateway, Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+    for _ in 0..10 {
+        let s = ask(&relay, json_body(0)).await;
+        assert_eq!(s.status, 200, "the new process serves the port: {}", s.body);
+        ids.push(s.request_id);
+    }
+    for id in &ids {
+        record_of(&relay, id).await;
+    }
+    let instances = relay.store().instances().await.expect("instances");
+    assert_eq!(
+        instances.len(),
+        1,
+        "the old process returned its leases: {instances:?}"
+    );
+    drop(new);
+    assert!(
+        relay
+            .store()
+            .balance_proof(relay.account_id)
+            .await
+            .expect("proof")
+            .holds()
+    );
 }

@@ -205,6 +205,38 @@ async fn operators_suspend_reactivate_terminate_and_adjust_with_reasons(backend:
     let proof = admin.t.store.balance_proof(bob.id).await.expect("proof");
     assert!(proof.holds());
     assert_eq!(proof.cached, "7.50".parse().expect("usd"));
+    // Credit a gateway holds leased is still the customer's: the API shows the whole credit,
+    // as the dashboard does, and what part of it is leased.
+    admin
+        .t
+        .store
+        .take_lease(bob.id, "gw:1/1", "2".parse().expect("usd"))
+        .await
+        .expect("lease");
+    let leased = op
+        .json(
+            Method::GET,
+            &format!("/api/v1/operator/accounts/{}", bob.id),
+            None,
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(
+        (
+            &leased["balance_usd"],
+            &leased["leased_usd"],
+            &leased["unleased_usd"]
+        ),
+        (&json!("7.50"), &json!("2.00"), &json!("5.50")),
+        "{leased}"
+    );
+    admin
+        .t
+        .store
+        .return_node_leases("gw:1/1")
+        .await
+        .expect("return");
 
     // Every action is in the audit log with who and why.
     let detail = op

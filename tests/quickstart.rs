@@ -207,9 +207,16 @@ async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
         .await
         .expect("account");
     let usage = store.usage_page(account.id, None, 10).await.expect("usage");
-    assert_eq!(usage.len(), 1, "the last answer before SIGTERM was recorded");
+    assert_eq!(
+        usage.len(),
+        1,
+        "the last answer before SIGTERM was recorded"
+    );
     assert!(usage[0].billed.is_positive());
     assert!(store.instances().await.expect("instances").is_empty());
     let proof = store.balance_proof(account.id).await.expect("proof");
-    assert!(proof.holds() && proof.leased == duang::money::NanoUsd::ZERO, "{proof:?}");
+    assert!(
+        proof.holds() && proof.leased == duang::money::NanoUsd::ZERO,
+        "{proof:?}"
+    );
 }

@@ -340,17 +340,7 @@ async fn record(
         capped: caller.spend_cap.is_some(),
         record,
     };
-    let ticket = gw.journal.get().and_then(|j| {
-        let entry = serde_json::to_vec(&settlement).ok()?;
-        match j.journal.append(&entry) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                // Still queued for the store; only a crash before it is written could lose it.
-                tracing::error!(error = %e, request_id = %ctx.request_id, "journaling a settlement failed");
-                None
-            }
-        }
-    });
+    let ticket = super::nodes::journal_settlement(gw.journal.get(), &settlement);
     if let Some(tail) = o.tail {
         let _ = write_body(session, tail, true).await;
     }

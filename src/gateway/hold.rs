@@ -22,6 +22,8 @@ pub struct CreditBook {
     /// Set while this instance may have been swept (it could not renew its heartbeat for half
     /// the lease expiry): leased credit is not spent until a heartbeat goes through again.
     fenced: AtomicBool,
+    /// Refuse at once after asking for a recall instead of waiting for it (the simulation).
+    no_recall_wait: AtomicBool,
 }
 
 /// Credit promised to one request. Settle it with what the request really cost; dropping it
@@ -110,7 +112,8 @@ impl CreditBook {
             };
             // Boxed: the rare slow path keeps its state out of `chat::start`'s, which every
             // request allocates.
-            let leasing = Box::pin(credit.lease_more(amount, source));
+            let wait = !self.no_recall_wait.load(Ordering::Relaxed);
+            let leasing = Box::pin(credit.lease_more(amount, source, wait));
             leasing.await?;
         }
         credit.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -146,6 +149,13 @@ impl CreditBook {
             }
         }
         out
+    }
+
+    /// Holds that fall short ask for a recall and are refused at once, without waiting for the
+    /// answer: for a simulation that answers recalls as steps of its own.
+    pub fn without_recall_wait(self) -> Self {
+        self.no_recall_wait.store(true, Ordering::Relaxed);
+        self
     }
 
     /// Stops (or resumes) spending leased credit: see `fenced`.

@@ -15,8 +15,11 @@
 //!   instance that could not renew for half that time stops spending what it holds (it might be
 //!   swept), and one that finds itself swept forgets its leased credit.
 
+use super::hold::CreditBook;
 use super::journal::{Journal, Recovered};
+use super::spend::SpendBook;
 use crate::conf::{Backend, Conf};
+use crate::store::Store;
 use sha2::Digest;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -213,9 +216,197 @@ pub fn orphans(root: &Path, fingerprint: &str, own_dir: &Path) -> Vec<Orphan> {
     out
 }
 
+/// Journals a settlement for this instance (see the module doc); `None` when there is no
+/// journal or the append failed (logged: the settlement still goes to the writer, and only a
+/// crash before it is written could lose it).
+pub fn journal_settlement(
+    journal: Option<&LocalJournal>,
+    s: &crate::store::Settlement,
+) -> Option<super::journal::Ticket> {
+    let j = journal?;
+    let entry = serde_json::to_vec(s).ok()?;
+    match j.journal.append(&entry) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!(error = %e, request_id = %s.record.request_id, "journaling a settlement failed");
+            None
+        }
+    }
+}
+
+/// Gives back what idle accounts and capped keys hold unpromised (idle since `idle_before_ms`,
+/// nothing in flight).
+pub async fn return_idle(
+    credit: &CreditBook,
+    spend: &SpendBook,
+    instance_id: &str,
+    store: &Store,
+    idle_before_ms: i64,
+) {
+    for (key_id, amount) in spend.take_idle(idle_before_ms) {
+        if let Err(e) = store.return_cap_lease(key_id, instance_id, amount).await {
+            tracing::warn!(error = %e, key_id, "returning idle room under a spend cap failed; keeping it");
+            spend.restore(key_id, amount);
+        }
+    }
+    for (account_id, amount) in credit.take_idle(idle_before_ms) {
+        if let Err(e) = store
+            .return_lease(account_id, instance_id, Some(amount))
+            .await
+        {
+            tracing::warn!(error = %e, account_id, "returning an idle lease failed; keeping it");
+            credit.restore(account_id, amount);
+        }
+    }
+}
+
+/// Answers recalls: another node short of an account's credit (or of a key's room), or a debit
+/// that reached this node's lease, asked for what this node holds unpromised.
+pub async fn answer_recalls(
+    credit: &CreditBook,
+    spend: &SpendBook,
+    instance_id: &str,
+    store: &Store,
+) {
+    if let Ok(keys) = store.recalled_caps(instance_id).await {
+        for key_id in keys {
+            let amount = spend.take_unpromised(key_id);
+            if let Err(e) = store.return_cap_lease(key_id, instance_id, amount).await {
+                tracing::warn!(error = %e, key_id, "answering a spend-cap recall failed; keeping the room");
+                spend.restore(key_id, amount);
+            }
+        }
+    }
+    let Ok(accounts) = store.recalled(instance_id).await else {
+        return;
+    };
+    for account_id in accounts {
+        let amount = credit.take_unpromised(account_id);
+        match store.answer_recall(account_id, instance_id, amount).await {
+            Ok(back) => tracing::debug!(account_id, %back, "answered a lease recall"),
+            Err(e) => {
+                tracing::warn!(error = %e, account_id, "answering a lease recall failed; keeping the credit");
+                credit.restore(account_id, amount);
+            }
+        }
+    }
+}
+
+/// What recovering one dead instance did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredInstance {
+    pub instance_id: String,
+    pub replayed: usize,
+    pub leases: usize,
+    pub returned: crate::money::NanoUsd,
+}
+
+/// Replays what dead instances under the journal root (beside `own_dir`) left, idempotently by
+/// request id, returns their leases, and removes their journals. Retries until the store takes
+/// it all.
+pub async fn recover_orphans(
+    own_dir: &Path,
+    fingerprint: &str,
+    store: &Store,
+) -> Vec<RecoveredInstance> {
+    let Some(root) = own_dir.parent() else {
+        return Vec::new();
+    };
+    let mut done = Vec::new();
+    for orphan in orphans(root, fingerprint, own_dir) {
+        let mut settlements = Vec::with_capacity(orphan.recovered.entries.len());
+        for (i, (_, entry)) in orphan.recovered.entries.iter().enumerate() {
+            match serde_json::from_slice::<crate::store::Settlement>(entry) {
+                Ok(s) => settlements.push(s),
+                Err(e) => {
+                    tracing::error!(error = %e, entry = i, dir = %orphan.dir.display(), "a journal entry is not a settlement; skipped")
+                }
+            }
+        }
+        let mut attempt = 0u32;
+        for chunk in settlements.chunks(256) {
+            while let Err(e) = store.settle_batch(&orphan.instance_id, chunk).await {
+                attempt += 1;
+                tracing::error!(error = %e, instance = %orphan.instance_id, "replaying a crashed instance's settlements failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200u64 << attempt.min(5))).await;
+            }
+        }
+        let (leases, returned) = loop {
+            match store.return_node_leases(&orphan.instance_id).await {
+                Ok(r) => break r,
+                Err(e) => {
+                    tracing::error!(error = %e, "returning a crashed instance's leases failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        };
+        let _ = store.forget_instance(&orphan.instance_id).await;
+        tracing::info!(
+            instance = %orphan.instance_id,
+            replayed = settlements.len(),
+            leases,
+            %returned,
+            "recovered a gateway instance that did not shut down cleanly"
+        );
+        done.push(RecoveredInstance {
+            instance_id: orphan.instance_id.clone(),
+            replayed: settlements.len(),
+            leases,
+            returned,
+        });
+        orphan.remove();
+    }
+    done
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What journaling costs a request: serializing its settlement and one append (no fsync).
+    /// A measurement, not a check: `benches/journal_cost.sh` runs it in a release build.
+    #[test]
+    #[ignore = "a benchmark: benches/journal_cost.sh"]
+    fn journal_cost() {
+        let root = tempfile::tempdir().expect("dir");
+        let local = open_local(root.path(), "bench:1/1", "fp").expect("journal");
+        let s = crate::store::Settlement {
+            billed: crate::money::NanoUsd::from_nanos(123_456),
+            over_hold: crate::money::NanoUsd::ZERO,
+            capped: false,
+            record: crate::store::UsageRecord {
+                request_id: "req_019ad0000000a1b2c3d4e5f6".into(),
+                account_id: 42,
+                key_id: 7,
+                tier: "budget".into(),
+                provider: Some("openai".into()),
+                upstream_model: Some("gpt-4.1-mini".into()),
+                stream: true,
+                input_tokens: 120,
+                output_tokens: 480,
+                provider_cost: crate::money::NanoUsd::from_nanos(100_000),
+                billed: crate::money::NanoUsd::from_nanos(123_456),
+                http_status: 200,
+                error_code: None,
+                attempts: 1,
+                latency_ms: 830,
+                ttft_ms: Some(120),
+                started_at: 1_764_547_200_000,
+                finished_at: 1_764_547_200_830,
+            },
+        };
+        let n = 200_000;
+        let started = std::time::Instant::now();
+        for _ in 0..n {
+            let t = journal_settlement(Some(&local), &s).expect("appended");
+            local.journal.stored(t, 1);
+        }
+        let per = started.elapsed().as_nanos() as f64 / f64::from(n);
+        let bytes = serde_json::to_vec(&s).expect("json").len() + 8;
+        println!(
+            "journal: {per:.0} ns per settlement ({bytes} bytes, serialize + append + stored)"
+        );
+    }
 
     #[test]
     fn a_dead_instances_journal_is_found_and_a_live_ones_is_not() {

@@ -167,7 +167,15 @@ impl Room {
 
     /// The slow path: leases what is missing for `amount` (see the module doc) and takes it, or
     /// refuses.
-    pub async fn lease_more(&self, amount: NanoUsd, source: Source<'_>) -> Result<(), ApiError> {
+    /// `wait`: after asking for a recall, look again until [`RECALL_WAIT`] has passed (without it
+    /// the request is refused at once and the recall stays asked, for the next requests: what a
+    /// deterministic simulation, which answers recalls as steps of its own, needs).
+    pub async fn lease_more(
+        &self,
+        amount: NanoUsd,
+        source: Source<'_>,
+        wait: bool,
+    ) -> Result<(), ApiError> {
         let want = amount.nanos();
         let _one_refill = self.refill.lock().await;
         let unavailable = |e: StoreError| {
@@ -177,7 +185,8 @@ impl Room {
         };
         let waited_lately = crate::time::now_ms() - self.refused_at_ms.load(Ordering::Relaxed)
             < RECALL_WAIT.as_millis() as i64;
-        let mut recalled = waited_lately;
+        // Asked lately and refused: this one is refused without asking and waiting again.
+        let mut recalled = wait && waited_lately;
         let deadline = tokio::time::Instant::now() + RECALL_WAIT;
         loop {
             let local = match self.try_take(want) {
@@ -204,8 +213,8 @@ impl Room {
                 recalled = true;
                 source.recall().await.map_err(unavailable)?
             };
-            if asked == 0 || waited_lately || tokio::time::Instant::now() >= deadline {
-                if !waited_lately {
+            if asked == 0 || !wait || waited_lately || tokio::time::Instant::now() >= deadline {
+                if wait && !waited_lately {
                     self.refused_at_ms
                         .store(crate::time::now_ms(), Ordering::Relaxed);
                 }

@@ -84,7 +84,7 @@ impl SpendBook {
             };
             // Boxed, in a statement of its own: the rare slow path keeps its state out of
             // `chat::start`'s, which every request allocates.
-            let leasing = Box::pin(room.lease_more(worst, source));
+            let leasing = Box::pin(room.lease_more(worst, source, true));
             leasing.await?;
         }
         room.in_flight.fetch_add(1, Ordering::Relaxed);

@@ -48,106 +48,20 @@ fn resolve_all(gw: &Arc<Gateway>) {
 
 async fn return_idle(gw: &Gateway, store: &Store) {
     let idle_before = crate::time::now_ms() - LEASE_IDLE_MS;
-    for (key_id, amount) in gw.spend.take_idle(idle_before) {
-        if let Err(e) = store
-            .return_cap_lease(key_id, &gw.instance_id, amount)
-            .await
-        {
-            tracing::warn!(error = %e, key_id, "returning idle room under a spend cap failed; keeping it");
-            gw.spend.restore(key_id, amount);
-        }
-    }
-    for (account_id, amount) in gw.credit.take_idle(idle_before) {
-        if let Err(e) = store
-            .return_lease(account_id, &gw.instance_id, Some(amount))
-            .await
-        {
-            tracing::warn!(error = %e, account_id, "returning an idle lease failed; keeping it");
-            gw.credit.restore(account_id, amount);
-        }
-    }
+    super::nodes::return_idle(&gw.credit, &gw.spend, &gw.instance_id, store, idle_before).await;
 }
 
-/// Replays what dead instances of this node's journal root left (idempotent by request id),
-/// returns their leases, and removes their journals. Retries until the store takes it all.
+/// Replays what dead instances of this node's journal root left, returns their leases.
 async fn recover(gw: &Gateway, store: &Store) {
     let Some(own) = gw.journal.get() else {
         return;
     };
-    let Some(root) = own.dir.parent() else {
-        return;
-    };
     let fingerprint = super::nodes::store_fingerprint(&gw.conf);
-    for orphan in super::nodes::orphans(root, &fingerprint, &own.dir) {
-        let mut settlements = Vec::with_capacity(orphan.recovered.entries.len());
-        for (i, (_, entry)) in orphan.recovered.entries.iter().enumerate() {
-            match serde_json::from_slice::<crate::store::Settlement>(entry) {
-                Ok(s) => settlements.push(s),
-                Err(e) => {
-                    tracing::error!(error = %e, entry = i, dir = %orphan.dir.display(), "a journal entry is not a settlement; skipped")
-                }
-            }
-        }
-        let mut attempt = 0u32;
-        for chunk in settlements.chunks(256) {
-            while let Err(e) = store.settle_batch(&orphan.instance_id, chunk).await {
-                attempt += 1;
-                tracing::error!(error = %e, instance = %orphan.instance_id, "replaying a crashed instance's settlements failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200u64 << attempt.min(5))).await;
-            }
-        }
-        let returned = loop {
-            match store.return_node_leases(&orphan.instance_id).await {
-                Ok(r) => break r,
-                Err(e) => {
-                    tracing::error!(error = %e, "returning a crashed instance's leases failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        };
-        let _ = store.forget_instance(&orphan.instance_id).await;
-        tracing::info!(
-            instance = %orphan.instance_id,
-            replayed = settlements.len(),
-            leases = returned.0,
-            returned = %returned.1,
-            "recovered a gateway instance that did not shut down cleanly"
-        );
-        orphan.remove();
-    }
+    super::nodes::recover_orphans(&own.dir, &fingerprint, store).await;
 }
 
-/// Answers recalls: another node short of an account's credit, or a debit that reached this
-/// node's lease, asked for what this node holds unpromised.
 async fn answer_recalls(gw: &Gateway, store: &Store) {
-    if let Ok(keys) = store.recalled_caps(&gw.instance_id).await {
-        for key_id in keys {
-            let amount = gw.spend.take_unpromised(key_id);
-            if let Err(e) = store
-                .return_cap_lease(key_id, &gw.instance_id, amount)
-                .await
-            {
-                tracing::warn!(error = %e, key_id, "answering a spend-cap recall failed; keeping the room");
-                gw.spend.restore(key_id, amount);
-            }
-        }
-    }
-    let Ok(accounts) = store.recalled(&gw.instance_id).await else {
-        return;
-    };
-    for account_id in accounts {
-        let amount = gw.credit.take_unpromised(account_id);
-        match store
-            .answer_recall(account_id, &gw.instance_id, amount)
-            .await
-        {
-            Ok(back) => tracing::debug!(account_id, %back, "answered a lease recall"),
-            Err(e) => {
-                tracing::warn!(error = %e, account_id, "answering a lease recall failed; keeping the credit");
-                gw.credit.restore(account_id, amount);
-            }
-        }
-    }
+    super::nodes::answer_recalls(&gw.credit, &gw.spend, &gw.instance_id, store).await;
 }
 
 /// A node's heartbeat: when it last went through, and since when it has gone through without a

@@ -230,6 +230,19 @@ impl Store {
         self.recalled_of(Leased::Credit, node_id).await
     }
 
+    /// Usage of the account nobody could be billed for (above its hold and the balance).
+    pub async fn platform_loss(&self, account_id: i64) -> Result<NanoUsd, StoreError> {
+        Ok(NanoUsd::from_nanos(
+            sqlx::query(
+                "SELECT CAST(COALESCE(SUM(platform_loss_nano), 0) AS BIGINT) FROM usage_records WHERE account_id = $1",
+            )
+            .bind(account_id)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?,
+        ))
+    }
+
     /// Leases of the account asked to give back and not answered yet.
     pub async fn recalls_pending(&self, account_id: i64) -> Result<i64, StoreError> {
         Ok(sqlx::query(

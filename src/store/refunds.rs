@@ -508,9 +508,19 @@ impl Store {
         let take = wanted.min(balance);
         // What the balance cannot cover comes out of the credit gateways hold leased (recalled
         // from them), so credit taken away cannot still be spent.
-        let from_leases =
-            super::leases::debit_leases_in(&mut tx, &entry, &reference, wanted.checked_sub(take)?)
-                .await?;
+        let from_leases = match super::leases::debit_leases_in(
+            &mut tx,
+            &entry,
+            &reference,
+            wanted.checked_sub(take)?,
+        )
+        .await
+        {
+            Ok(n) => n,
+            // This debit took from the leases before (its balance part may have been zero).
+            Err(StoreError::DuplicateReference(_)) => return Ok(StripeDebit::AlreadyApplied),
+            Err(e) => return Err(e),
+        };
         let take = take.checked_add(from_leases)?;
         let shortfall = wanted.checked_sub(take)?;
         if take.checked_sub(from_leases)?.is_positive() {

@@ -277,9 +277,19 @@ impl Node {
         conf_for: &F,
         gateway_extra: &str,
     ) -> Node {
-        let port = free_port();
+        Node::spawn_at(dir, conf_for, gateway_extra, free_port()).await
+    }
+
+    /// The same on a given port (another node may listen there too: the gateway sets
+    /// SO_REUSEPORT, as a rolling deploy needs).
+    async fn spawn_at<F: Fn(u16, u16, &str) -> String + ?Sized>(
+        dir: &std::path::Path,
+        conf_for: &F,
+        gateway_extra: &str,
+        port: u16,
+    ) -> Node {
         let metrics_port = free_port();
-        let conf = dir.join(format!("duang-{port}.toml"));
+        let conf = dir.join(format!("duang-{port}-{metrics_port}.toml"));
         std::fs::write(&conf, conf_for(port, metrics_port, gateway_extra)).expect("conf");
         let child = Command::new(GATEWAY_BIN)
             .arg("--conf")
@@ -421,6 +431,24 @@ impl Relay {
         let to = format!("url = \"{store_url}\"");
         let conf_for = |p: u16, m: u16, e: &str| (self.conf_for)(p, m, e).replace(&from, &to);
         Node::spawn(self._dir.path(), &conf_for, gateway_lines).await
+    }
+
+    /// A new gateway process on the first node's port, beside it (a rolling deploy), journaling
+    /// beside it too.
+    pub async fn node_beside(&self) -> Node {
+        let port: u16 = self
+            .base
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        Node::spawn_at(
+            self._dir.path(),
+            &*self.conf_for,
+            &Relay::journal_lines(self._dir.path()),
+            port,
+        )
+        .await
     }
 
     /// A key of the relay's account with a spend cap, made as the dashboard makes it.
