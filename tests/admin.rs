@@ -78,6 +78,41 @@ async fn sign_up_verify_from_the_outbox_log_out_and_in(backend: Backend) {
     assert!(account.is_verified());
     assert!(!b.get("/dashboard").await.body.contains("verify-notice"));
 
+    // Credit a gateway holds for requests is still on the dashboard, with one line on what it is.
+    admin
+        .t
+        .store
+        .append_ledger(&duang::store::NewLedgerEntry {
+            account_id: account.id,
+            kind: duang::store::LedgerKind::TopUp,
+            amount: "3".parse().expect("usd"),
+            external_ref: "cs_dash".into(),
+            actor: None,
+            reason: None,
+        })
+        .await
+        .expect("fund");
+    admin
+        .t
+        .store
+        .take_lease(account.id, "gw:1/1", "1".parse().expect("usd"))
+        .await
+        .expect("lease");
+    let dash = b.get("/dashboard").await;
+    assert!(dash.body.contains("$3.00"), "the whole credit");
+    assert!(
+        dash.body.contains("id=\"held-note\"") && dash.body.contains("$1.00 of it is held"),
+        "{}",
+        dash.body
+    );
+    admin
+        .t
+        .store
+        .return_node_leases("gw:1/1")
+        .await
+        .expect("return");
+    assert!(!b.get("/dashboard").await.body.contains("held-note"));
+
     // Log out: the session is gone, the dashboard sends us to log in.
     let csrf = b.get("/dashboard").await.csrf();
     let r = b.post_form("/logout", &[("csrf", &csrf)]).await;

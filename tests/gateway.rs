@@ -624,7 +624,12 @@ async fn a_keys_spend_cap_stops_it_before_it_is_passed(backend: Backend) {
     );
     let message = e["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains(&format!("it may spend {cap}")),
+        message.contains(&format!("it may spend {cap}"))
+            && message.contains(&format!(
+                "has used {} of it",
+                NanoUsd::from_nanos(2 * billed)
+            ))
+            && message.contains("held by requests in flight"),
         "{message}"
     );
     // The account's other keys are not capped.

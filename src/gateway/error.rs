@@ -186,7 +186,8 @@ impl ApiError {
                 "Insufficient credits: this request can cost up to {needed} (its prompt plus its max_tokens), but your available balance is {available}. Add credits, or lower max_tokens."
             ),
             ApiError::SpendCapReached { cap, spent, held } => format!(
-                "This key has reached its spend cap: it may spend {cap}, has spent {spent} and has {held} held by requests in flight, so it cannot cover this request's worst case (its prompt plus its max_tokens). Raise the cap on the dashboard's API keys page, lower max_tokens, or use another key."
+                "This key has reached its spend cap: it may spend {cap} and has used {} of it ({held} of that held by requests in flight or not yet recorded), so it cannot cover this request's worst case (its prompt plus its max_tokens). Raise the cap on the dashboard's API keys page, lower max_tokens, or use another key.",
+                spent.checked_add(*held).unwrap_or(*spent)
             ),
             ApiError::NoUpstream { tier } => format!("No upstream is available for `{tier}` right now."),
             ApiError::UpstreamUnavailable { detail } => format!("The upstream provider is unavailable: {detail}."),
