@@ -24,6 +24,7 @@ support::on_both_stores!(
     x_api_key_usage_without_usage_and_a_stalled_stream,
     https_upstreams_trust_the_providers_own_ca,
     a_keys_spend_cap_stops_it_before_it_is_passed,
+    models_need_a_key_and_show_what_it_may_use,
 );
 
 fn chat(model: &str) -> Value {
@@ -661,4 +662,106 @@ async fn a_keys_spend_cap_stops_it_before_it_is_passed(backend: Backend) {
         (402, Some("spend_cap_reached"))
     );
     relay.credit().await;
+}
+
+/// `GET /v1/models` and `/v1/models/{id}` need a valid key and show only what it may use.
+async fn models_need_a_key_and_show_what_it_may_use(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
+    let get = |path: &str, key: Option<&str>| {
+        let mut r = relay.client.get(format!("{}{path}", relay.base));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    for key in [None, Some("sk-relay_not-a-real-key-at-all-000000000000")] {
+        let (s, e) = error_of(get("/v1/models", key).await.expect("models")).await;
+        assert_eq!((s, e["code"].as_str()), (401, Some("invalid_api_key")));
+    }
+    let all: Value = get("/v1/models", Some(&relay.key))
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    let ids: Vec<&str> = all["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"budget") && ids.contains(&"premium"),
+        "{ids:?}"
+    );
+    // A key limited to one tier sees that tier only.
+    let m = duang::keys::generate();
+    relay
+        .store()
+        .create_key(
+            &duang::store::NewKey {
+                account_id: relay.account_id,
+                name: "budget only".into(),
+                allowed_models: Some(vec!["budget".into()]),
+                ..Default::default()
+            },
+            &m.hash,
+            &m.display_prefix,
+        )
+        .await
+        .expect("key");
+    let limited = m.plaintext.expose().clone();
+    let listed: Value = get("/v1/models", Some(&limited))
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "{listed}");
+    let one: Value = get("/v1/models/budget", Some(&limited))
+        .await
+        .expect("model")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (one["id"].as_str(), one["object"].as_str()),
+        (Some("budget"), Some("model"))
+    );
+    for id in ["premium", "no-such-tier"] {
+        let (s, e) = error_of(
+            get(&format!("/v1/models/{id}"), Some(&limited))
+                .await
+                .expect("model"),
+        )
+        .await;
+        assert_eq!(
+            (s, e["code"].as_str()),
+            (404, Some("model_not_found")),
+            "{id}"
+        );
+    }
+    // A suspended account's key lists nothing.
+    relay
+        .store()
+        .set_account_status(
+            relay.account_id,
+            AccountStatus::Suspended,
+            "test",
+            Some("AUP"),
+        )
+        .await
+        .expect("suspend");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = get("/v1/models", Some(&relay.key)).await.expect("models");
+        if r.status() == 403 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a suspended account still lists models"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

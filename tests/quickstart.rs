@@ -60,43 +60,13 @@ async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
     wait_ready(&client, &format!("{admin}/healthz"), &mut child).await;
     assert!(db.exists(), "the embedded store is created on first start");
 
-    // The tiers with the seeds' customer prices, in OpenAI's list shape.
-    let models: serde_json::Value = client
+    // The model list needs a key, as OpenAI's does.
+    let r = client
         .get(format!("{gateway}/v1/models"))
         .send()
         .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(models["object"], "list");
-    let tiers: Vec<_> = models["data"]
-        .as_array()
-        .expect("data")
-        .iter()
-        .map(|m| {
-            (
-                m["id"].as_str().unwrap_or_default().to_owned(),
-                m["pricing"]["input_usd_per_mtok"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-                m["pricing"]["output_usd_per_mtok"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            )
-        })
-        .collect();
-    let expected = [
-        ("budget", "0.12", "0.48"),
-        ("standard", "0.36", "3.00"),
-        ("premium", "3.60", "18.00"),
-    ];
-    assert_eq!(
-        tiers,
-        expected.map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
-    );
+        .expect("models");
+    assert_eq!(r.status(), 401);
 
     // Unknown routes get OpenAI-shaped errors.
     let r = client
@@ -180,6 +150,45 @@ async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
             .as_str()
             .is_some_and(|c| c.contains("LOCAL DEMO")),
         "{v}"
+    );
+
+    // The tiers with the seeds' customer prices, in OpenAI's list shape.
+    let models: serde_json::Value = client
+        .get(format!("{gateway}/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(models["object"], "list");
+    let tiers: Vec<_> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap_or_default().to_owned(),
+                m["pricing"]["input_usd_per_mtok"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                m["pricing"]["output_usd_per_mtok"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("budget", "0.12", "0.48"),
+        ("standard", "0.36", "3.00"),
+        ("premium", "3.60", "18.00"),
+    ];
+    assert_eq!(
+        tiers,
+        expected.map(|(a, b, c)| (a.to_owned(), b.to_owned(), c.to_owned()))
     );
 
     // SIGTERM stops the admin server and the gateway with it.

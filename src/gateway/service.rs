@@ -100,12 +100,31 @@ fn observe(gw: &Gateway, path: &str, ctx: &RequestCtx) {
     }
     let route = match path {
         "/v1/chat/completions" | "/v1/messages" | "/v1/models" | "/healthz" => path,
+        p if p.starts_with("/v1/models/") => "/v1/models/{id}",
         _ => "other",
     };
     m.requests
         .with_label_values(&[route, "", &status.to_string()])
         .inc();
     m.latency.with_label_values(&[route, ""]).observe(elapsed);
+}
+
+/// `GET /v1/models[/{id}]` for the key presented.
+async fn models(gw: &Gateway, session: &Session) -> std::result::Result<Bytes, ApiError> {
+    let presented = super::auth::presented_key(session.req_header());
+    let caller = gw
+        .keys
+        .authenticate(
+            presented,
+            gw.store(),
+            crate::time::now_ms(),
+            &gw.conf.admin.support_email,
+        )
+        .await?;
+    match session.req_header().uri.path().strip_prefix("/v1/models/") {
+        None => Ok(super::models::list(&gw.models, &caller)),
+        Some(id) => super::models::retrieve(&gw.models, &caller, id),
+    }
 }
 
 async fn respond_json(session: &mut Session, status: u16, body: Bytes) -> Result<()> {
@@ -164,14 +183,24 @@ impl ProxyHttp for GatewayService {
                 responding.await?;
                 Ok(())
             }
-            ("GET", "/v1/models") => {
-                ctx.status = 200;
-                let responding =
-                    Box::pin(respond_json(session, 200, self.gateway.models_body.clone()));
-                responding.await?;
-                Ok(())
+            ("GET", p) if p == "/v1/models" || p.starts_with("/v1/models/") => {
+                let models = Box::pin(models(&self.gateway, session));
+                match models.await {
+                    Ok(body) => {
+                        ctx.status = 200;
+                        let responding = Box::pin(respond_json(session, 200, body));
+                        responding.await?;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
             }
-            (_, "/healthz" | "/v1/models" | "/v1/chat/completions" | "/v1/messages") => {
+            (_, p)
+                if matches!(
+                    p,
+                    "/healthz" | "/v1/models" | "/v1/chat/completions" | "/v1/messages"
+                ) || p.starts_with("/v1/models/") =>
+            {
                 Err(ApiError::MethodNotAllowed {
                     method: method.to_string(),
                     path: path.clone(),

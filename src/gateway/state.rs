@@ -6,7 +6,6 @@ use super::spend::SpendBook;
 use super::upstream::Endpoint;
 use crate::conf::Conf;
 use crate::store::{Settlement, Store};
-use bytes::Bytes;
 use pingora::connectors::http::Connector;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -38,7 +37,8 @@ pub struct Gateway {
     pub picks: Vec<AtomicU64>,
     /// Cool-down state of every tier's upstreams.
     pub health: super::health::HealthBook,
-    pub models_body: Bytes,
+    /// Each tier's `/v1/models` object, in conf order.
+    pub models: Vec<serde_json::Value>,
     /// Each tier's metric handles, in conf order.
     pub tier_metrics: Vec<super::metrics::TierMetrics>,
     /// Graceful shutdown's switches (see `drain`).
@@ -83,7 +83,7 @@ impl Gateway {
             endpoints: conf.providers.iter().map(Endpoint::new).collect(),
             picks: conf.tiers.iter().map(|_| AtomicU64::new(0)).collect(),
             health: super::health::HealthBook::new(&conf),
-            models_body: super::models::models_body(&conf),
+            models: super::models::model_objects(&conf),
             tier_metrics: conf
                 .tiers
                 .iter()
