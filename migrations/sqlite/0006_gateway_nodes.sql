@@ -21,6 +21,9 @@ ALTER TABLE usage_records ADD COLUMN platform_loss_nano INTEGER NOT NULL DEFAULT
 -- operator's adjustment) asks the holder to give back what it has not promised to a request.
 -- The holder sees it within a fraction of a second, returns that part, and clears it.
 ALTER TABLE credit_leases ADD COLUMN recall_at INTEGER;
+-- Who asked: of two nodes both short of an account's credit, the one whose instance id sorts
+-- later gives way, so their fragments end up in one place instead of going back and forth.
+ALTER TABLE credit_leases ADD COLUMN recall_by TEXT;
 
 -- Spend-cap leases: a key's spend cap is money too, so gateway instances lease room under it the
 -- way they lease credit. A key's room is its cap less its billed usage less every instance's
@@ -31,6 +34,7 @@ CREATE TABLE cap_leases (
     node_id      TEXT   NOT NULL,
     amount_nano  INTEGER NOT NULL CHECK (amount_nano >= 0),
     recall_at    INTEGER,
+    recall_by    TEXT,
     updated_at   INTEGER NOT NULL,
     UNIQUE (key_id, node_id)
 );

@@ -126,6 +126,12 @@ impl CreditBook {
         })
     }
 
+    /// The account's room on this node, if it has one.
+    pub fn room(&self, account_id: i64) -> Option<Arc<Room>> {
+        let map = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&account_id).cloned()
+    }
+
     /// A recall reached this node: takes the account's unpromised credit, to be returned.
     pub fn take_unpromised(&self, account_id: i64) -> NanoUsd {
         let map = self.accounts.lock().unwrap_or_else(|p| p.into_inner());

@@ -269,7 +269,13 @@ pub async fn answer_recalls(
     store: &Store,
 ) {
     if let Ok(keys) = store.recalled_caps(instance_id).await {
-        for key_id in keys {
+        for (key_id, asker) in keys {
+            if spend
+                .room(key_id)
+                .is_some_and(|r| !r.gives_way_to(instance_id, &asker))
+            {
+                continue;
+            }
             let amount = spend.take_unpromised(key_id);
             if let Err(e) = store.return_cap_lease(key_id, instance_id, amount).await {
                 tracing::warn!(error = %e, key_id, "answering a spend-cap recall failed; keeping the room");
@@ -280,7 +286,13 @@ pub async fn answer_recalls(
     let Ok(accounts) = store.recalled(instance_id).await else {
         return;
     };
-    for account_id in accounts {
+    for (account_id, asker) in accounts {
+        if credit
+            .room(account_id)
+            .is_some_and(|r| !r.gives_way_to(instance_id, &asker))
+        {
+            continue; // short itself, and the asker gives way to it
+        }
         let amount = credit.take_unpromised(account_id);
         match store.answer_recall(account_id, instance_id, amount).await {
             Ok(back) => tracing::debug!(account_id, %back, "answered a lease recall"),

@@ -37,6 +37,10 @@ pub struct Room {
     /// [`RECALL_WAIT`] are refused without waiting again (a burst past the money is answered at
     /// once, not one recall wait after another).
     refused_at_ms: AtomicI64,
+    /// Set by a recall this node gave way to while it was short itself (see
+    /// [`Room::gives_way_to`]): the waiting request is refused instead of taking the credit
+    /// back.
+    yielded: std::sync::atomic::AtomicBool,
 }
 
 /// Where a room's lease comes from: an account's balance or a key's spend cap.
@@ -127,6 +131,26 @@ impl Source<'_> {
 }
 
 impl Room {
+    /// Whether a request here is leasing more right now (short of credit itself).
+    pub fn is_leasing(&self) -> bool {
+        self.refill.try_lock().is_err()
+    }
+
+    /// A recall from `asker` reached this node: whether to answer it. A node that is not short
+    /// itself always does. Of two nodes both short at once, each holding a fragment that alone
+    /// cannot serve its request, the one whose instance id sorts later gives way (its waiting
+    /// request is refused), so the fragments meet on one node instead of going back and forth.
+    pub fn gives_way_to(&self, me: &str, asker: &str) -> bool {
+        if !self.is_leasing() {
+            return true;
+        }
+        if me > asker {
+            self.yielded.store(true, Ordering::Release);
+            return true;
+        }
+        false
+    }
+
     fn local(&self) -> std::sync::MutexGuard<'_, i64> {
         self.local.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -188,6 +212,7 @@ impl Room {
         // Asked lately and refused: this one is refused without asking and waiting again.
         let mut recalled = wait && waited_lately;
         let deadline = tokio::time::Instant::now() + RECALL_WAIT;
+        self.yielded.store(false, Ordering::Release);
         loop {
             let local = match self.try_take(want) {
                 Ok(()) => return Ok(()),
@@ -207,13 +232,23 @@ impl Room {
             }
             // Short: other nodes may hold some unpromised. Ask them once, then look again until
             // they have answered or the wait is over.
-            let asked = if recalled {
+            let asked = if recalled && waited_lately {
                 1
+            } else if recalled {
+                // Asked again while waiting: a node that answered (and took the credit back for
+                // its own request since) is asked anew, until one of the two gives way.
+                source.recall().await.map_err(unavailable)?.max(1)
             } else {
                 recalled = true;
                 source.recall().await.map_err(unavailable)?
             };
-            if asked == 0 || !wait || waited_lately || tokio::time::Instant::now() >= deadline {
+            let gave_way = self.yielded.swap(false, Ordering::AcqRel);
+            if asked == 0
+                || !wait
+                || waited_lately
+                || gave_way
+                || tokio::time::Instant::now() >= deadline
+            {
                 if wait && !waited_lately {
                     self.refused_at_ms
                         .store(crate::time::now_ms(), Ordering::Relaxed);

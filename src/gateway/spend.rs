@@ -114,6 +114,12 @@ impl SpendBook {
         out
     }
 
+    /// The key's room on this node, if it has one.
+    pub fn room(&self, key_id: i64) -> Option<Arc<Room>> {
+        let map = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&key_id).cloned()
+    }
+
     /// A recall reached this node: takes the key's unpromised room, to be returned.
     pub fn take_unpromised(&self, key_id: i64) -> NanoUsd {
         let map = self.keys.lock().unwrap_or_else(|p| p.into_inner());

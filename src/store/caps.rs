@@ -125,8 +125,8 @@ impl Store {
             .await
     }
 
-    /// The keys whose cap lease `node_id` was asked to give back.
-    pub async fn recalled_caps(&self, node_id: &str) -> Result<Vec<i64>, StoreError> {
+    /// The keys whose cap lease `node_id` was asked to give back, with who asked.
+    pub async fn recalled_caps(&self, node_id: &str) -> Result<Vec<(i64, String)>, StoreError> {
         self.recalled_of(super::leases::Leased::Cap, node_id).await
     }
 

@@ -225,8 +225,8 @@ impl Store {
         self.recall(Leased::Credit, account_id, except_node).await
     }
 
-    /// The accounts whose lease `node_id` was asked to give back.
-    pub async fn recalled(&self, node_id: &str) -> Result<Vec<i64>, StoreError> {
+    /// The accounts whose lease `node_id` was asked to give back, with who asked.
+    pub async fn recalled(&self, node_id: &str) -> Result<Vec<(i64, String)>, StoreError> {
         self.recalled_of(Leased::Credit, node_id).await
     }
 
@@ -263,7 +263,8 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let (table, column) = what.table();
         Ok(sqlx::query(&format!(
-            "UPDATE {table} SET recall_at = $1 WHERE {column} = $2 AND node_id <> $3 AND amount_nano > 0"
+            "UPDATE {table} SET recall_at = $1, recall_by = $3
+             WHERE {column} = $2 AND node_id <> $3 AND amount_nano > 0"
         ))
         .bind(now_ms())
         .bind(id)
@@ -273,21 +274,22 @@ impl Store {
         .rows_affected())
     }
 
-    /// The ids whose lease `node_id` was asked to give back.
+    /// The ids whose lease `node_id` was asked to give back, with who asked.
     pub(super) async fn recalled_of(
         &self,
         what: Leased,
         node_id: &str,
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<Vec<(i64, String)>, StoreError> {
         let (table, column) = what.table();
         sqlx::query(&format!(
-            "SELECT {column} FROM {table} WHERE node_id = $1 AND recall_at IS NOT NULL"
+            "SELECT {column}, COALESCE(recall_by, '') FROM {table}
+             WHERE node_id = $1 AND recall_at IS NOT NULL"
         ))
         .bind(node_id)
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(|r| Ok(r.try_get(0)?))
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect()
     }
 
