@@ -461,14 +461,7 @@ async fn the_operator_lists_and_releases_leases(backend: Backend) {
     let after = relay.store().instances().await.expect("instances");
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].instance_id, live_id);
-    assert!(
-        relay
-            .store()
-            .balance_proof(relay.account_id)
-            .await
-            .expect("proof")
-            .holds()
-    );
+    relay.credit().await;
 }
 
 /// What one request of `body` can cost at most, as a 402 on an empty account says.
@@ -841,14 +834,7 @@ async fn a_store_outage_loses_no_usage() {
         .await
         .expect("text");
     assert_eq!(backlog(&metrics), 0, "{metrics}");
-    assert!(
-        relay
-            .store()
-            .balance_proof(relay.account_id)
-            .await
-            .expect("proof")
-            .holds()
-    );
+    relay.credit().await;
 }
 
 /// An operator's negative adjustment for the whole credit while a node holds part of it leased:
@@ -905,14 +891,7 @@ async fn an_adjustment_takes_leased_credit_too(backend: Backend) {
         matches!(r, Err(duang::store::StoreError::InsufficientBalance { .. })),
         "{r:?}"
     );
-    assert!(
-        relay
-            .store()
-            .balance_proof(relay.account_id)
-            .await
-            .expect("proof")
-            .holds()
-    );
+    relay.credit().await;
 }
 
 /// A client that leaves while the upstream is still preparing its answer received nothing and
@@ -1066,12 +1045,5 @@ async fn a_rolling_deploy_loses_nothing(backend: Backend) {
         "the old process returned its leases: {instances:?}"
     );
     drop(new);
-    assert!(
-        relay
-            .store()
-            .balance_proof(relay.account_id)
-            .await
-            .expect("proof")
-            .holds()
-    );
+    relay.credit().await;
 }

@@ -300,12 +300,13 @@ async fn record(
     o: Outcome,
 ) {
     let finished = crate::time::now_ms();
+    // All the request costs: what its lease pays and what is left for the balance.
+    let charged = o.billed.checked_add(o.over_hold).unwrap_or(o.billed);
     if let Some(t) = ctx.tier {
         let m = &gw.tier_metrics[t];
         m.input_tokens.inc_by(o.usage.input_tokens);
         m.output_tokens.inc_by(o.usage.output_tokens);
-        m.billed_nano
-            .inc_by((o.billed.nanos() + o.over_hold.nanos()).max(0) as u64);
+        m.billed_nano.inc_by(charged.nanos().max(0) as u64);
         m.provider_cost_nano
             .inc_by(o.provider_cost.nanos().max(0) as u64);
     }
@@ -323,7 +324,7 @@ async fn record(
         input_tokens: o.usage.input_tokens as i64,
         output_tokens: o.usage.output_tokens as i64,
         provider_cost: o.provider_cost,
-        billed: o.billed.checked_add(o.over_hold).unwrap_or(o.billed),
+        billed: charged,
         http_status: i64::from(o.status),
         error_code: o.error_code,
         attempts: i64::from(o.attempts),
@@ -641,20 +642,17 @@ async fn relay_stream(
     loop {
         let read = match ahead.take() {
             Some(r) => r,
-            None if gw.drain.cut.is_set() => {
-                failed = Some(ApiError::ShuttingDown);
-                break;
-            }
             None => {
                 // A graceful shutdown's deadline ends the stream here, billed for what was
-                // delivered (see `drain`).
+                // delivered (see `drain`). The cut comes first: a fast upstream must not keep
+                // the stream going past it.
                 tokio::select! {
                     biased;
-                    r = answer.session.read_response_body() => r,
                     () = gw.drain.cut.wait() => {
                         failed = Some(ApiError::ShuttingDown);
                         break;
                     }
+                    r = answer.session.read_response_body() => r,
                 }
             }
         };

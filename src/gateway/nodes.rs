@@ -294,7 +294,10 @@ pub async fn answer_recalls(
             continue; // short itself, and the asker gives way to it
         }
         let amount = credit.take_unpromised(account_id);
-        match store.answer_recall(account_id, instance_id, amount).await {
+        match store
+            .return_lease(account_id, instance_id, Some(amount))
+            .await
+        {
             Ok(back) => tracing::debug!(account_id, %back, "answered a lease recall"),
             Err(e) => {
                 tracing::warn!(error = %e, account_id, "answering a lease recall failed; keeping the credit");

@@ -1,5 +1,6 @@
 //! The gateway's background worker (a Pingora background service): it connects the store inside
-//! Pingora's runtime, returns leases a previous run of this node left behind, warms the key cache
+//! Pingora's runtime, registers this instance and recovers crashed ones from the journal (see
+//! `nodes`), warms the key cache
 //! and the tokenizer, resolves upstream addresses, starts the usage [`writer`](super::writer), and
 //! then keeps the cache fresh, returns idle leases and renews this instance's heartbeat (see
 //! `nodes`). On shutdown it drains (see `drain`): requests finish, the writer writes what they
@@ -130,19 +131,19 @@ async fn drain(gw: &Gateway, store: &Store, writer: tokio::sync::oneshot::Receiv
     let started = Instant::now();
     let deadline = started + gw.conf.gateway.graceful_shutdown_timeout;
     tracing::info!(in_flight = gw.requests_in_flight(), "draining");
-    while gw.requests_in_flight() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let settled_by = |until: Instant| async move {
+        while gw.requests_in_flight() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    settled_by(deadline).await;
     if gw.requests_in_flight() > 0 {
         tracing::warn!(
             in_flight = gw.requests_in_flight(),
             "grace time over: ending the streams still open (billed for what was delivered)"
         );
         d.cut.set();
-        let cut_deadline = Instant::now() + super::drain::FLUSH_MARGIN / 2;
-        while gw.requests_in_flight() > 0 && Instant::now() < cut_deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        settled_by(Instant::now() + super::drain::FLUSH_MARGIN / 2).await;
     }
     d.flush.set();
     let unwritten = writer.await.unwrap_or(usize::MAX);

@@ -74,7 +74,8 @@ impl Store {
         Ok(NanoUsd::from_nanos(granted))
     }
 
-    /// Gives `amount` of a cap lease back (clamped to the lease). Returns what went back.
+    /// Gives `amount` of a cap lease back (clamped to the lease), which also answers a recall of
+    /// it. Returns what went back.
     pub async fn return_cap_lease(
         &self,
         key_id: i64,
@@ -82,33 +83,13 @@ impl Store {
         amount: NanoUsd,
     ) -> Result<NanoUsd, StoreError> {
         let mut tx = self.begin_write().await?;
-        let leased: i64 = sqlx::query(
-            "UPDATE cap_leases SET recall_at = NULL, updated_at = $1 WHERE key_id = $2 AND node_id = $3
-             RETURNING amount_nano",
+        let back = super::leases::shrink_lease_in(
+            &mut tx,
+            super::leases::Leased::Cap,
+            key_id,
+            node_id,
+            Some(amount),
         )
-        .bind(now_ms())
-        .bind(key_id)
-        .bind(node_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .map(|r| r.try_get(0))
-        .transpose()?
-        .unwrap_or(0);
-        let back = amount.nanos().clamp(0, leased);
-        sqlx::query(
-            "UPDATE cap_leases SET amount_nano = amount_nano - $1 WHERE key_id = $2 AND node_id = $3",
-        )
-        .bind(back)
-        .bind(key_id)
-        .bind(node_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "DELETE FROM cap_leases WHERE key_id = $1 AND node_id = $2 AND amount_nano = 0",
-        )
-        .bind(key_id)
-        .bind(node_id)
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(NanoUsd::from_nanos(back))

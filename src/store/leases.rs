@@ -52,6 +52,51 @@ impl Leased {
     }
 }
 
+/// Takes up to `amount` (`None`: all) off `node_id`'s lease of `id`, inside the caller's
+/// transaction: its recall is answered, and a lease left empty goes. Returns what came off.
+pub(super) async fn shrink_lease_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    what: Leased,
+    id: i64,
+    node_id: &str,
+    amount: Option<NanoUsd>,
+) -> Result<i64, StoreError> {
+    let (table, column) = what.table();
+    let leased: Option<i64> = sqlx::query(&format!(
+        "UPDATE {table} SET recall_at = NULL, updated_at = $1 WHERE {column} = $2 AND node_id = $3
+         RETURNING amount_nano"
+    ))
+    .bind(now_ms())
+    .bind(id)
+    .bind(node_id)
+    .fetch_optional(&mut **tx)
+    .await?
+    .map(|r| r.try_get(0))
+    .transpose()?;
+    let Some(leased) = leased else {
+        return Ok(0);
+    };
+    let back = amount.map_or(leased, |a| a.nanos().clamp(0, leased));
+    if back > 0 {
+        sqlx::query(&format!(
+            "UPDATE {table} SET amount_nano = amount_nano - $1 WHERE {column} = $2 AND node_id = $3"
+        ))
+        .bind(back)
+        .bind(id)
+        .bind(node_id)
+        .execute(&mut **tx)
+        .await?;
+    }
+    sqlx::query(&format!(
+        "DELETE FROM {table} WHERE {column} = $1 AND node_id = $2 AND amount_nano = 0"
+    ))
+    .bind(id)
+    .bind(node_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(back)
+}
+
 /// Reads an account's unleased balance with a no-op write first: it locks the row (PostgreSQL)
 /// or the database (SQLite, already IMMEDIATE), so the balance cannot change before the caller's
 /// debit in the same transaction.
@@ -293,68 +338,26 @@ impl Store {
         .collect()
     }
 
-    /// Answers a recall: returns `amount` (what the node had not promised; clamped to the lease)
-    /// and clears the request. Returns what moved.
-    pub async fn answer_recall(
-        &self,
-        account_id: i64,
-        node_id: &str,
-        amount: NanoUsd,
-    ) -> Result<NanoUsd, StoreError> {
-        sqlx::query(
-            "UPDATE credit_leases SET recall_at = NULL WHERE account_id = $1 AND node_id = $2",
-        )
-        .bind(account_id)
-        .bind(node_id)
-        .execute(&self.pool)
-        .await?;
-        self.return_lease(account_id, node_id, Some(amount)).await
-    }
-
-    /// Returns `amount` of a lease to the balance (`None`: all of it). Returns what moved.
+    /// Returns `amount` of a lease to the balance (`None`: all of it), which also answers a
+    /// recall of it. Returns what moved.
     pub async fn return_lease(
         &self,
         account_id: i64,
         node_id: &str,
         amount: Option<NanoUsd>,
     ) -> Result<NanoUsd, StoreError> {
-        let now = now_ms();
         let mut tx = self.begin_write().await?;
-        let row = sqlx::query(
-            "UPDATE credit_leases SET updated_at = $1 WHERE account_id = $2 AND node_id = $3
-             RETURNING amount_nano",
-        )
-        .bind(now)
-        .bind(account_id)
-        .bind(node_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(NanoUsd::ZERO);
-        };
-        let leased: i64 = row.try_get(0)?;
-        let back = amount.map_or(leased, |a| a.nanos().clamp(0, leased));
+        let back = shrink_lease_in(&mut tx, Leased::Credit, account_id, node_id, amount).await?;
         if back > 0 {
-            sqlx::query("UPDATE credit_leases SET amount_nano = amount_nano - $1 WHERE account_id = $2 AND node_id = $3")
-                .bind(back)
-                .bind(account_id)
-                .bind(node_id)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("UPDATE accounts SET balance_nano = balance_nano + $1, updated_at = $2 WHERE id = $3")
-                .bind(back)
-                .bind(now)
-                .bind(account_id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE accounts SET balance_nano = balance_nano + $1, updated_at = $2 WHERE id = $3",
+            )
+            .bind(back)
+            .bind(now_ms())
+            .bind(account_id)
+            .execute(&mut *tx)
+            .await?;
         }
-        sqlx::query(
-            "DELETE FROM credit_leases WHERE account_id = $1 AND node_id = $2 AND amount_nano = 0",
-        )
-        .bind(account_id)
-        .bind(node_id)
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
         Ok(NanoUsd::from_nanos(back))
     }
