@@ -1002,36 +1002,50 @@ async fn holds_cover_images_and_usage_above_a_hold_is_billed(backend: Backend) {
 /// lost or left leased by the old one.
 async fn a_rolling_deploy_loses_nothing(backend: Backend) {
     let mut relay = Relay::start(backend, "5").await;
+    // The old process runs with `reuse_port`, as a deploy that runs processes side by side needs.
+    signal(&relay.gateway, nix::sys::signal::Signal::SIGTERM);
+    wait_exit(&mut relay.gateway, Duration::from_secs(15));
+    let mut old = relay.reusable_node().await;
     let mut old_streams = Vec::new();
     for _ in 0..3 {
         old_streams.push(spawn_send(
             &relay,
-            relay.base.clone(),
+            old.base.clone(),
             relay.key.clone(),
             stream_body(10, 100),
         ));
     }
     streams_open(&relay, 3).await;
-    let new = relay.node_beside().await;
+    let new = relay.node_beside(&old).await;
+    // The port is shared: the new process's own health check is on its metrics listener.
+    let health = new.metrics.replace("/metrics", "/healthz");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while relay.store().instances().await.expect("instances").len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the new process never registered"
-        );
+    loop {
+        if let Ok(r) = reqwest::get(&health).await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new process never got ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    signal(&relay.gateway, nix::sys::signal::Signal::SIGTERM);
+    signal(&old.proc, nix::sys::signal::Signal::SIGTERM);
     let mut ids = Vec::new();
     for t in old_streams {
         let s = t.await.expect("task");
         assert!(complete(&s), "a stream was cut by the deploy: {}", s.body);
         ids.push(s.request_id);
     }
-    let status = wait_exit(&mut relay.gateway, Duration::from_secs(15));
+    let status = wait_exit(&mut old.proc, Duration::from_secs(15));
     assert!(status.success(), "{status}");
     for _ in 0..10 {
-        let s = ask(&relay, json_body(0)).await;
+        let s = send(
+            relay.client.clone(),
+            old.base.clone(),
+            relay.key.clone(),
+            json_body(0),
+        )
+        .await;
         assert_eq!(s.status, 200, "the new process serves the port: {}", s.body);
         ids.push(s.request_id);
     }

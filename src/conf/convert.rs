@@ -265,6 +265,7 @@ impl Checker<'_> {
             journal_dir: journal_dir?,
             journal_fsync_interval: Duration::from_millis(fsync?),
             lease_expiry: lease_expiry?,
+            reuse_port: g.reuse_port,
             listen: listen?,
             metrics_listen: metrics_listen?,
             public_base_url: public_base_url?,

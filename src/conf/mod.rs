@@ -95,6 +95,10 @@ pub struct GatewayConf {
     /// A gateway instance that has not renewed its heartbeat for this long is gone: its leases
     /// return to the balances.
     pub lease_expiry: Duration,
+    /// Listen with SO_REUSEPORT, so a new process can take the port beside a draining old one
+    /// (a rolling deploy on one machine). Off by default: with it, a second gateway started on
+    /// the same port by mistake shares the traffic instead of failing to start.
+    pub reuse_port: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -42,6 +42,7 @@ pub struct RawGateway {
     pub journal_dir: Option<String>,
     pub journal_fsync_interval_ms: i64,
     pub lease_expiry_ms: i64,
+    pub reuse_port: bool,
 }
 
 impl Default for RawGateway {
@@ -57,6 +58,7 @@ impl Default for RawGateway {
             journal_dir: None,
             journal_fsync_interval_ms: 1000,
             lease_expiry_ms: 300_000,
+            reuse_port: false,
         }
     }
 }

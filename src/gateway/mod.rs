@@ -107,7 +107,7 @@ pub fn build_server(conf: Arc<Conf>) -> Result<(Server, Arc<Gateway>), String> {
             gateway: gateway.clone(),
         },
     );
-    let worker_handle = server.add_service(worker);
+    server.add_service(worker);
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         GatewayService::new(gateway),
@@ -117,18 +117,20 @@ pub fn build_server(conf: Arc<Conf>) -> Result<(Server, Arc<Gateway>), String> {
     // connection, which was most of what an idle stream cost. Headers and bodies are read into
     // their own buffers anyway, so reads still take one system call each.
     //
-    // SO_REUSEPORT: a new gateway process can listen on the same port while the old one drains
-    // (the rolling deploy in the README), and the kernel hands new connections to whichever is
-    // still accepting.
+    // With `gateway.reuse_port`, SO_REUSEPORT: a new gateway process can listen on the same port
+    // while the old one drains (the rolling deploy in the README), and the kernel hands new
+    // connections to whichever is still accepting.
     let mut socket = pingora::listeners::TcpSocketOptions::default();
-    socket.so_reuseport = Some(true);
+    socket.so_reuseport = Some(conf.gateway.reuse_port);
     proxy.add_listener(
         pingora::listeners::ListenerConfig::tcp(conf.gateway.listen.to_string())
             .tcp_socket_options(socket)
             .l4_buffer(pingora::listeners::L4BufferSettings::default().read(0)),
     );
-    let proxy_handle = server.add_service(proxy);
-    proxy_handle.add_dependency(&worker_handle);
+    // No dependency on the worker: the listener is open from the start (so `/healthz` answering
+    // 200 means this process is listening, which a rolling deploy needs to know), and requests
+    // that arrive before the worker is ready wait for it (`service`).
+    server.add_service(proxy);
     let metrics = pingora::services::background::background_service(
         "duang metrics",
         worker::MetricsServer {

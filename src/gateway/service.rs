@@ -13,6 +13,9 @@ use pingora::proxy::{ProxyHttp, Session};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// How long a request that arrives while the gateway starts waits for it to be ready.
+const STARTUP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct GatewayService {
     gateway: Arc<Gateway>,
 }
@@ -156,6 +159,27 @@ impl ProxyHttp for GatewayService {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
+        if !self.gateway.ready.is_set() && path != "/healthz" {
+            // Starting: wait for the store and the caches rather than refuse (boxed, in a block:
+            // the rare wait keeps its state out of this future).
+            let ready = {
+                let waiting = Box::pin(tokio::time::timeout(
+                    STARTUP_WAIT,
+                    self.gateway.ready.wait(),
+                ));
+                waiting.await.is_ok()
+            };
+            if !ready {
+                let writing = Box::pin(super::chat::write_error(
+                    session,
+                    ctx,
+                    &ApiError::StoreUnavailable,
+                ));
+                writing.await?;
+                observe(&self.gateway, &path, ctx);
+                return Ok(true);
+            }
+        }
         let routed: std::result::Result<(), ApiError> = match (method.as_str(), path.as_str()) {
             ("POST", "/v1/chat/completions" | "/v1/messages") => {
                 if path == "/v1/messages" {
@@ -168,15 +192,7 @@ impl ProxyHttp for GatewayService {
                 r
             }
             ("GET", "/healthz") => {
-                // A draining gateway says so, for the load balancer to send new traffic
-                // elsewhere while its streams finish.
-                let (status, body): (u16, &'static [u8]) = if self.gateway.drain.draining.is_set() {
-                    (503, br#"{"status":"draining"}"#)
-                } else if self.gateway.store().is_some() {
-                    (200, br#"{"status":"ok"}"#)
-                } else {
-                    (503, br#"{"status":"starting"}"#)
-                };
+                let (status, body) = self.gateway.health();
                 ctx.status = status;
                 let responding =
                     Box::pin(respond_json(session, ctx.status, Bytes::from_static(body)));

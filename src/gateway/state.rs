@@ -41,6 +41,9 @@ pub struct Gateway {
     pub models: Vec<serde_json::Value>,
     /// Each tier's metric handles, in conf order.
     pub tier_metrics: Vec<super::metrics::TierMetrics>,
+    /// Set by the worker once the store is connected and the caches warm: requests that arrive
+    /// before (the listener is open from the start) wait for it.
+    pub ready: super::drain::Flag,
     /// Graceful shutdown's switches (see `drain`).
     pub drain: Arc<super::drain::Drain>,
     /// Chat requests between their start and their settlement's hand-off to the writer: what a
@@ -89,6 +92,7 @@ impl Gateway {
                 .iter()
                 .map(|t| super::metrics::TierMetrics::new(&t.name))
                 .collect(),
+            ready: super::drain::Flag::default(),
             drain: Arc::default(),
             in_flight: AtomicI64::new(0),
             conf,
@@ -97,6 +101,19 @@ impl Gateway {
 
     pub fn store(&self) -> Option<&Store> {
         self.store.get()
+    }
+
+    /// `/healthz`'s answer: 503 `draining` once a shutdown signal came (the load balancer sends
+    /// new traffic elsewhere while streams finish), 200 once connected to the store, 503
+    /// `starting` before.
+    pub fn health(&self) -> (u16, &'static [u8]) {
+        if self.drain.draining.is_set() {
+            (503, br#"{"status":"draining"}"#)
+        } else if self.ready.is_set() {
+            (200, br#"{"status":"ok"}"#)
+        } else {
+            (503, br#"{"status":"starting"}"#)
+        }
     }
 
     /// Counts a chat request until its settlement is queued for the writer.

@@ -222,6 +222,7 @@ impl BackgroundService for Worker {
         })
         .await;
         tracing::info!(keys = gw.keys.len(), instance = %gw.instance_id, "gateway ready");
+        gw.ready.set();
         ready.notify_ready();
 
         let Some(rx) = gw.settlements_rx.lock().ok().and_then(|mut r| r.take()) else {
@@ -279,7 +280,8 @@ impl BackgroundService for Worker {
     }
 }
 
-/// Serves `GET /metrics` on `gateway.metrics_listen`.
+/// Serves `GET /metrics` on `gateway.metrics_listen`, and this process's own `GET /healthz` (the
+/// API port may be shared by an old and a new process during a rolling deploy; this one is not).
 pub struct MetricsServer {
     pub gateway: Arc<Gateway>,
 }
@@ -296,27 +298,43 @@ impl BackgroundService for MetricsServer {
             }
         };
         let gw = self.gateway.clone();
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let gw = gw.clone();
-                async move {
-                    let m = &*super::metrics::METRICS;
-                    m.holds_in_flight.set(gw.credit.holds_in_flight());
-                    m.usage_queue.set(gw.usage_queue_depth() as i64);
-                    if let Some(j) = gw.journal.get() {
-                        m.usage_backlog.set(j.journal.backlog() as i64);
+        let health = self.gateway.clone();
+        let app = axum::Router::new()
+            .route(
+                "/healthz",
+                axum::routing::get(move || {
+                    let (status, body) = health.health();
+                    async move {
+                        (
+                            axum::http::StatusCode::from_u16(status)
+                                .unwrap_or(axum::http::StatusCode::SERVICE_UNAVAILABLE),
+                            [(axum::http::header::CONTENT_TYPE, "application/json")],
+                            body,
+                        )
                     }
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4",
-                        )],
-                        super::metrics::render(),
-                    )
-                }
-            }),
-        );
+                }),
+            )
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let gw = gw.clone();
+                    async move {
+                        let m = &*super::metrics::METRICS;
+                        m.holds_in_flight.set(gw.credit.holds_in_flight());
+                        m.usage_queue.set(gw.usage_queue_depth() as i64);
+                        if let Some(j) = gw.journal.get() {
+                            m.usage_backlog.set(j.journal.backlog() as i64);
+                        }
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4",
+                            )],
+                            super::metrics::render(),
+                        )
+                    }
+                }),
+            );
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = shutdown.changed().await;

@@ -433,22 +433,30 @@ impl Relay {
         Node::spawn(self._dir.path(), &conf_for, gateway_lines).await
     }
 
-    /// A new gateway process on the first node's port, beside it (a rolling deploy), journaling
-    /// beside it too.
-    pub async fn node_beside(&self) -> Node {
-        let port: u16 = self
+    /// A gateway process with `gateway.reuse_port` on, on a free port, journaling beside the
+    /// first node.
+    pub async fn reusable_node(&self) -> Node {
+        self.node_beside_port(free_port()).await
+    }
+
+    /// A new gateway process beside `node` on its port (a rolling deploy: both must have
+    /// `gateway.reuse_port` on, as `reusable_node` and this one have), journaling beside it.
+    pub async fn node_beside(&self, node: &Node) -> Node {
+        let port: u16 = node
             .base
             .rsplit(':')
             .next()
             .and_then(|p| p.parse().ok())
             .expect("port");
-        Node::spawn_at(
-            self._dir.path(),
-            &*self.conf_for,
-            &Relay::journal_lines(self._dir.path()),
-            port,
-        )
-        .await
+        self.node_beside_port(port).await
+    }
+
+    async fn node_beside_port(&self, port: u16) -> Node {
+        let lines = format!(
+            "{}\nreuse_port = true",
+            Relay::journal_lines(self._dir.path())
+        );
+        Node::spawn_at(self._dir.path(), &*self.conf_for, &lines, port).await
     }
 
     /// A key of the relay's account with a spend cap, made as the dashboard makes it.
