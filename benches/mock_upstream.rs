@@ -12,9 +12,18 @@
 //!           "status": 503, "retry_after_s": 2, "fault": "reset", "fault_after": 2}}
 //! ```
 //!
-//! Faults: `status` answers with that HTTP status and an OpenAI error body; `fault` is one of
-//! `reset` (cut the connection after `fault_after` chunks), `malformed` (send a chunk that is not
-//! JSON), `stall` (stop sending without closing), `error_body` (200 with an error object).
+//! Faults: `status` answers with that HTTP status and an OpenAI error body (with `retry_after_s`
+//! and `retry_after_ms` as headers); `fault` is one of `reset` (cut the connection after
+//! `fault_after` chunks), `malformed` (send a chunk that is not JSON), `stall` (stop sending
+//! without closing), `error_body` (200 with an error object), `truncate` (end the stream
+//! cleanly after `fault_after` chunks, without a finish reason or `[DONE]`), `split` (send half
+//! an event, then cut the connection), `late_close` (the whole answer, then keep the connection
+//! open and silent instead of ending the body).
+//! `POST /v1/embeddings` answers `dimensions` (default 4) numbers per input, `i / 8` for the
+//! i-th, as floats or base64 (`encoding_format`), with 3 prompt tokens per input.
+//! `POST /v1/responses` replays the Responses API fixtures (`tests/fixtures/responses`), and
+//! `POST /v1/messages` Anthropic's (`tests/fixtures/anthropic`; a model with `crlf` in its name
+//! gets them with CRLF framing).
 //! With `--tls-cert` and `--tls-key` it serves HTTPS instead (and prints `https://`).
 //! `GET /_mock/stats` reports requests served, connections and streams open now, and the last request seen
 //! (its body and the `authorization` header), so tests can check what the gateway sent.
@@ -92,6 +101,7 @@ struct Knobs {
     prompt_tokens: u64,
     status: Option<u16>,
     retry_after_s: Option<u64>,
+    retry_after_ms: Option<u64>,
     fault: Option<String>,
     fault_after: u64,
 }
@@ -108,6 +118,7 @@ impl Knobs {
             prompt_tokens: num("prompt_tokens", 10),
             status: m["status"].as_u64().and_then(|s| u16::try_from(s).ok()),
             retry_after_s: m["retry_after_s"].as_u64(),
+            retry_after_ms: m["retry_after_ms"].as_u64(),
             fault: m["fault"].as_str().map(str::to_owned),
             fault_after: num("fault_after", 1),
         }
@@ -116,7 +127,8 @@ impl Knobs {
 
     /// Faults named by the model, so that one upstream of a tier fails and the next does not
     /// (the gateway sends each upstream its own model name): `fault-status-500`,
-    /// `fault-status-429-retry-2`, `fault-reset`, `fault-malformed`, `fault-stall`,
+    /// `fault-status-429-retry-2`, `fault-status-429-retryms-1500`, `fault-reset`, `fault-truncate`,
+    /// `fault-split`, `fault-late_close`, `fault-malformed`, `fault-stall`,
     /// `fault-error_body`, `fault-nousage`, `fault-slow-1000` (milliseconds before answering).
     fn with_model_faults(mut self, model: &str) -> Knobs {
         let Some(spec) = model.strip_prefix("fault-") else {
@@ -135,14 +147,17 @@ impl Knobs {
                     self.retry_after_s = next;
                     i += 1;
                 }
+                "retryms" => {
+                    self.retry_after_ms = next;
+                    i += 1;
+                }
                 "slow" => {
                     self.ttft = Duration::from_millis(next.unwrap_or(1000));
                     i += 1;
                 }
                 "nousage" => self.usage = false,
-                f @ ("reset" | "malformed" | "stall" | "error_body") => {
-                    self.fault = Some(f.to_owned())
-                }
+                f @ ("reset" | "malformed" | "stall" | "error_body" | "truncate" | "split"
+                | "late_close") => self.fault = Some(f.to_owned()),
                 _ => {}
             }
             i += 1;
@@ -169,6 +184,8 @@ fn main() -> io::Result<()> {
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/messages", post(messages))
+            .route("/v1/responses", post(responses))
+            .route("/v1/embeddings", post(embeddings))
             .route("/_mock/stats", get(stats_handler))
             .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
             .with_state(AppState {
@@ -269,9 +286,16 @@ async fn messages(State(s): State<AppState>, headers: HeaderMap, body: Bytes) ->
         );
     }
     if req["stream"].as_bool() != Some(true) {
-        let text = ANTHROPIC_MESSAGE.replace("MODEL", &model);
-        return ([(header::CONTENT_TYPE, "application/json")], text).into_response();
+        let mut v: Value =
+            serde_json::from_str(&ANTHROPIC_MESSAGE.replace("MODEL", &model)).unwrap_or_default();
+        // A request with stop sequences stops at its first one.
+        if let Some(stop) = req["stop_sequences"].get(0) {
+            v["stop_reason"] = json!("stop_sequence");
+            v["stop_sequence"] = stop.clone();
+        }
+        return axum::Json(v).into_response();
     }
+    let crlf = model.contains("crlf");
     let fixture = if req["tools"].is_array() {
         ANTHROPIC_TOOL_STREAM
     } else {
@@ -281,7 +305,10 @@ async fn messages(State(s): State<AppState>, headers: HeaderMap, body: Bytes) ->
         .replace("MODEL", &model)
         .split("\n\n")
         .filter(|e| !e.trim().is_empty())
-        .map(|e| Bytes::from(format!("{e}\n\n")))
+        .map(|e| {
+            let e = format!("{e}\n\n");
+            Bytes::from(if crlf { e.replace('\n', "\r\n") } else { e })
+        })
         .collect();
     let gap = Knobs::new(&s.args, &json!({})).gap;
     let stream = futures_util::stream::unfold(events.into_iter(), move |mut it| async move {
@@ -318,27 +345,122 @@ async fn stats_handler(State(s): State<AppState>) -> impl IntoResponse {
     }))
 }
 
-fn error_response(status: StatusCode, message: &str, retry_after: Option<u64>) -> Response {
+fn error_response(status: StatusCode, message: &str, k: &Knobs) -> Response {
     let body = json!({"error": {"message": message, "type": "mock_error", "param": null, "code": status.as_u16().to_string()}});
     let mut r = (status, axum::Json(body)).into_response();
-    if let Some(s) = retry_after {
+    if let Some(s) = k.retry_after_s {
         r.headers_mut().insert(header::RETRY_AFTER, s.into());
+    }
+    if let Some(ms) = k.retry_after_ms {
+        r.headers_mut().insert("retry-after-ms", ms.into());
     }
     r
 }
 
-async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    s.stats.requests.fetch_add(1, Ordering::SeqCst);
-    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
-        return error_response(StatusCode::BAD_REQUEST, "mock: body is not JSON", None);
+/// OpenAI's embeddings, with vectors anyone can check.
+async fn embeddings(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    use base64::Engine;
+    let Some(req) = seen(&s, "/v1/embeddings", &headers, &body) else {
+        return not_json(&s);
     };
+    let n = match &req["input"] {
+        Value::Array(items) if items.iter().all(Value::is_u64) => 1,
+        Value::Array(items) => items.len(),
+        _ => 1,
+    };
+    let dims = req["dimensions"].as_u64().unwrap_or(4) as usize;
+    let v: Vec<f32> = (0..dims).map(|i| i as f32 / 8.0).collect();
+    let embedding = if req["encoding_format"] == "base64" {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+    } else {
+        json!(v)
+    };
+    let data: Vec<Value> = (0..n)
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": embedding}))
+        .collect();
+    axum::Json(json!({
+        "object": "list", "data": data, "model": req["model"],
+        "usage": {"prompt_tokens": 3 * n, "total_tokens": 3 * n},
+    }))
+    .into_response()
+}
+
+/// Counts an OpenAI-style request and keeps it for `/_mock/stats` (its path, body and
+/// `authorization`); `None` for a body that is not JSON (answer it with [`not_json`]).
+fn seen(s: &AppState, path: &str, headers: &HeaderMap, body: &[u8]) -> Option<Value> {
+    s.stats.requests.fetch_add(1, Ordering::SeqCst);
+    let req = serde_json::from_slice::<Value>(body).ok()?;
     if let Ok(mut last) = s.stats.last_request.lock() {
         *last = json!({
+            "path": path,
             "body": req,
             "body_bytes": body.len(),
             "authorization": headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()),
         });
     }
+    Some(req)
+}
+
+fn not_json(s: &AppState) -> Response {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        "mock: body is not JSON",
+        &Knobs::new(&s.args, &json!({})),
+    )
+}
+
+/// A body sent as `parts`, then held open and silent until the client gives up (`late_close`).
+fn held_open(content_type: &'static str, parts: Vec<Bytes>) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(parts.len().max(1));
+    tokio::spawn(async move {
+        for p in parts {
+            if tx.send(Ok(p)).await.is_err() {
+                return;
+            }
+        }
+        tx.closed().await;
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+const RESPONSES_JSON: &str = include_str!("../tests/fixtures/responses/response.json");
+const RESPONSES_STREAM: &str = include_str!("../tests/fixtures/responses/stream.sse");
+
+/// OpenAI's Responses API: replays the recorded fixtures (`tests/fixtures/responses`).
+async fn responses(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(req) = seen(&s, "/v1/responses", &headers, &body) else {
+        return not_json(&s);
+    };
+    if req["input"].is_null() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "mock: input is required",
+            &Knobs::new(&s.args, &json!({})),
+        );
+    }
+    let model = req["model"].as_str().unwrap_or("mock").to_owned();
+    if req["stream"].as_bool() != Some(true) {
+        let text = RESPONSES_JSON.replace("MODEL", &model);
+        return ([(header::CONTENT_TYPE, "application/json")], text).into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "text/event-stream")],
+        RESPONSES_STREAM.replace("MODEL", &model),
+    )
+        .into_response()
+}
+
+async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(req) = seen(&s, "/v1/chat/completions", &headers, &body) else {
+        return not_json(&s);
+    };
     let k = Knobs::new(&s.args, &req);
     if let Some(r) = gemini_fixture(&req) {
         return r;
@@ -346,7 +468,7 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
     pause(k.ttft).await;
     if let Some(status) = k.status {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return error_response(status, "mock: injected failure", k.retry_after_s);
+        return error_response(status, "mock: injected failure", &k);
     }
     let model = req["model"].as_str().unwrap_or("mock").to_owned();
     let usage = json!({
@@ -357,8 +479,33 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
     if k.fault.as_deref() == Some("error_body") {
         return axum::Json(json!({"error": {"message": "mock: upstream error in a 200", "type": "server_error", "param": null, "code": null}})).into_response();
     }
+    // `tool_choice: "required"`: a call of the first tool, `{"city":"Paris"}`.
+    let tool = (req["tool_choice"] == "required")
+        .then(|| req["tools"][0]["function"]["name"].as_str())
+        .flatten()
+        .map(str::to_owned);
+    if let Some(name) = tool {
+        return tool_call(&model, &name, req["stream"].as_bool() == Some(true), usage);
+    }
     if req["stream"].as_bool() != Some(true) {
+        let content: String = (0..k.chunks).map(|i| format!("tok{i} ")).collect();
+        let mut v = json!({
+            "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        });
+        if k.usage {
+            v["usage"] = usage.clone();
+        }
         match k.fault.as_deref() {
+            // The whole answer, its body's end held back.
+            Some("late_close") => {
+                let text = v.to_string();
+                let (a, b) = text.split_at(text.len() / 2);
+                return held_open(
+                    "application/json",
+                    vec![Bytes::from(a.to_owned()), Bytes::from(b.to_owned())],
+                );
+            }
             // A JSON answer that is not JSON.
             Some("malformed") => {
                 return (
@@ -396,14 +543,6 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
                     .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
             }
             _ => {}
-        }
-        let content: String = (0..k.chunks).map(|i| format!("tok{i} ")).collect();
-        let mut v = json!({
-            "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        });
-        if k.usage {
-            v["usage"] = usage;
         }
         return axum::Json(v).into_response();
     }
@@ -458,6 +597,23 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
                             .send(Ok(Bytes::from_static(b"data: {not json\n\n")))
                             .await;
                     }
+                    // A clean end, early: no finish reason, no usage, no [DONE].
+                    Some("truncate") => return,
+                    Some("split") => {
+                        let _ = tx
+                            .send(Ok(Bytes::from_static(
+                                b"data: {\"id\":\"chatcmpl-mock\",\"choi",
+                            )))
+                            .await;
+                        pause(Duration::from_millis(100)).await;
+                        let _ = tx
+                            .send(Err(io::Error::new(
+                                io::ErrorKind::ConnectionReset,
+                                "mock reset",
+                            )))
+                            .await;
+                        return;
+                    }
                     _ => {}
                 }
             }
@@ -478,6 +634,9 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
             let _ = tx.send(Ok(Bytes::from(format!("data: {v}\n\n")))).await;
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        if k.fault.as_deref() == Some("late_close") {
+            tx.closed().await;
+        }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
@@ -487,6 +646,40 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// A chat answer that calls tool `name` with `{"city":"Paris"}`, as JSON or as a stream whose
+/// arguments arrive in two parts.
+fn tool_call(model: &str, name: &str, stream: bool, usage: Value) -> Response {
+    if !stream {
+        return axum::Json(json!({
+            "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_mock", "type": "function", "function": {"name": name, "arguments": "{\"city\":\"Paris\"}"}}]},
+                "finish_reason": "tool_calls"}],
+            "usage": usage,
+        }))
+        .into_response();
+    }
+    let chunk = |delta: Value, finish: Value| {
+        let v = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        format!("data: {v}\n\n")
+    };
+    let mut body = chunk(
+        json!({"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": "call_mock", "type": "function", "function": {"name": name, "arguments": ""}}]}),
+        Value::Null,
+    );
+    for part in ["{\"city\":", "\"Paris\"}"] {
+        body.push_str(&chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}),
+            Value::Null,
+        ));
+    }
+    body.push_str(&chunk(json!({}), json!("tool_calls")));
+    let u = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage});
+    body.push_str(&format!("data: {u}\n\ndata: [DONE]\n\n"));
+    ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response()
 }
 
 /// Counts a stream as open until its sending task ends, however it ends.

@@ -308,7 +308,51 @@ pub struct TokenPrices {
     pub output: PricePerMtok,
 }
 
+/// Prompt-cache prices of one upstream model (our cost) or one tier (the customer's rate; a
+/// tier has no cache-write price: writes are billed as fresh input). `None`: as fresh input.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CachePrices {
+    pub cached_input: Option<PricePerMtok>,
+    pub cache_write: Option<PricePerMtok>,
+}
+
+/// A request's tokens by price: `input` counts all input, `cached_input` and `cache_write`
+/// among it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenCounts {
+    pub input: u64,
+    pub cached_input: u64,
+    pub cache_write: u64,
+    pub output: u64,
+}
+
 impl TokenPrices {
+    /// The cost of tokens some of whose input came from, or went to, a prompt cache: each
+    /// price's tokens rounded as asked, then added, all checked. Tokens at the same price are
+    /// rounded together, so without cache prices this is exactly [`TokenPrices::cost`].
+    pub fn cost_with_cache(
+        &self,
+        cache: &CachePrices,
+        t: TokenCounts,
+        rounding: Rounding,
+    ) -> Result<NanoUsd, MoneyError> {
+        let cached = t.cached_input.min(t.input);
+        let written = t.cache_write.min(t.input - cached);
+        let mut fresh = t.input - cached - written;
+        let mut total = NanoUsd::ZERO;
+        for (price, tokens) in [(cache.cached_input, cached), (cache.cache_write, written)] {
+            match price {
+                Some(p) if p != self.input => {
+                    total = total.checked_add(p.cost(tokens, rounding)?)?;
+                }
+                _ => fresh += tokens,
+            }
+        }
+        total
+            .checked_add(self.input.cost(fresh, rounding)?)?
+            .checked_add(self.output.cost(t.output, rounding)?)
+    }
+
     /// The cost of one request's tokens: each side rounded as asked, then added, all checked.
     pub fn cost(
         &self,
@@ -325,6 +369,50 @@ impl TokenPrices {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_prices_price_their_tokens_and_nothing_else() {
+        let tier = TokenPrices {
+            input: "3.60".parse().expect("p"),
+            output: "18".parse().expect("p"),
+        };
+        let t = TokenCounts {
+            input: 1_001,
+            cached_input: 400,
+            cache_write: 100,
+            output: 7,
+        };
+        // Without cache prices: exactly the plain cost, rounded as one.
+        for r in [Rounding::FavourCustomer, Rounding::Conservative] {
+            assert_eq!(
+                tier.cost_with_cache(&CachePrices::default(), t, r),
+                tier.cost(1_001, 7, r)
+            );
+        }
+        let cache = CachePrices {
+            cached_input: Some("0.30".parse().expect("p")),
+            cache_write: Some("4.50".parse().expect("p")),
+        };
+        assert_eq!(
+            tier.cost_with_cache(&cache, t, Rounding::FavourCustomer)
+                .expect("cost")
+                .nanos(),
+            501 * 3_600 + 400 * 300 + 100 * 4_500 + 7 * 18_000
+        );
+        // Counts that claim more cached input than input are capped by it.
+        let over = TokenCounts {
+            input: 10,
+            cached_input: 50,
+            cache_write: 50,
+            output: 0,
+        };
+        assert_eq!(
+            tier.cost_with_cache(&cache, over, Rounding::FavourCustomer)
+                .expect("cost")
+                .nanos(),
+            10 * 300
+        );
+    }
 
     fn p(s: &str) -> PricePerMtok {
         s.parse().expect("valid price")

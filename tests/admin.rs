@@ -787,6 +787,9 @@ fn record(
         stream: n % 2 == 0,
         input_tokens: 10,
         output_tokens: if status == 200 { 5 } else { 0 },
+        cached_input_tokens: 0,
+        cache_write_tokens: 0,
+        reasoning_tokens: 0,
         provider_cost: NanoUsd::from_nanos(100),
         billed: NanoUsd::from_nanos(if status == 200 {
             1_000_000 * (n + 1)

@@ -196,7 +196,7 @@ async fn operator_flow(backend: Backend) {
     fails(
         &conf,
         &["key", "create", "1", "--models", "platinum"],
-        "--models: no tier named \"platinum\" (known: budget, standard, premium)",
+        "--models: no tier named \"platinum\" (known: budget, standard, premium, embeddings)",
     );
     let listed = ok(&conf, &["key", "list", "1"]);
     assert!(
@@ -389,7 +389,7 @@ fn check_conf_accepts_the_shipped_file() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
         r.stdout
-            .contains("ok (3 tiers, 4 providers, store sqlite, stripe off, mail outbox)"),
+            .contains("ok (4 tiers, 4 providers, store sqlite, stripe off, mail outbox)"),
         "{}",
         r.stdout
     );

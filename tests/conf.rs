@@ -63,6 +63,7 @@ fn shipped_conf_has_the_seed_prices_and_starts_on_the_demo() {
             ("budget", Some(120), Some(480)),
             ("standard", Some(360), Some(3000)),
             ("premium", Some(3600), Some(18000)),
+            ("embeddings", Some(40), Some(0)),
         ]
     );
     assert_eq!(conf.store.backend, Backend::Sqlite);
@@ -377,7 +378,7 @@ fn providers_and_tiers_are_checked() {
     );
     assert_eq!(
         e,
-        r#"test.toml: tiers.standard.upstreams[0].model: provider "gemini" has no model "gemini-9" in its models table (known: gemini-2.5-flash-lite, gemini-2.5-flash)"#
+        r#"test.toml: tiers.standard.upstreams[0].model: provider "gemini" has no model "gemini-9" in its models table (known: gemini-2.5-flash-lite, gemini-2.5-flash, gemini-embedding-001)"#
     );
 
     let no_upstreams = "[tiers.budget]\ninput_usd_per_mtok = \"1\"\noutput_usd_per_mtok = \"1\"\n\
@@ -663,4 +664,43 @@ fn rate_limit_and_redis_settings_are_checked() {
         &[],
     );
     assert!(e.contains("is not a Redis URL"), "{e}");
+}
+
+#[test]
+fn the_wire_format_keys_are_checked() {
+    let cases: [(&str, &str, &str); 6] = [
+        (
+            "reuse_port = false",
+            "reuse_port = false\n[gateway.cors]\nallowed_origins = [\"https://app.example.com/\"]",
+            "test.toml: gateway.cors.allowed_origins: \"https://app.example.com/\" is not an origin: write scheme://host[:port], such as \"https://app.example.com\", without a path or trailing slash (or \"*\" for any)",
+        ),
+        (
+            "default_max_output_tokens = 4096",
+            "default_max_output_tokens = 4096\nresponse_model = \"provider\"",
+            "test.toml: tiers.budget.response_model: \"provider\": expected \"tier\" (answers show the tier's name) or \"upstream\" (they show the upstream's model)",
+        ),
+        (
+            "kind = \"embeddings\"",
+            "kind = \"vectors\"",
+            "test.toml: tiers.embeddings.kind: \"vectors\": expected \"chat\" (the default) or \"embeddings\"",
+        ),
+        (
+            "input_usd_per_mtok = \"0.04\"",
+            "input_usd_per_mtok = \"0.04\"\noutput_usd_per_mtok = \"0.01\"",
+            "test.toml: tiers.embeddings.output_usd_per_mtok: an embeddings tier has no output tokens: leave output_usd_per_mtok out (it is priced per input token)",
+        ),
+        (
+            "{ provider = \"gemini\", model = \"gemini-embedding-001\", weight = 0 },",
+            "{ provider = \"anthropic\", model = \"claude-sonnet-4-5\", weight = 0 },",
+            "test.toml: tiers.embeddings.upstreams[1].provider: provider \"anthropic\" is of kind anthropic, which serves no embeddings: use an openai or gemini provider",
+        ),
+        (
+            "output_usd_per_mtok = \"0.48\"",
+            "output_usd_per_mtok = \"0.48\"\ncached_input_usd_per_mtok = \"0.20\"",
+            "test.toml: tiers.budget.cached_input_usd_per_mtok: the cached-input price must not be above the input price",
+        ),
+    ];
+    for (find, replace, want) in cases {
+        assert_eq!(err(&shipped_with(find, replace), &[]), want, "{replace}");
+    }
 }

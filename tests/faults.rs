@@ -156,35 +156,67 @@ async fn the_fault_matrix(backend: Backend) {
         served_by_the_fallback(&s, false, &format!("json {what}"));
         add(&s);
     }
-    // In a stream the first chunk has gone out: the stream ends with an SSE error event, and
-    // the client pays for what it received (counted, since no usage came).
-    for (tier, what) in [
-        ("f_reset", "stream cut mid-way"),
-        ("f_stall", "stream stalls past the idle timeout"),
+    // In a stream the first chunk has gone out: the stream ends with an SSE error event (never
+    // glued to a partial event), is logged with its own code, and the client pays for what it
+    // received (counted, since no usage came).
+    for (tier, what, code) in [
+        ("f_reset", "stream cut mid-way", "upstream_unavailable"),
+        (
+            "f_stall",
+            "stream stalls past the idle timeout",
+            "upstream_timeout",
+        ),
+        (
+            "f_malformed",
+            "a chunk that is not JSON",
+            "upstream_malformed",
+        ),
+        (
+            "f_truncate",
+            "a clean end before [DONE]",
+            "upstream_incomplete",
+        ),
+        (
+            "f_split",
+            "cut in the middle of an event",
+            "upstream_unavailable",
+        ),
     ] {
         let s = send(&relay, tier, true).await;
         assert_eq!(s.status, 200, "{what}");
-        assert!(
-            s.body.contains("event: error") || s.body.contains("\"error\""),
-            "{what}: {}",
+        for event in s.body.split("\n\n").filter(|e| !e.is_empty()) {
+            let data = event.strip_prefix("data: ").expect("data events only");
+            assert!(
+                serde_json::from_str::<Value>(data).is_ok(),
+                "{what}: only whole events reach the client: {event:?}"
+            );
+        }
+        let last: Value = serde_json::from_str(
             s.body
-        );
+                .trim_end()
+                .rsplit("\n\n")
+                .next()
+                .and_then(|e| e.strip_prefix("data: "))
+                .expect("a last event"),
+        )
+        .expect("json");
+        assert_eq!(last["error"]["code"], code, "{what}: {}", s.body);
         assert!(!s.body.contains("[DONE]"), "{what}");
         assert_eq!(
             s.record.upstream_model.as_deref(),
             Some("fault-".to_owned() + &tier[2..]).as_deref()
         );
         assert_eq!(s.record.attempts, 1, "{what}");
-        assert!(s.record.error_code.is_some(), "{what}: logged as failed");
+        assert_eq!(s.record.error_code.as_deref(), Some(code), "{what}");
         let text = delivered_text(&s.body);
-        assert!(text.starts_with("tok0"), "{what}: {}", s.body);
-        let delivered = duang::gateway::relay::count_tokens(&text) as i64;
+        assert_eq!(text, "tok0 ", "{what}: {}", s.body);
+        let delivered = duang::gateway::tokens::count_tokens(&text) as i64;
         assert_eq!(
             s.record.output_tokens, delivered,
             "{what}: billed for what was delivered"
         );
         // No usage came, so the prompt is counted too.
-        let prompt = duang::gateway::relay::count_tokens("Say ok in one word.") as i64;
+        let prompt = duang::gateway::tokens::count_tokens("Say ok in one word.") as i64;
         assert_eq!(s.record.input_tokens, prompt, "{what}");
         assert_eq!(
             s.record.billed,
@@ -193,13 +225,28 @@ async fn the_fault_matrix(backend: Backend) {
         );
         add(&s);
     }
-    // A malformed chunk mid-stream: the rest of the stream still arrives.
-    let s = send(&relay, "f_malformed", true).await;
-    assert_eq!(s.status, 200);
-    assert!(s.body.ends_with("data: [DONE]\n\n"), "{}", s.body);
-    assert_eq!(s.record.upstream_model.as_deref(), Some("fault-malformed"));
-    assert_eq!(s.record.billed, billed_for(4));
-    add(&s);
+    // A whole answer whose connection is slow to end: complete at its end ([DONE], or the
+    // JSON value), served and billed in full, however long the upstream keeps it open.
+    for stream in [false, true] {
+        let s = send(&relay, "f_late_close", stream).await;
+        assert_eq!((s.status, s.record.attempts), (200, 1), "{}", s.body);
+        assert_eq!(s.record.error_code, None, "late close, stream={stream}");
+        assert_eq!(
+            s.record.billed,
+            billed_for(4),
+            "late close, stream={stream}"
+        );
+        if stream {
+            assert!(s.body.ends_with("data: [DONE]\n\n"), "{}", s.body);
+        } else {
+            let v: Value = serde_json::from_str(&s.body).expect("json");
+            assert_eq!(
+                v["choices"][0]["message"]["content"],
+                "tok0 tok1 tok2 tok3 "
+            );
+        }
+        add(&s);
+    }
 
     // No usage from the upstream: the tokens are counted with tiktoken, in both modes.
     for stream in [false, true] {

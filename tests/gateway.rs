@@ -530,8 +530,8 @@ async fn x_api_key_usage_without_usage_and_a_stalled_stream(backend: Backend) {
     let events = read_events(relay.post(body).await).await;
     assert!(!events.iter().any(|e| e.contains("\"usage\"")));
     let records = relay.usage(3).await;
-    let counted = duang::gateway::relay::count_tokens("tok0 tok1 tok2 tok3 tok4 ") as i64;
-    let prompt = duang::gateway::relay::count_tokens("Say ok in one word.\n") as i64;
+    let counted = duang::gateway::tokens::count_tokens("tok0 tok1 tok2 tok3 tok4 ") as i64;
+    let prompt = duang::gateway::tokens::count_tokens("Say ok in one word.\n") as i64;
     for r in records.iter().filter(|r| r.output_tokens != 4) {
         assert_eq!(
             (r.input_tokens, r.output_tokens),
@@ -560,7 +560,7 @@ async fn https_upstreams_trust_the_providers_own_ca(backend: Backend) {
         let r = relay.post(chat("secure")).await;
         assert_eq!(r.status(), 200);
         let v: Value = r.json().await.expect("json");
-        assert_eq!(v["model"], "mock-small");
+        assert_eq!(v["model"], "secure", "the tier's name, not the upstream's");
         assert_eq!(v["usage"]["completion_tokens"], 4);
     }
     let mut body = chat("secure");

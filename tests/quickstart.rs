@@ -152,6 +152,42 @@ async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
         "{v}"
     );
 
+    // Every endpoint reaches the demo: the Responses and Messages APIs (translated to its chat
+    // completions) and embeddings.
+    for (path, body) in [
+        (
+            "/v1/responses",
+            serde_json::json!({"model": "budget", "input": "Say ok."}),
+        ),
+        (
+            "/v1/messages",
+            serde_json::json!({"model": "budget", "max_tokens": 50, "messages": [{"role": "user", "content": "Say ok."}]}),
+        ),
+        (
+            "/v1/embeddings",
+            serde_json::json!({"model": "embeddings", "input": ["Say ok."]}),
+        ),
+    ] {
+        let r = client
+            .post(format!("{gateway}{path}"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), 200, "{path}");
+        let v: serde_json::Value = r.json().await.expect("json");
+        let answered = match path {
+            "/v1/responses" => v["output"][0]["content"][0]["text"].as_str(),
+            "/v1/messages" => v["content"][0]["text"].as_str(),
+            _ => v["data"][0]["embedding"].as_array().map(|_| "LOCAL DEMO"),
+        };
+        assert!(
+            answered.is_some_and(|t| t.contains("LOCAL DEMO")),
+            "{path}: {v}"
+        );
+    }
+
     // The tiers with the seeds' customer prices, in OpenAI's list shape.
     let models: serde_json::Value = client
         .get(format!("{gateway}/v1/models"))
@@ -185,6 +221,7 @@ async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
         ("budget", "0.12", "0.48"),
         ("standard", "0.36", "3.00"),
         ("premium", "3.60", "18.00"),
+        ("embeddings", "0.04", "0.00"),
     ];
     assert_eq!(
         tiers,
@@ -218,10 +255,10 @@ async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
     let usage = store.usage_page(account.id, None, 10).await.expect("usage");
     assert_eq!(
         usage.len(),
-        1,
-        "the last answer before SIGTERM was recorded"
+        4,
+        "the last answers before SIGTERM were recorded"
     );
-    assert!(usage[0].billed.is_positive());
+    assert!(usage.iter().all(|u| u.billed.is_positive()));
     assert!(store.instances().await.expect("instances").is_empty());
     let proof = store.balance_proof(account.id).await.expect("proof");
     assert!(

@@ -1,5 +1,7 @@
 //! The LOCAL DEMO upstream: an OpenAI-compatible chat-completions endpoint with a canned answer,
-//! so the quick start works without internet or provider keys. It is labelled as a demo in every
+//! and an embeddings endpoint with made-up vectors, so the quick start reaches every endpoint
+//! (the Responses and Messages APIs through the gateway's translation) without internet or
+//! provider keys. It is labelled as a demo in every
 //! answer and in the conf, and drops out of a tier as soon as a real provider there is enabled.
 
 use super::server::AppState;
@@ -16,6 +18,7 @@ const ANSWER: &str = "Hello from the Duang Duang LOCAL DEMO upstream. Set a prov
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/chat/completions", post(chat))
+        .route("/embeddings", post(embeddings))
         .route("/models", get(models))
         // Chat bodies with long histories are large; the gateway enforces the real limit.
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024))
@@ -26,6 +29,7 @@ async fn models() -> impl IntoResponse {
         {"id": "demo-budget", "object": "model", "created": 0, "owned_by": "duang-demo"},
         {"id": "demo-standard", "object": "model", "created": 0, "owned_by": "duang-demo"},
         {"id": "demo-premium", "object": "model", "created": 0, "owned_by": "duang-demo"},
+        {"id": "demo-embeddings", "object": "model", "created": 0, "owned_by": "duang-demo"},
     ]}))
 }
 
@@ -84,4 +88,42 @@ async fn chat(body: axum::body::Bytes) -> Response {
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from(out))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Made-up embeddings: `dimensions` (default 16) numbers from a hash of each input, the same for
+/// the same text, as floats or as base64 of little-endian f32 (`encoding_format`), with usage.
+async fn embeddings(body: axum::body::Bytes) -> Response {
+    use base64::Engine;
+    use sha2::Digest;
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        let err = json!({"error": {"message": "the body is not valid JSON", "type": "invalid_request_error", "param": null, "code": null}});
+        return (StatusCode::BAD_REQUEST, axum::Json(err)).into_response();
+    };
+    let inputs: Vec<String> = match &req["input"] {
+        Value::Array(items) => items.iter().map(Value::to_string).collect(),
+        other => vec![other.to_string()],
+    };
+    let dims = req["dimensions"].as_u64().unwrap_or(16).clamp(1, 4096) as usize;
+    let base64 = req["encoding_format"] == "base64";
+    let mut data = Vec::new();
+    let mut tokens = 0;
+    for (index, text) in inputs.iter().enumerate() {
+        tokens += rough_tokens(text);
+        let digest = sha2::Sha256::digest(text.as_bytes());
+        let v: Vec<f32> = (0..dims)
+            .map(|i| f32::from(digest[i % 32]) / 255.0 - 0.5)
+            .collect();
+        let embedding = if base64 {
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+        } else {
+            json!(v)
+        };
+        data.push(json!({"object": "embedding", "index": index, "embedding": embedding}));
+    }
+    axum::Json(json!({
+        "object": "list", "data": data, "model": req["model"],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response()
 }

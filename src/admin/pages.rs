@@ -118,7 +118,13 @@ fn tier_rows(state: &AppState) -> Markup {
                     tr {
                         td { code { (t.name) } }
                         td { "$" (t.prices.input.usd_per_mtok_string()) " / 1M tokens" }
-                        td { "$" (t.prices.output.usd_per_mtok_string()) " / 1M tokens" }
+                        td {
+                            @if t.kind == crate::conf::TierKind::Embeddings {
+                                "— (embeddings)"
+                            } @else {
+                                "$" (t.prices.output.usd_per_mtok_string()) " / 1M tokens"
+                            }
+                        }
                         td { (t.description) }
                     }
                 }

@@ -293,7 +293,7 @@ fn csv_field(s: &str) -> String {
 
 pub fn csv(rows: &[UsageRecord]) -> String {
     let mut out = String::from(
-        "started_at_utc,request_id,key_id,tier,provider,model,stream,status,error_code,input_tokens,output_tokens,billed_usd,ttft_ms,latency_ms\n",
+        "started_at_utc,request_id,key_id,tier,provider,model,stream,status,error_code,input_tokens,output_tokens,billed_usd,ttft_ms,latency_ms,cached_input_tokens,cache_write_tokens,reasoning_tokens\n",
     );
     for r in rows {
         let fields = [
@@ -311,6 +311,9 @@ pub fn csv(rows: &[UsageRecord]) -> String {
             r.billed.decimal(),
             r.ttft_ms.map(|t| t.to_string()).unwrap_or_default(),
             r.latency_ms.to_string(),
+            r.cached_input_tokens.to_string(),
+            r.cache_write_tokens.to_string(),
+            r.reasoning_tokens.to_string(),
         ];
         out.push_str(
             &fields

@@ -3,7 +3,7 @@
 
 use super::raw::{MoneyText, RawConf, RawKeyLimits, RawProvider, RawSmtp, RawStripe, RawTier};
 use super::*;
-use crate::money::{PricePerMtok, TokenPrices};
+use crate::money::{CachePrices, PricePerMtok, TokenPrices};
 use std::collections::HashSet;
 
 /// Longest timeout we accept anywhere: one hour.
@@ -260,7 +260,9 @@ impl Checker<'_> {
         } else {
             Some(Duration::from_millis(g.lease_expiry_ms as u64))
         };
+        let cors = self.cors(&g.cors);
         Some(GatewayConf {
+            cors: cors?,
             node_id: node_id?,
             journal_dir: journal_dir?,
             journal_fsync_interval: Duration::from_millis(fsync?),
@@ -273,6 +275,36 @@ impl Checker<'_> {
             threads: NonZeroU32::new(threads?)?,
             graceful_shutdown_timeout: grace?,
         })
+    }
+
+    fn cors(&mut self, c: &super::raw::RawCors) -> Option<super::Cors> {
+        let mut ok = true;
+        for o in &c.allowed_origins {
+            let fine = o == "*"
+                || Url::parse(o).is_ok_and(|u| {
+                    matches!(u.scheme(), "http" | "https")
+                        && u.host_str().is_some()
+                        && u.path() == "/"
+                        && !o.ends_with('/')
+                        && u.query().is_none()
+                });
+            if !fine {
+                self.err(
+                    "gateway.cors.allowed_origins",
+                    format!("{o:?} is not an origin: write scheme://host[:port], such as \"https://app.example.com\", without a path or trailing slash (or \"*\" for any)"),
+                );
+                ok = false;
+            }
+        }
+        let max_age = self.positive::<u32>("gateway.cors.max_age_s", c.max_age_s, 86_400, "s");
+        if c.allowed_origins.iter().any(|o| o == "*") {
+            self.warnings.push(format!("{}: gateway.cors.allowed_origins has \"*\": any web page may call the API with a key it holds", self.file));
+        }
+        Some(super::Cors {
+            allowed_origins: c.allowed_origins.clone(),
+            max_age_s: max_age?,
+        })
+        .filter(|_| ok)
     }
 
     fn admin(&mut self, raw: &RawConf) -> Option<AdminConf> {
@@ -518,6 +550,18 @@ impl Checker<'_> {
         ok
     }
 
+    /// An optional price (zero allowed): `Some(None)` when absent, `None` when invalid.
+    fn optional_price(
+        &mut self,
+        key: &str,
+        text: Option<&MoneyText>,
+    ) -> Option<Option<PricePerMtok>> {
+        match text {
+            None => Some(None),
+            Some(t) => self.price(key, t, true).map(Some),
+        }
+    }
+
     fn price(&mut self, key: &str, text: &MoneyText, allow_zero: bool) -> Option<PricePerMtok> {
         let p = self.ok(key, text.0.parse::<PricePerMtok>())?;
         if p.nanos_per_mtok() == 0 && !allow_zero {
@@ -613,6 +657,7 @@ impl Checker<'_> {
         }
         let mut models = Vec::new();
         let mut image_tokens = Vec::new();
+        let mut cache_prices = Vec::new();
         for (model, prices) in &p.models {
             let key = format!("{at}.models.{model}");
             let input = self.price(
@@ -637,9 +682,23 @@ impl Checker<'_> {
                 (None, Some(k)) => Some(default_image_input_tokens_max(k)),
                 (None, None) => None,
             };
-            if let (Some(input), Some(output), Some(image)) = (input, output, image) {
+            let cached = self.optional_price(
+                &format!("{key}.cached_input_usd_per_mtok"),
+                prices.cached_input_usd_per_mtok.as_ref(),
+            );
+            let write = self.optional_price(
+                &format!("{key}.cache_write_usd_per_mtok"),
+                prices.cache_write_usd_per_mtok.as_ref(),
+            );
+            if let (Some(input), Some(output), Some(image), Some(cached), Some(write)) =
+                (input, output, image, cached, write)
+            {
                 models.push((model.clone(), TokenPrices { input, output }));
                 image_tokens.push(image);
+                cache_prices.push(CachePrices {
+                    cached_input: cached,
+                    cache_write: write,
+                });
             }
         }
         Some(Provider {
@@ -652,6 +711,7 @@ impl Checker<'_> {
             ca_certs: ca_certs?,
             enabled,
             demo: p.demo,
+            responses_api: p.responses_api,
             connect_timeout: connect?,
             first_byte_timeout: first_byte?,
             idle_timeout: idle?,
@@ -659,6 +719,7 @@ impl Checker<'_> {
             cooldown: cooldown?,
             models,
             image_input_tokens_max: image_tokens,
+            cache_prices,
         })
     }
 
@@ -690,11 +751,54 @@ impl Checker<'_> {
             &t.input_usd_per_mtok,
             false,
         );
-        let output = self.price(
-            &format!("{at}.output_usd_per_mtok"),
-            &t.output_usd_per_mtok,
-            false,
-        );
+        let kind = match t.kind.as_deref() {
+            None | Some("chat") => Some(super::TierKind::Chat),
+            Some("embeddings") => Some(super::TierKind::Embeddings),
+            Some(other) => {
+                self.err(
+                    format!("{at}.kind"),
+                    format!("{other:?}: expected \"chat\" (the default) or \"embeddings\""),
+                );
+                None
+            }
+        };
+        let output = match (kind, &t.output_usd_per_mtok) {
+            (Some(super::TierKind::Embeddings), None) => Some(PricePerMtok::from_nanos_per_mtok(0)),
+            (Some(super::TierKind::Embeddings), Some(_)) => {
+                self.err(
+                    format!("{at}.output_usd_per_mtok"),
+                    "an embeddings tier has no output tokens: leave output_usd_per_mtok out (it is priced per input token)",
+                );
+                None
+            }
+            // The kind is wrong (reported above): what it needs is unknown.
+            (None, _) => None,
+            (_, Some(text)) => self.price(&format!("{at}.output_usd_per_mtok"), text, false),
+            (_, None) => {
+                self.err(
+                    format!("{at}.output_usd_per_mtok"),
+                    "required: the customer's price per million output tokens, e.g. \"0.48\"",
+                );
+                None
+            }
+        };
+        let cached_input = self
+            .optional_price(
+                &format!("{at}.cached_input_usd_per_mtok"),
+                t.cached_input_usd_per_mtok.as_ref(),
+            )
+            .and_then(|p| match (p, input) {
+                // Holds count every input token at the input price: a dearer cached price
+                // would bill past them.
+                (Some(c), Some(i)) if c > i => {
+                    self.err(
+                        format!("{at}.cached_input_usd_per_mtok"),
+                        "the cached-input price must not be above the input price",
+                    );
+                    None
+                }
+                (p, _) => Some(p),
+            });
         let cap = self.positive::<u32>(
             &format!("{at}.default_max_output_tokens"),
             t.default_max_output_tokens,
@@ -741,6 +845,15 @@ impl Checker<'_> {
                 continue;
             };
             let cost = &provider.models[mi].1;
+            let cache = provider.cache_prices[mi];
+            if kind == Some(super::TierKind::Embeddings) && provider.kind == ProviderKind::Anthropic
+            {
+                self.err(
+                    format!("{key}.provider"),
+                    format!("provider {:?} is of kind anthropic, which serves no embeddings: use an openai or gemini provider", u.provider),
+                );
+                continue;
+            }
             image_max = image_max.max(provider.image_input_tokens_max[mi]);
             if !seen.insert((u.provider.as_str(), u.model.as_str())) {
                 self.err(
@@ -762,6 +875,7 @@ impl Checker<'_> {
                 model: u.model.clone(),
                 weight: u32::try_from(u.weight).unwrap_or(0),
                 cost: *cost,
+                cache,
                 enabled: provider.enabled,
             });
         }
@@ -794,7 +908,24 @@ impl Checker<'_> {
                 self.warnings.push(format!("{}: {at}: served by the LOCAL DEMO upstream (canned answers); set a provider key to serve it for real", self.file));
             }
         }
+        let response_model = match t.response_model.as_deref() {
+            None | Some("tier") => Some(super::ResponseModel::Tier),
+            Some("upstream") => Some(super::ResponseModel::Upstream),
+            Some(other) => {
+                self.err(
+                    format!("{at}.response_model"),
+                    format!("{other:?}: expected \"tier\" (answers show the tier's name) or \"upstream\" (they show the upstream's model)"),
+                );
+                None
+            }
+        };
         Some(Tier {
+            cache: CachePrices {
+                cached_input: cached_input?,
+                cache_write: None,
+            },
+            kind: kind?,
+            response_model: response_model?,
             name: name.to_owned(),
             description: t.description.clone(),
             prices: TokenPrices {

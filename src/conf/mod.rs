@@ -8,7 +8,7 @@
 mod convert;
 mod raw;
 
-use crate::money::TokenPrices;
+use crate::money::{CachePrices, TokenPrices};
 use crate::secret::Secret;
 use std::fmt;
 use std::net::SocketAddr;
@@ -99,6 +99,47 @@ pub struct GatewayConf {
     /// (a rolling deploy on one machine). Off by default: with it, a second gateway started on
     /// the same port by mistake shares the traffic instead of failing to start.
     pub reuse_port: bool,
+    /// Browser apps allowed to call the API directly (`[gateway.cors]`).
+    pub cors: Cors,
+}
+
+/// `[gateway.cors]`: the origins whose browser apps may call the API (none by default).
+#[derive(Debug, Clone, Default)]
+pub struct Cors {
+    /// Exact origins (`https://app.example.com`), or `*` for any.
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may cache a preflight answer.
+    pub max_age_s: u32,
+}
+
+impl Cors {
+    /// Whether a browser app at `origin` may call the API.
+    pub fn allows(&self, origin: &str) -> bool {
+        self.allowed_origins
+            .iter()
+            .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+    }
+}
+
+/// What a tier serves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TierKind {
+    /// Chat completions, Messages and Responses (`/v1/chat/completions`, ...).
+    #[default]
+    Chat,
+    /// Embeddings (`/v1/embeddings`), priced per input token.
+    Embeddings,
+}
+
+/// What a tier's answers show in `model`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ResponseModel {
+    /// The tier's name, as the customer asked (the default: a reseller need not show its
+    /// upstreams).
+    #[default]
+    Tier,
+    /// The upstream's own model name.
+    Upstream,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +225,12 @@ pub struct Tier {
     /// The most input tokens one image part costs on any of the tier's upstreams: what a hold
     /// adds per image (an image URL is a few bytes of the body and many tokens upstream).
     pub image_input_tokens_max: u64,
+    /// What answers show in `model`.
+    pub response_model: ResponseModel,
+    pub kind: TierKind,
+    /// The customer's price for cached input (`cached_input_usd_per_mtok`); never a
+    /// cache-write price (writes are billed as fresh input).
+    pub cache: CachePrices,
 }
 
 impl Tier {
@@ -202,6 +249,8 @@ pub struct Upstream {
     pub weight: u32,
     /// What the provider charges us for this model.
     pub cost: TokenPrices,
+    /// What it charges for cached input and cache writes.
+    pub cache: CachePrices,
     /// The provider is on, and this is not a demo upstream displaced by a real one.
     pub enabled: bool,
 }
@@ -255,6 +304,8 @@ pub struct Provider {
     pub ca_certs: Vec<Vec<u8>>,
     pub enabled: bool,
     pub demo: bool,
+    /// Serves OpenAI's Responses API (`responses_api`): Responses clients are passed through.
+    pub responses_api: bool,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
@@ -265,6 +316,8 @@ pub struct Provider {
     pub models: Vec<(String, TokenPrices)>,
     /// The most input tokens each model (in `models` order) counts for one image.
     pub image_input_tokens_max: Vec<u64>,
+    /// Each model's prompt-cache prices (in `models` order).
+    pub cache_prices: Vec<CachePrices>,
 }
 
 #[derive(Debug, Clone)]

@@ -43,6 +43,23 @@ pub struct RawGateway {
     pub journal_fsync_interval_ms: i64,
     pub lease_expiry_ms: i64,
     pub reuse_port: bool,
+    pub cors: RawCors,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCors {
+    pub allowed_origins: Vec<String>,
+    pub max_age_s: i64,
+}
+
+impl Default for RawCors {
+    fn default() -> Self {
+        RawCors {
+            allowed_origins: Vec::new(),
+            max_age_s: 600,
+        }
+    }
 }
 
 impl Default for RawGateway {
@@ -59,6 +76,7 @@ impl Default for RawGateway {
             journal_fsync_interval_ms: 1000,
             lease_expiry_ms: 300_000,
             reuse_port: false,
+            cors: RawCors::default(),
         }
     }
 }
@@ -188,12 +206,20 @@ impl Default for RawKeyLimits {
 pub struct RawTier {
     #[serde(default)]
     pub description: String,
+    /// `"chat"` (the default) or `"embeddings"`: what the tier serves.
+    pub kind: Option<String>,
     pub input_usd_per_mtok: MoneyText,
-    pub output_usd_per_mtok: MoneyText,
+    /// Required for chat tiers; embeddings have no output tokens.
+    pub output_usd_per_mtok: Option<MoneyText>,
+    /// The customer's price for input the upstream read from its prompt cache (default: the
+    /// input price).
+    pub cached_input_usd_per_mtok: Option<MoneyText>,
     #[serde(default = "default_max_output_tokens")]
     pub default_max_output_tokens: i64,
     #[serde(default)]
     pub upstreams: Vec<RawUpstream>,
+    /// `"tier"` (the default) or `"upstream"`: what answers show in `model`.
+    pub response_model: Option<String>,
 }
 
 fn default_max_output_tokens() -> i64 {
@@ -224,6 +250,9 @@ pub struct RawProvider {
     pub enabled: Option<bool>,
     #[serde(default)]
     pub demo: bool,
+    /// The provider serves OpenAI's Responses API at `{base_url}/responses`.
+    #[serde(default)]
+    pub responses_api: bool,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: i64,
     #[serde(default = "default_first_byte_timeout_ms")]
@@ -262,6 +291,10 @@ pub struct RawModelPrices {
     /// The most input tokens the provider counts for one image (default by provider kind).
     #[serde(default)]
     pub image_input_tokens_max: Option<i64>,
+    /// What input read from the provider's prompt cache costs (default: the input price).
+    pub cached_input_usd_per_mtok: Option<MoneyText>,
+    /// What input written to the provider's prompt cache costs (default: the input price).
+    pub cache_write_usd_per_mtok: Option<MoneyText>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,6 +10,11 @@ use serde_json::json;
 pub enum ApiError {
     /// No route for this method and path.
     NotFound { path: String },
+    /// A path of the OpenAI or Anthropic API this relay does not serve, and what to use instead.
+    NotServed {
+        path: &'static str,
+        instead: &'static str,
+    },
     /// The route exists but not for this method.
     MethodNotAllowed { method: String, path: String },
     /// No key in `Authorization: Bearer` or `x-api-key`.
@@ -51,6 +56,10 @@ pub enum ApiError {
     UpstreamUnavailable { detail: String },
     /// Every upstream timed out before answering.
     UpstreamTimeout { detail: String },
+    /// An upstream's stream ended cleanly before its terminal event.
+    UpstreamIncomplete { detail: String },
+    /// An upstream sent an event that is not JSON.
+    UpstreamMalformed { detail: String },
     /// The upstream refused the request (4xx): its message, passed through in our shape.
     Upstream {
         status: u16,
@@ -85,13 +94,17 @@ impl ApiError {
             | ApiError::AccountBlocked { .. }
             | ApiError::EmailNotVerified
             | ApiError::ModelNotAllowed { .. } => 403,
-            ApiError::NotFound { .. } | ApiError::ModelNotFound { .. } => 404,
+            ApiError::NotFound { .. }
+            | ApiError::NotServed { .. }
+            | ApiError::ModelNotFound { .. } => 404,
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::BodyTooLarge { .. } => 413,
             ApiError::RateLimited { .. } => 429,
             ApiError::Upstream { status, .. } => *status,
             ApiError::Internal => 500,
-            ApiError::UpstreamUnavailable { .. } => 502,
+            ApiError::UpstreamUnavailable { .. }
+            | ApiError::UpstreamIncomplete { .. }
+            | ApiError::UpstreamMalformed { .. } => 502,
             ApiError::NoUpstream { .. }
             | ApiError::StoreUnavailable
             | ApiError::ShuttingDown
@@ -104,6 +117,7 @@ impl ApiError {
     pub fn kind(&self) -> String {
         let k = match self {
             ApiError::NotFound { .. }
+            | ApiError::NotServed { .. }
             | ApiError::MethodNotAllowed { .. }
             | ApiError::ModelNotFound { .. }
             | ApiError::InvalidRequest { .. }
@@ -122,12 +136,62 @@ impl ApiError {
             ApiError::NoUpstream { .. }
             | ApiError::UpstreamUnavailable { .. }
             | ApiError::UpstreamTimeout { .. }
+            | ApiError::UpstreamIncomplete { .. }
+            | ApiError::UpstreamMalformed { .. }
             | ApiError::LimiterUnavailable
             | ApiError::StoreUnavailable
             | ApiError::ShuttingDown
             | ApiError::Internal => "api_error",
         };
         k.to_owned()
+    }
+
+    /// Anthropic's `error.type`, for clients of the Messages API.
+    pub fn anthropic_kind(&self) -> &str {
+        match self {
+            ApiError::InvalidRequest { .. } | ApiError::MethodNotAllowed { .. } => {
+                "invalid_request_error"
+            }
+            ApiError::NotFound { .. }
+            | ApiError::NotServed { .. }
+            | ApiError::ModelNotFound { .. } => "not_found_error",
+            ApiError::BodyTooLarge { .. } => "request_too_large",
+            ApiError::MissingKey | ApiError::InvalidKey { .. } => "authentication_error",
+            ApiError::KeySuspended { .. }
+            | ApiError::AccountBlocked { .. }
+            | ApiError::EmailNotVerified
+            | ApiError::ModelNotAllowed { .. } => "permission_error",
+            ApiError::InsufficientCredits { .. } | ApiError::SpendCapReached { .. } => {
+                "billing_error"
+            }
+            ApiError::RateLimited { .. } => "rate_limit_error",
+            ApiError::UpstreamTimeout { .. } => "timeout_error",
+            ApiError::NoUpstream { .. }
+            | ApiError::StoreUnavailable
+            | ApiError::ShuttingDown
+            | ApiError::LimiterUnavailable => "overloaded_error",
+            ApiError::UpstreamUnavailable { .. }
+            | ApiError::UpstreamIncomplete { .. }
+            | ApiError::UpstreamMalformed { .. }
+            | ApiError::Internal => "api_error",
+            // An upstream's own type when it is one of Anthropic's (it came from one), else
+            // what its status means to an Anthropic client.
+            ApiError::Upstream { kind, status, .. } => match kind.as_str() {
+                "invalid_request_error"
+                | "authentication_error"
+                | "permission_error"
+                | "not_found_error"
+                | "request_too_large"
+                | "rate_limit_error"
+                | "billing_error"
+                | "timeout_error"
+                | "overloaded_error"
+                | "api_error" => kind,
+                _ if *status == 429 => "rate_limit_error",
+                _ if *status >= 500 => "api_error",
+                _ => "invalid_request_error",
+            },
+        }
     }
 
     /// OpenAI's `code` field: ours, or the upstream's when it refused the request.
@@ -142,6 +206,7 @@ impl ApiError {
     pub fn label(&self) -> &'static str {
         match self {
             ApiError::NotFound { .. } => "not_found",
+            ApiError::NotServed { .. } => "endpoint_not_served",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::MissingKey | ApiError::InvalidKey { .. } => "invalid_api_key",
             ApiError::KeySuspended { .. } => "key_suspended",
@@ -160,6 +225,8 @@ impl ApiError {
             ApiError::NoUpstream { .. } => "no_upstream",
             ApiError::UpstreamUnavailable { .. } => "upstream_unavailable",
             ApiError::UpstreamTimeout { .. } => "upstream_timeout",
+            ApiError::UpstreamIncomplete { .. } => "upstream_incomplete",
+            ApiError::UpstreamMalformed { .. } => "upstream_malformed",
             ApiError::Upstream { .. } => "upstream_error",
             ApiError::StoreUnavailable => "store_unavailable",
             ApiError::ShuttingDown => "server_shutting_down",
@@ -172,6 +239,7 @@ impl ApiError {
     pub fn message(&self) -> String {
         match self {
             ApiError::NotFound { path } => format!("Unknown request URL: {path}. Check the path (the API lives under /v1)."),
+            ApiError::NotServed { path, instead } => format!("{path} is not served by this relay (see its README, \"API\"): {instead}."),
             ApiError::MethodNotAllowed { method, path } => format!("{method} is not allowed on {path}."),
             ApiError::MissingKey => "You didn't provide an API key. Send it as `Authorization: Bearer sk-relay_...`.".into(),
             ApiError::InvalidKey { reason } => reason.clone(),
@@ -192,6 +260,8 @@ impl ApiError {
             ApiError::NoUpstream { tier } => format!("No upstream is available for `{tier}` right now."),
             ApiError::UpstreamUnavailable { detail } => format!("The upstream provider is unavailable: {detail}."),
             ApiError::UpstreamTimeout { detail } => format!("The upstream provider timed out: {detail}."),
+            ApiError::UpstreamIncomplete { detail } => format!("The answer is incomplete: {detail}. You are billed only for what you received; retry the request."),
+            ApiError::UpstreamMalformed { detail } => format!("The answer is incomplete: {detail}, so the stream was ended there. You are billed only for what you received; retry the request."),
             ApiError::Upstream { message, .. } => message.clone(),
             ApiError::StoreUnavailable => "The service is temporarily unavailable. Try again shortly.".into(),
             ApiError::RateLimited { which, limit, retry_after_ms } => format!(

@@ -203,13 +203,18 @@ pub struct TierMetrics {
     pub overhead: Histogram,
     pub ttft: Histogram,
     /// By chat route: `/v1/chat/completions`, then `/v1/messages`.
-    pub latency: [Histogram; 2],
+    pub latency: [Histogram; 4],
     /// Answers with status 200, by chat route.
-    pub ok: [IntCounter; 2],
+    pub ok: [IntCounter; 4],
 }
 
 /// The chat routes, in the order of [`TierMetrics::latency`] and [`TierMetrics::ok`].
-pub const CHAT_ROUTES: [&str; 2] = ["/v1/chat/completions", "/v1/messages"];
+pub const CHAT_ROUTES: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/messages",
+    "/v1/responses",
+    "/v1/embeddings",
+];
 
 impl TierMetrics {
     pub fn new(tier: &str) -> TierMetrics {

@@ -5,19 +5,23 @@
 //! 3. [`request`]: read and validate the body, map the tier;
 //! 4. [`hold`]: hold credits for the worst case, from this node's credit lease;
 //! 5. [`upstream`]: send to the tier's upstreams with fallback before the first byte;
-//! 6. [`relay`]: pass the answer through event by event, reading usage;
+//! 6. [`relay`]: pass the answer through event by event, reading usage, through the
+//!    [`dialect`] seam (chat completions, Messages and Responses on either side), and
+//!    [`respond`] to the client;
 //! 7. settle: bill the real usage and queue the usage record ([`chat`]); the [`writer`] writes
 //!    batches from a thread of its own; the [`worker`] keeps the key cache fresh and returns
 //!    idle leases.
+//!
+//! [`chat`] is the table of contents of these steps; [`ctx`] is what they tell each other.
 
-pub mod anthropic;
 pub mod auth;
 mod chat;
+pub mod ctx;
+pub mod dialect;
 pub mod drain;
 pub mod error;
 pub mod health;
 pub mod hold;
-pub mod inbound;
 pub mod journal;
 pub mod limits;
 pub mod metrics;
@@ -25,10 +29,12 @@ mod models;
 pub mod nodes;
 pub mod relay;
 pub mod request;
+pub mod respond;
 pub mod room;
 mod service;
 pub mod spend;
 pub mod state;
+pub mod tokens;
 pub mod upstream;
 mod worker;
 mod writer;

@@ -20,6 +20,10 @@ pub fn model_objects(conf: &Conf) -> Vec<Value> {
                 "created": 0,
                 "owned_by": "duang",
                 "description": t.description,
+                "kind": match t.kind {
+                    crate::conf::TierKind::Chat => "chat",
+                    crate::conf::TierKind::Embeddings => "embeddings",
+                },
                 "pricing": {
                     "currency": "USD",
                     "unit": "1M tokens",

@@ -1,336 +1,425 @@
-//! Step 6: pass the answer through as it arrives and find out what it used.
-//!
-//! Streams are relayed event by event: read-sized chunks are split on blank lines with a
-//! carry-over buffer, the original bytes pass through, and JSON is parsed only for events that
-//! carry `usage`. The usage chunk we asked for is dropped when the client did not ask for it.
-//! When an upstream reports no usage, the generated text is counted with tiktoken instead.
+//! Step 6: pass the answer through as it arrives and find out what it used. The upstream's
+//! bytes go through the request's [`Stream`] (or, for JSON, [`dialect::json_answer`]): the
+//! dialect seam decides what the client gets and what the answer reported. What the stream
+//! delivered is what is billed: a write that fails is not, and a stream cut short is billed
+//! for the events that reached the client.
 
+use super::ctx::RequestCtx;
+use super::dialect::{self, Dialect, Fault, Stream};
+use super::error::ApiError;
+use super::request::ChatRequest;
+use super::respond::{response_header, write_body, write_error};
+use super::state::Gateway;
+use super::tokens::Usage;
+use super::upstream::{self, Answer};
+use crate::conf::ResponseModel;
+use crate::money::{NanoUsd, Rounding};
 use bytes::{Bytes, BytesMut};
-use serde_json::Value;
-use std::sync::OnceLock;
+use futures_util::FutureExt;
+use pingora::proxy::Session;
+use std::time::Instant;
 
-/// Token counts for one request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub input_tokens: u64,
-    pub output_tokens: u64,
+/// Largest non-streaming answer we buffer from an upstream.
+pub const MAX_JSON_ANSWER: usize = 64 * 1024 * 1024;
+
+/// Bytes gathered into one write to a streaming client at most.
+const GATHER_MAX: usize = 16 * 1024;
+
+/// What became of a request after authentication, for its usage record.
+pub struct Outcome {
+    pub status: u16,
+    pub error_code: Option<String>,
+    pub usage: Usage,
+    /// Paid from the lease (see `Hold::settle`).
+    pub billed: NanoUsd,
+    /// Cost above what the lease could back, for the balance (see `Settlement::over_hold`).
+    pub over_hold: NanoUsd,
+    pub provider_cost: NanoUsd,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub attempts: u32,
+    /// The answer's last bytes, written after the settlement is journaled.
+    pub tail: Option<Bytes>,
 }
 
-/// Reads OpenAI's `usage` object.
-pub fn usage_of(v: &Value) -> Option<Usage> {
-    let u = v.get("usage")?;
-    Some(Usage {
-        input_tokens: u.get("prompt_tokens")?.as_u64()?,
-        output_tokens: u
-            .get("completion_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
-    })
-}
-
-/// What had reached the client at one point of a stream (see [`SseRelay::delivered`]).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Delivered {
-    uncounted: usize,
-    events: u64,
-    usage: Option<Usage>,
-}
-
-/// The splitter and bookkeeper for one event stream.
-pub struct SseRelay {
-    carry: BytesMut,
-    client_wants_usage: bool,
-    pub usage: Option<Usage>,
-    /// The text of events seen before any usage, for counting if usage never comes: their
-    /// `content` strings as JSON literals (escapes kept), joined by commas. Only the text is
-    /// kept, not the events, or a long answer would hold its whole stream here until its end.
-    uncounted: Vec<u8>,
-    /// Content events relayed (a proxy for "output was delivered").
-    pub events: u64,
-}
-
-fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = memchr::memmem::find(buf, b"\n\n").map(|i| (i, 2));
-    // Most upstreams end events with bare line feeds; look for CRLF only where there is a CR.
-    let crlf = memchr::memchr(b'\r', buf)
-        .and_then(|from| memchr::memmem::find(&buf[from..], b"\r\n\r\n").map(|i| (from + i, 4)));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
-    }
-}
-
-impl SseRelay {
-    pub fn new(client_wants_usage: bool) -> Self {
-        SseRelay {
-            carry: BytesMut::new(),
-            client_wants_usage,
-            usage: None,
-            uncounted: Vec::new(),
-            events: 0,
+impl Outcome {
+    /// A request that failed before any upstream answered.
+    pub fn failed(e: &ApiError) -> Outcome {
+        Outcome {
+            error_code: Some(e.code().to_owned()),
+            ..Outcome::answered(e.status())
         }
     }
 
-    /// Takes one chunk from the upstream; returns the bytes to send on now (whole events only).
-    pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
-        self.carry.extend_from_slice(chunk);
-        let mut out = BytesMut::new();
-        while let Some((at, sep)) = find_event_end(&self.carry) {
-            let event = self.carry.split_to(at + sep);
-            if self.keep(&event) {
-                // Events kept one after the other are adjacent in `carry`'s buffer: joining them
-                // copies nothing.
-                if out.is_empty() {
-                    out = event;
-                } else {
-                    out.unsplit(event);
+    /// An answer with this status, nothing used yet.
+    fn answered(status: u16) -> Outcome {
+        Outcome {
+            status,
+            error_code: None,
+            usage: Usage::default(),
+            billed: NanoUsd::ZERO,
+            over_hold: NanoUsd::ZERO,
+            provider_cost: NanoUsd::ZERO,
+            provider: None,
+            model: None,
+            attempts: 0,
+            tail: None,
+        }
+    }
+}
+
+/// Turns an upstream's refusal into our error shape (OpenAI's and Anthropic's error bodies
+/// both keep theirs under `error`).
+fn upstream_error(status: u16, body: &[u8], provider: &str) -> ApiError {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let e = &v["error"];
+    let message = e["message"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("The upstream provider answered {status}."));
+    if status >= 500 {
+        return ApiError::UpstreamUnavailable {
+            detail: format!("{provider} answered {status}: {message}"),
+        };
+    }
+    ApiError::Upstream {
+        status,
+        message,
+        kind: e["type"]
+            .as_str()
+            .unwrap_or("invalid_request_error")
+            .to_owned(),
+        param: e["param"].as_str().map(str::to_owned),
+        code: e["code"].as_str().map(str::to_owned),
+    }
+}
+
+/// The upstream's own `retry-after` and `retry-after-ms`, passed on with its 429.
+fn upstream_retry(answer: &Answer) -> Option<super::ctx::RetryAfter> {
+    let h = answer.session.response_header()?;
+    let get = |name: &str| {
+        h.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() <= 64)
+            .map(str::to_owned)
+    };
+    let r = super::ctx::RetryAfter {
+        seconds: get("retry-after"),
+        ms: get("retry-after-ms"),
+    };
+    (r.seconds.is_some() || r.ms.is_some()).then_some(r)
+}
+
+/// Relays the answer to the client and returns what was used.
+///
+/// An `async` block rather than an `async fn`: an `async fn` moves each by-value argument into a
+/// second slot of its state, and this state lives as long as the answer, so every open stream
+/// would carry a dead copy of the `Answer` (1.3 KB).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep a second copy of `answer` in its state"
+)]
+pub fn relay<'a>(
+    gw: &'a Gateway,
+    session: &'a mut Session,
+    ctx: &'a mut RequestCtx,
+    req: &'a ChatRequest,
+    mut answer: Answer,
+) -> impl std::future::Future<Output = Outcome> + Send + 'a {
+    async move {
+        let p = &gw.conf.providers[answer.upstream.provider];
+        let mut out = Outcome {
+            status: answer.status,
+            provider: Some(answer.upstream.provider_name.clone()),
+            model: Some(answer.upstream.model.clone()),
+            attempts: answer.attempts,
+            ..Outcome::answered(answer.status)
+        };
+        // Only the stream's relay is awaited in place: this future lives as long as the answer
+        // (minutes for a stream), so the other branches' larger state machines are boxed and live
+        // only while they run.
+        if !(200..300).contains(&answer.status) {
+            let refused = Box::pin(async {
+                let body = read_all(&mut answer, p.idle_timeout)
+                    .await
+                    .map(|(b, _)| b)
+                    .unwrap_or_default();
+                let e = upstream_error(answer.status, &body, &p.name);
+                if answer.status == 429
+                    && let Some(r) = upstream_retry(&answer)
+                {
+                    ctx.set_upstream_retry(r);
+                }
+                out.status = e.status();
+                out.error_code = Some(e.code().to_owned());
+                upstream::release(&gw.connector, answer).await;
+                let _ = write_error(session, ctx, &e).await;
+            });
+            refused.await;
+            return out;
+        }
+        let tier = &gw.conf.tiers[req.tier];
+        let speaks = Dialect::of_upstream(p, req.client);
+        if req.stream {
+            let shown = gw.shown_models[req.tier].as_deref();
+            let mut stream = Stream::new(req.client, speaks, req.client_wants_usage, shown);
+            relay_stream(gw, session, ctx, req, &mut answer, &mut out, &mut stream).await;
+        } else {
+            let shown = match tier.response_model {
+                ResponseModel::Tier => Some(tier.name.as_str()),
+                ResponseModel::Upstream => None,
+            };
+            let json = Box::pin(relay_json(
+                session,
+                ctx,
+                req,
+                &mut answer,
+                &mut out,
+                p.idle_timeout,
+                (speaks, shown),
+            ));
+            json.await;
+        }
+        out.provider_cost = out
+            .usage
+            .cost(
+                &answer.upstream.cost,
+                &answer.upstream.cache,
+                Rounding::Conservative,
+            )
+            .unwrap_or(NanoUsd::ZERO);
+        let released = Box::pin(upstream::release(&gw.connector, answer));
+        released.await;
+        out
+    }
+}
+
+/// Reads an upstream's whole body (bounded), see [`upstream::read_body`].
+async fn read_all(
+    answer: &mut Answer,
+    timeout: std::time::Duration,
+) -> Result<(Bytes, Option<serde_json::Value>), String> {
+    upstream::read_body(&mut answer.session, timeout, MAX_JSON_ANSWER).await
+}
+
+/// Whether the client has closed its connection (a FIN waiting on the socket), looked at once
+/// without waiting: one read of the socket, before the answer's first byte is written.
+fn client_left(session: &mut Session) -> bool {
+    matches!(
+        session.as_mut().read_body_or_idle(true).now_or_never(),
+        Some(Err(_))
+    )
+}
+
+async fn relay_json(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    req: &ChatRequest,
+    answer: &mut Answer,
+    out: &mut Outcome,
+    timeout: std::time::Duration,
+    (speaks, shown): (Dialect, Option<&str>),
+) {
+    let pre_read = answer.body.take().map(|b| (b, answer.json.take()));
+    let read = match pre_read {
+        Some(b) => Ok(b),
+        None => read_all(answer, timeout).await,
+    };
+    let (body, parsed) = match read {
+        Ok(b) => b,
+        Err(detail) => {
+            let e = ApiError::UpstreamUnavailable { detail };
+            out.status = e.status();
+            out.error_code = Some(e.code().to_owned());
+            let _ = write_error(session, ctx, &e).await;
+            return;
+        }
+    };
+    let v = match parsed {
+        Some(v) => v,
+        None => serde_json::from_slice(&body).unwrap_or_default(),
+    };
+    let (body, usage) = dialect::json_answer(req.client, speaks, body, v, shown);
+    out.usage = usage.unwrap_or_else(|| Usage {
+        input_tokens: req.counted_input_tokens(),
+        output_tokens: dialect::counted_json_output_tokens(req.client, &body),
+        ..Usage::default()
+    });
+    if client_left(session) {
+        // Gone while the upstream answered: nothing reached the client, nothing is billed.
+        out.error_code = Some("client_disconnected".into());
+        out.usage = Usage::default();
+        return;
+    }
+    ctx.first_byte = Some(Instant::now());
+    let written = async {
+        session
+            .write_response_header(
+                response_header(200, "application/json", ctx, Some(body.len()))?,
+                false,
+            )
+            .await
+    }
+    .await;
+    if written.is_err() {
+        // The client left before anything reached it: nothing to bill.
+        out.error_code = Some("client_disconnected".into());
+        out.usage = Usage::default();
+        return;
+    }
+    // Written once the settlement is journaled (`record`).
+    out.tail = Some(body);
+}
+
+/// What ends a stream early.
+fn fault_error(f: Fault, provider: &str) -> ApiError {
+    match f {
+        Fault::Malformed => ApiError::UpstreamMalformed {
+            detail: format!("{provider} sent an event that is not JSON"),
+        },
+        Fault::Incomplete => ApiError::UpstreamIncomplete {
+            detail: format!("the stream from {provider} ended before its last event"),
+        },
+        Fault::Upstream(e) => e,
+    }
+}
+
+async fn relay_stream(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    req: &ChatRequest,
+    answer: &mut Answer,
+    out: &mut Outcome,
+    stream: &mut Stream<'_>,
+) {
+    let p = &gw.conf.providers[answer.upstream.provider];
+    if client_left(session) {
+        // Gone while the upstream prepared its answer: nothing reached the client, nothing is
+        // billed.
+        out.error_code = Some("client_disconnected".into());
+        return;
+    }
+    let header = match response_header(200, "text/event-stream", ctx, None) {
+        Ok(h) => h,
+        Err(_) => return,
+    };
+    // Boxed for the reason given at `write_body`, in a block so the box is freed once written.
+    let written = {
+        let writing = Box::pin(session.write_response_header(header, false));
+        writing.await
+    };
+    if written.is_err() {
+        out.error_code = Some("client_disconnected".into());
+        return;
+    }
+    answer.session.set_read_timeout(Some(p.idle_timeout));
+    let mut failed: Option<ApiError> = None;
+    // What the client has had of the stream: a write that fails is not billed.
+    let mut delivered = stream.tally.mark();
+    // A read already made while gathering (see below), handled before reading again.
+    let mut ahead: Option<pingora::Result<Option<Bytes>>> = None;
+    loop {
+        let read = match ahead.take() {
+            Some(r) => r,
+            None => {
+                // A graceful shutdown's deadline ends the stream here, billed for what was
+                // delivered (see `drain`). The cut comes first: a fast upstream must not keep
+                // the stream going past it.
+                tokio::select! {
+                    biased;
+                    () = gw.drain.cut.wait() => {
+                        failed = Some(ApiError::ShuttingDown);
+                        break;
+                    }
+                    r = answer.session.read_response_body() => r,
                 }
             }
-        }
-        out.freeze()
-    }
-
-    /// What is left when the upstream ends (an unterminated last event), passed through as is.
-    pub fn finish(&mut self) -> Bytes {
-        let rest = self.carry.split().freeze();
-        if !rest.is_empty() && self.usage.is_none() {
-            push_content_literals(&rest, &mut self.uncounted);
-        }
-        rest
-    }
-
-    /// Records what the event tells and decides whether the client gets it.
-    fn keep(&mut self, event: &[u8]) -> bool {
-        if contains(event, b"\"usage\"")
-            && let Some(v) = event_json(event)
-            && let Some(u) = usage_of(&v)
-        {
-            self.usage = Some(u);
-            self.uncounted = Vec::new();
-            let only_usage = v
-                .get("choices")
-                .and_then(Value::as_array)
-                .is_some_and(Vec::is_empty);
-            return !only_usage || self.client_wants_usage;
-        }
-        if !contains(event, b"[DONE]") {
-            self.events += 1;
-            if self.usage.is_none() {
-                push_content_literals(event, &mut self.uncounted);
-            }
-        }
-        true
-    }
-
-    /// Where the relay stands, taken after each successful write to the client.
-    pub fn delivered(&self) -> Delivered {
-        Delivered {
-            uncounted: self.uncounted.len(),
-            events: self.events,
-            usage: self.usage,
-        }
-    }
-
-    /// The client never got what was fed after `mark` (its write failed): forget it, so a
-    /// disconnect is billed for exactly the events that reached the client.
-    pub fn undeliver(&mut self, mark: Delivered) {
-        self.uncounted.truncate(mark.uncounted);
-        self.events = mark.events;
-        self.usage = mark.usage;
-    }
-
-    /// Output tokens when the upstream reported none: the relayed text, counted with tiktoken.
-    pub fn counted_output_tokens(&self) -> u64 {
-        let mut list = Vec::with_capacity(self.uncounted.len() + 2);
-        list.push(b'[');
-        list.extend_from_slice(&self.uncounted);
-        list.push(b']');
-        let text = serde_json::from_slice::<Vec<String>>(&list)
-            .map(|parts| parts.concat())
-            .unwrap_or_else(|_| String::from_utf8_lossy(&self.uncounted).into_owned());
-        count_tokens(&text)
-    }
-}
-
-/// Appends the string value of each `"content"` key in an event to `out`, as a JSON literal
-/// (a `null` or non-string content is skipped). Keys only: a quote inside a JSON string is
-/// escaped, so `"content"` followed by a colon cannot come from inside a value.
-fn push_content_literals(event: &[u8], out: &mut Vec<u8>) {
-    let mut rest = event;
-    while let Some(at) = memchr::memmem::find(rest, b"\"content\"") {
-        rest = &rest[at + b"\"content\"".len()..];
-        let Some(value) = rest.trim_ascii_start().strip_prefix(b":") else {
-            continue;
         };
-        let Some(body) = value.trim_ascii_start().strip_prefix(b"\"") else {
-            continue;
-        };
-        let mut i = 0;
-        let end = loop {
-            match body.get(i) {
-                Some(b'\\') => i += 2,
-                Some(b'"') => break Some(i),
-                Some(_) => i += 1,
-                None => break None,
+        let mut pass = BytesMut::new();
+        let fed = match read {
+            Ok(Some(chunk)) => stream.feed(&chunk, &mut pass),
+            Ok(None) => stream.finish(&mut pass),
+            Err(e) => {
+                let detail = format!(
+                    "the stream from {} broke off ({})",
+                    p.name,
+                    e.etype().as_str()
+                );
+                failed = Some(if matches!(e.etype(), pingora::ErrorType::ReadTimedout) {
+                    ApiError::UpstreamTimeout { detail }
+                } else {
+                    ApiError::UpstreamUnavailable { detail }
+                });
+                // What the stream had whole before it broke still goes out.
+                out.tail = Some(pass.freeze());
+                break;
             }
         };
-        let Some(end) = end else {
+        // What the upstream has already sent goes out in the same write: one system call and
+        // one TCP segment for events that arrived together, where writing each chunk as read
+        // cost a system call per event. Nothing waits for more: only reads that complete at
+        // once are gathered (Pingora's body reads resume safely).
+        let mut fed = fed;
+        while fed.is_ok() && !stream.complete && pass.len() < GATHER_MAX {
+            match answer.session.read_response_body().now_or_never() {
+                Some(Ok(Some(more))) => fed = stream.feed(&more, &mut pass),
+                Some(r) => {
+                    ahead = Some(r);
+                    break;
+                }
+                None => break,
+            }
+        }
+        if let Err(f) = fed {
+            failed = Some(fault_error(f, &p.name));
+            out.tail = Some(pass.freeze());
+            break;
+        }
+        if stream.complete {
+            // Whole at its terminal event, whatever the upstream's connection does next: the
+            // end goes out once its settlement is journaled (`record`). The framing's end may
+            // already be here, and the connection then goes back to the pool.
+            if !answer.session.response_done() {
+                let _ = answer.session.read_response_body().now_or_never();
+            }
+            out.tail = Some(pass.freeze());
+            break;
+        }
+        if pass.is_empty() {
+            continue;
+        }
+        ctx.first_byte.get_or_insert_with(Instant::now);
+        if write_body(session, pass.freeze(), false).await.is_err() {
+            // The client left: stop the upstream (the session is not reused) and bill what
+            // reached the client, not the events of the write that failed.
+            stream.tally.undeliver(delivered);
+            out.error_code = Some("client_disconnected".into());
+            answer.session.shutdown().await;
+            break;
+        }
+        delivered = stream.tally.mark();
+    }
+    if let Some(e) = failed {
+        let mut tail = BytesMut::from(&out.tail.take().unwrap_or_default()[..]);
+        tail.extend_from_slice(&stream.error_event(&e));
+        out.tail = Some(tail.freeze());
+        out.error_code = Some(e.code().to_owned());
+        if stream.tally.events == 0 {
+            // Nothing was generated: the request costs nothing.
             return;
-        };
-        if !out.is_empty() {
-            out.push(b',');
-        }
-        out.push(b'"');
-        out.extend_from_slice(&body[..end]);
-        out.push(b'"');
-        rest = &body[end + 1..];
-    }
-}
-
-/// Appends the `content` of each choice's `field` (`message` in answers, `delta` in chunks).
-fn push_choice_text(v: &Value, field: &str, text: &mut String) {
-    let choices = v
-        .get("choices")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten();
-    for c in choices {
-        if let Some(t) = c
-            .get(field)
-            .and_then(|m| m.get("content"))
-            .and_then(Value::as_str)
-        {
-            text.push_str(t);
         }
     }
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    memchr::memmem::find(hay, needle).is_some()
-}
-
-/// The JSON of an event's `data:` line(s).
-fn event_json(event: &[u8]) -> Option<Value> {
-    let mut data = Vec::new();
-    for line in event.split(|b| *b == b'\n') {
-        if let Some(d) = line.strip_prefix(b"data:") {
-            data.extend_from_slice(d.trim_ascii());
-        }
+    if out.tail.as_ref().is_some_and(|t| !t.is_empty()) {
+        ctx.first_byte.get_or_insert_with(Instant::now);
     }
-    serde_json::from_slice(&data).ok()
-}
-
-/// Output tokens of a whole JSON answer without `usage`.
-pub fn counted_json_output_tokens(v: &Value) -> u64 {
-    let mut text = String::new();
-    push_choice_text(v, "message", &mut text);
-    count_tokens(&text)
-}
-
-/// Counts tokens with the `o200k_base` encoding (loaded once, on first use or at start).
-pub fn count_tokens(text: &str) -> u64 {
-    if text.is_empty() {
-        return 0;
-    }
-    match tokenizer() {
-        Some(bpe) => bpe.encode_ordinary(text).len() as u64,
-        // Without a tokenizer, one token per byte is an upper bound for byte-level BPE.
-        None => text.len() as u64,
-    }
-}
-
-/// Loads the tokenizer; call it at start so the first request without usage does not wait.
-pub fn tokenizer() -> Option<&'static tiktoken_rs::CoreBPE> {
-    static BPE: OnceLock<Option<tiktoken_rs::CoreBPE>> = OnceLock::new();
-    BPE.get_or_init(|| tiktoken_rs::o200k_base().ok()).as_ref()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn chunk(content: &str) -> String {
-        format!(
-            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}}}}]}}\n\n"
-        )
-    }
-    #[test]
-    fn a_write_that_failed_is_not_counted() {
-        let mut sse = SseRelay::new(false);
-        let _ = sse.feed(chunk("one").as_bytes());
-        let _ = sse.feed(chunk(" two").as_bytes());
-        let mark = sse.delivered();
-        let _ = sse.feed(chunk(" three four five").as_bytes());
-        let all = sse.counted_output_tokens();
-        sse.undeliver(mark);
-        assert_eq!(sse.events, 2);
-        assert_eq!(sse.counted_output_tokens(), count_tokens("one two"));
-        assert!(sse.counted_output_tokens() < all);
-    }
-
-    const USAGE: &str =
-        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\n";
-
-    #[test]
-    fn splits_events_across_chunks_and_drops_the_usage_chunk_when_not_asked() {
-        let stream = format!("{}{}{}data: [DONE]\n\n", chunk("Hel"), chunk("lo"), USAGE);
-        for cut in 1..stream.len() {
-            let mut r = SseRelay::new(false);
-            let mut out = Vec::new();
-            out.extend_from_slice(&r.feed(&stream.as_bytes()[..cut]));
-            out.extend_from_slice(&r.feed(&stream.as_bytes()[cut..]));
-            out.extend_from_slice(&r.finish());
-            let expected = format!("{}{}data: [DONE]\n\n", chunk("Hel"), chunk("lo"));
-            assert_eq!(
-                String::from_utf8(out).expect("utf8"),
-                expected,
-                "cut at {cut}"
-            );
-            assert_eq!(
-                r.usage,
-                Some(Usage {
-                    input_tokens: 7,
-                    output_tokens: 3
-                })
-            );
-        }
-    }
-
-    #[test]
-    fn counts_only_the_content_strings_of_a_stream_without_usage() {
-        let stream = concat!(
-            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null}}]}\n\n",
-            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"He said \\\"hi\\\"\\n\"}}]}\n\n",
-            "data: {\"choices\": [{\"index\": 0, \"delta\": {\"content\": \"caf\\u00e9 \"}}]}\n\n",
-            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"{\\\"content\\\":\\\"no\\\"}\"}}]}}]}\n\n",
-            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"done\"}}]}",
-        );
-        let mut r = SseRelay::new(false);
-        let out = r.feed(stream.as_bytes());
-        let rest = r.finish();
-        assert_eq!([&out[..], &rest[..]].concat(), stream.as_bytes());
-        assert_eq!(r.events, 4);
-        assert_eq!(
-            r.counted_output_tokens(),
-            count_tokens("He said \"hi\"\ncafé done")
-        );
-        // What is kept is the text, not the events.
-        assert!(
-            r.uncounted.len() < 64,
-            "{}",
-            String::from_utf8_lossy(&r.uncounted)
-        );
-    }
-
-    #[test]
-    fn keeps_the_usage_chunk_when_asked_and_counts_text_without_usage() {
-        let mut r = SseRelay::new(true);
-        let out = r.feed(format!("{}{}", chunk("hi"), USAGE).as_bytes());
-        assert!(String::from_utf8_lossy(&out).contains("usage"));
-        let mut r = SseRelay::new(false);
-        let _ = r.feed(format!("{}{}data: [DONE]\n\n", chunk("Hello"), chunk(" world")).as_bytes());
-        assert_eq!(r.usage, None);
-        assert_eq!(r.counted_output_tokens(), count_tokens("Hello world"));
-        assert!(r.counted_output_tokens() >= 2);
-    }
+    let t = &stream.tally;
+    out.usage = t.usage.unwrap_or_else(|| Usage {
+        output_tokens: t.counted_output_tokens(),
+        ..t.input.unwrap_or_else(|| Usage {
+            input_tokens: req.counted_input_tokens(),
+            ..Usage::default()
+        })
+    });
 }

@@ -4,8 +4,9 @@
 //! 64 KiB of a body read in `request_filter`; we send it ourselves, see `upstream`). It is parsed
 //! once; the upstream copy differs only in `model` and, for streams, `stream_options`.
 
+use super::dialect::{Dialect, messages, responses};
 use super::error::ApiError;
-use crate::conf::{Conf, Tier};
+use crate::conf::{Conf, Tier, TierKind};
 use bytes::{Bytes, BytesMut};
 use pingora::proxy::Session;
 use serde_json::{Map, Value};
@@ -15,9 +16,14 @@ pub const MAX_OUTPUT_TOKENS: u64 = 1_000_000;
 /// Larger `n` values are refused.
 pub const MAX_CHOICES: u64 = 16;
 
-/// A validated chat-completions request.
+/// A validated model request, in chat-completions form whatever its dialect.
 pub struct ChatRequest {
     pub tier: usize,
+    /// The dialect the client speaks.
+    pub client: Dialect,
+    /// The client's own body when it is not chat completions: what an upstream of the same
+    /// dialect gets, with only `model` replaced (let go with `body`, see [`ChatRequest::sent`]).
+    pub native: Option<Box<Map<String, Value>>>,
     /// The parsed body, while upstream bodies are still to be made ([`ChatRequest::sent`] lets
     /// it go: a stream can stay open for minutes, and a long chat parsed is several times its
     /// size in bytes).
@@ -134,20 +140,45 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// Parses and checks a chat-completions body against the conf's tiers.
-pub fn parse_chat(conf: &Conf, body: &Bytes) -> Result<ChatRequest, ApiError> {
+/// A request body as a JSON object.
+fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::InvalidRequest {
         message: format!(
             "We could not parse the JSON body of your request ({e}). Send a JSON object."
         ),
         param: None,
     })?;
-    let Value::Object(map) = value else {
-        return Err(ApiError::InvalidRequest {
+    match value {
+        Value::Object(map) => Ok(map),
+        _ => Err(ApiError::InvalidRequest {
             message: "The request body must be a JSON object.".into(),
             param: None,
-        });
-    };
+        }),
+    }
+}
+
+/// Parses and checks a request body of `client`'s dialect against the conf's tiers: the body
+/// as chat completions, and the client's own body for upstreams that speak its dialect.
+pub fn parse_request(conf: &Conf, client: Dialect, raw: Bytes) -> Result<ChatRequest, ApiError> {
+    match client {
+        Dialect::Chat => parse_chat(conf, &raw, raw.len()),
+        Dialect::Embeddings => parse_embeddings(conf, raw),
+        Dialect::Messages | Dialect::Responses => {
+            let native = json_object(&raw)?;
+            let chat = match client {
+                Dialect::Messages => messages::request_to_chat(&native)?,
+                _ => responses::request_to_chat(&native)?,
+            };
+            let mut req = parse_chat(conf, &chat, raw.len())?;
+            req.client = client;
+            req.native = Some(Box::new(native));
+            Ok(req)
+        }
+    }
+}
+
+/// The tier named by a body's `model`, which must serve `kind`.
+fn tier_of(conf: &Conf, map: &Map<String, Value>, kind: TierKind) -> Result<usize, ApiError> {
     let model = match map.get("model") {
         Some(Value::String(m)) => m.clone(),
         None | Some(Value::Null) => {
@@ -176,6 +207,95 @@ pub fn parse_chat(conf: &Conf, body: &Bytes) -> Result<ChatRequest, ApiError> {
                 .collect::<Vec<_>>()
                 .join(", "),
         })?;
+    if conf.tiers[tier].kind != kind {
+        let (what, route) = match conf.tiers[tier].kind {
+            TierKind::Embeddings => ("an embeddings model", "/v1/embeddings"),
+            TierKind::Chat => (
+                "a chat model",
+                "/v1/chat/completions, /v1/responses or /v1/messages",
+            ),
+        };
+        let fitting: Vec<&str> = conf
+            .tiers
+            .iter()
+            .filter(|t| t.kind == kind)
+            .map(|t| t.name.as_str())
+            .collect();
+        return Err(ApiError::invalid(
+            "model",
+            format!(
+                "`{}` is {what}: send it to {route}. Models for this endpoint: {}.",
+                conf.tiers[tier].name,
+                if fitting.is_empty() {
+                    "none".to_owned()
+                } else {
+                    fitting.join(", ")
+                }
+            ),
+        ));
+    }
+    Ok(tier)
+}
+
+/// Parses and checks an embeddings body: `input` a string, strings, or token arrays, none
+/// empty; `encoding_format` and `dimensions` passed on as they are. The hold is the input bound
+/// alone (the body's length: each token of a token array takes at least one byte of it too).
+fn parse_embeddings(conf: &Conf, raw: Bytes) -> Result<ChatRequest, ApiError> {
+    let map = json_object(&raw)?;
+    let tier = tier_of(conf, &map, TierKind::Embeddings)?;
+    let fine = match map.get("input") {
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Array(items)) if !items.is_empty() => {
+            items
+                .iter()
+                .all(|i| i.as_str().is_some_and(|s| !s.is_empty()))
+                || items.iter().all(Value::is_u64)
+                || items.iter().all(|i| {
+                    i.as_array()
+                        .is_some_and(|t| !t.is_empty() && t.iter().all(Value::is_u64))
+                })
+        }
+        _ => false,
+    };
+    if !fine {
+        return Err(ApiError::invalid(
+            "input",
+            "`input` must be a non-empty string, a list of non-empty strings, a list of token ids, or a list of such lists.",
+        ));
+    }
+    match map.get("encoding_format") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(f)) if f == "float" || f == "base64" => {}
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "encoding_format",
+                "`encoding_format` must be \"float\" or \"base64\".",
+            ));
+        }
+    }
+    positive_int(
+        map.get("dimensions").unwrap_or(&Value::Null),
+        "dimensions",
+        1_000_000,
+    )?;
+    Ok(ChatRequest {
+        tier,
+        client: Dialect::Embeddings,
+        input_upper_bound: raw.len() as u64,
+        native: Some(Box::new(map)),
+        body: Map::new(),
+        raw,
+        stream: false,
+        client_wants_usage: false,
+        max_output_tokens: 0,
+    })
+}
+
+/// Parses and checks a chat-completions body against the conf's tiers. `client_len` is the
+/// length of the body as the client sent it (in another dialect, it may be longer).
+fn parse_chat(conf: &Conf, body: &Bytes, client_len: usize) -> Result<ChatRequest, ApiError> {
+    let map = json_object(body)?;
+    let tier = tier_of(conf, &map, TierKind::Chat)?;
     let images = match map.get("messages") {
         Some(Value::Array(msgs)) if !msgs.is_empty() => {
             for (i, m) in msgs.iter().enumerate() {
@@ -239,20 +359,29 @@ pub fn parse_chat(conf: &Conf, body: &Bytes) -> Result<ChatRequest, ApiError> {
         .unwrap_or(u64::from(t.default_max_output_tokens.get()));
     Ok(ChatRequest {
         tier,
+        client: Dialect::Chat,
+        native: None,
         body: map,
         raw: body.clone(),
         stream,
         client_wants_usage,
         max_output_tokens: per_choice * n,
-        input_upper_bound: (body.len() as u64)
+        input_upper_bound: (body.len().max(client_len) as u64)
             .saturating_add(images.saturating_mul(t.image_input_tokens_max)),
     })
 }
 
 impl ChatRequest {
-    /// The body sent to an upstream: `model` rewritten, and for streams usage always requested.
-    /// Written straight from the parsed body (no copy of it, however large its messages).
-    pub fn upstream_body(&self, upstream_model: &str) -> Bytes {
+    /// The body sent to an upstream that speaks `speaks`: the client's own body when it
+    /// speaks the client's dialect, else the chat body; `model` rewritten, and for chat streams
+    /// usage always requested. Written straight from the parsed body (no copy of it, however
+    /// large its messages).
+    pub fn upstream_body(&self, speaks: Dialect, upstream_model: &str) -> Bytes {
+        if speaks == self.client
+            && let Some(native) = &self.native
+        {
+            return write_body(native, upstream_model, None, self.input_upper_bound);
+        }
         let stream_options = if self.stream {
             match self.body.get("stream_options") {
                 None => Some(Map::new()),
@@ -267,19 +396,39 @@ impl ChatRequest {
         } else {
             None
         };
-        let body = UpstreamBody {
-            body: &self.body,
-            model: upstream_model,
-            stream_options: stream_options.as_ref(),
-        };
-        let mut out = Vec::with_capacity(self.input_upper_bound as usize + 64);
-        let _ = serde_json::to_writer(&mut out, &body);
-        Bytes::from(out)
+        write_body(
+            &self.body,
+            upstream_model,
+            stream_options.as_ref(),
+            self.input_upper_bound,
+        )
     }
 
-    /// Lets the parsed body go once the request has been sent.
+    /// Lets the parsed bodies go once the request has been sent.
     pub fn sent(&mut self) {
         self.body = Map::new();
+        self.native = None;
+    }
+
+    /// Input tokens when an upstream reports no usage: the prompt's text counted with tiktoken,
+    /// or the token ids an embeddings request sent.
+    pub fn counted_input_tokens(&self) -> u64 {
+        if self.client == Dialect::Embeddings {
+            let body: Value = serde_json::from_slice(&self.raw).unwrap_or_default();
+            return match &body["input"] {
+                Value::String(s) => super::tokens::count_tokens(s),
+                Value::Array(items) => items
+                    .iter()
+                    .map(|i| match i {
+                        Value::String(s) => super::tokens::count_tokens(s),
+                        Value::Array(ids) => ids.len() as u64,
+                        _ => 1,
+                    })
+                    .sum(),
+                _ => 0,
+            };
+        }
+        super::tokens::count_tokens(&self.prompt_text())
     }
 
     /// The prompt's text, for counting input tokens when an upstream reports no usage (rare, so
@@ -305,6 +454,22 @@ impl ChatRequest {
         }
         out
     }
+}
+
+fn write_body(
+    body: &Map<String, Value>,
+    model: &str,
+    stream_options: Option<&Value>,
+    size: u64,
+) -> Bytes {
+    let body = UpstreamBody {
+        body,
+        model,
+        stream_options,
+    };
+    let mut out = Vec::with_capacity(size.min(64 * 1024 * 1024) as usize + 64);
+    let _ = serde_json::to_writer(&mut out, &body);
+    Bytes::from(out)
 }
 
 /// The client's body with `model` (and, for streams, `stream_options`) replaced.
@@ -343,6 +508,8 @@ mod tests {
     fn upstream(body: &Value, stream: bool, model: &str) -> Value {
         let req = ChatRequest {
             tier: 0,
+            client: Dialect::Chat,
+            native: None,
             body: body.as_object().expect("an object").clone(),
             raw: Bytes::new(),
             stream,
@@ -350,7 +517,7 @@ mod tests {
             max_output_tokens: 1,
             input_upper_bound: 64,
         };
-        serde_json::from_slice(&req.upstream_body(model)).expect("JSON")
+        serde_json::from_slice(&req.upstream_body(Dialect::Chat, model)).expect("JSON")
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! named after it. Every request is answered in `request_filter` (returning `true`), so Pingora's
 //! proxy loop, and its 64 KiB retry-buffer limit on bodies, never handles our traffic.
 
+use super::ctx::RequestCtx;
+use super::dialect::Dialect;
 use super::error::ApiError;
+use super::respond::{write_error, write_json};
 use super::state::Gateway;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -11,7 +14,6 @@ use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 use std::sync::Arc;
-use std::time::Instant;
 
 /// How long a request that arrives while the gateway starts waits for it to be ready.
 const STARTUP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -23,57 +25,6 @@ pub struct GatewayService {
 impl GatewayService {
     pub fn new(gateway: Arc<Gateway>) -> Self {
         GatewayService { gateway }
-    }
-}
-
-/// Per-request state: written by the phase named in each comment, read when the request is logged.
-#[derive(Debug)]
-pub struct RequestCtx {
-    /// Set at creation; returned to the client as `x-request-id` and kept in the usage record.
-    pub request_id: String,
-    pub started: Instant,
-    pub started_ms: i64,
-    /// The status sent to the client (request_filter).
-    pub status: u16,
-    /// The tier named by the request, as its index in the conf (chat, step 3).
-    pub tier: Option<usize>,
-    pub stream: bool,
-    /// When the first byte of the answer went to the client (chat, step 6).
-    pub first_byte: Option<Instant>,
-    /// The `x-ratelimit-*` figures for this answer (chat, step 2).
-    pub rate_headers: Option<super::limits::RateHeaders>,
-    /// Seconds for `Retry-After` on a 429.
-    pub retry_after_s: Option<u64>,
-    /// The API shape the client speaks (set by the route).
-    pub format: super::inbound::ClientFormat,
-}
-
-/// A request id: `req_` and 24 hex digits, the first 12 the time in milliseconds, the rest
-/// random. Ids in time order make the store's unique indexes on them (the usage record's
-/// request id, the ledger's reference) grow at their end: a batch then dirties a few index pages
-/// instead of one page per row, which made usage writing several times cheaper on SQLite.
-fn request_id(now_ms: i64) -> String {
-    let mut id = [0u8; 12];
-    id[..6].copy_from_slice(&now_ms.to_be_bytes()[2..]);
-    id[6..].copy_from_slice(&rand::random::<[u8; 6]>());
-    format!("req_{}", hex::encode(id))
-}
-
-impl Default for RequestCtx {
-    fn default() -> Self {
-        let now_ms = crate::time::now_ms();
-        RequestCtx {
-            request_id: request_id(now_ms),
-            started: Instant::now(),
-            started_ms: now_ms,
-            status: 0,
-            tier: None,
-            stream: false,
-            first_byte: None,
-            rate_headers: None,
-            retry_after_s: None,
-            format: super::inbound::ClientFormat::OpenAi,
-        }
     }
 }
 
@@ -102,7 +53,13 @@ fn observe(gw: &Gateway, path: &str, ctx: &RequestCtx) {
         return;
     }
     let route = match path {
-        "/v1/chat/completions" | "/v1/messages" | "/v1/models" | "/healthz" => path,
+        "/v1/chat/completions"
+        | "/v1/messages"
+        | "/v1/responses"
+        | "/v1/models"
+        | "/v1/completions"
+        | "/v1/messages/count_tokens"
+        | "/healthz" => path,
         p if p.starts_with("/v1/models/") => "/v1/models/{id}",
         _ => "other",
     };
@@ -130,15 +87,42 @@ async fn models(gw: &Gateway, session: &Session) -> std::result::Result<Bytes, A
     }
 }
 
-async fn respond_json(session: &mut Session, status: u16, body: Bytes) -> Result<()> {
-    // Room for Pingora's `date` and `connection` too.
-    let mut header = ResponseHeader::build_no_case(status, Some(4))?;
-    header.insert_header("content-type", "application/json")?;
-    header.insert_header("content-length", body.len().to_string())?;
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session.write_response_body(Some(body), true).await
+/// The routes served, by path: what a wrong method on one of them is told.
+fn known_path(p: &str) -> bool {
+    matches!(
+        p,
+        "/healthz"
+            | "/v1/models"
+            | "/v1/chat/completions"
+            | "/v1/messages"
+            | "/v1/responses"
+            | "/v1/embeddings"
+    ) || p.starts_with("/v1/models/")
+}
+
+/// A CORS preflight for an allowed origin: 204 with what the SDKs send (`[gateway.cors]`).
+async fn preflight(gw: &Gateway, session: &mut Session, origin: &str) -> Result<()> {
+    let mut h = ResponseHeader::build_no_case(204, Some(8))?;
+    h.insert_header("access-control-allow-origin", origin)?;
+    h.insert_header("vary", "origin")?;
+    h.insert_header("access-control-allow-methods", "GET, POST, OPTIONS")?;
+    // The headers the browser says the request will carry (the SDKs add their own x-stainless-*
+    // ones): a key is what authorizes a request, not its headers.
+    let asked = session
+        .req_header()
+        .headers
+        .get("access-control-request-headers")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 4096)
+        .unwrap_or("authorization, content-type")
+        .to_owned();
+    h.insert_header("access-control-allow-headers", asked)?;
+    h.insert_header(
+        "access-control-max-age",
+        gw.conf.gateway.cors.max_age_s.to_string(),
+    )?;
+    h.insert_header("content-length", "0")?;
+    session.write_response_header(Box::new(h), true).await
 }
 
 #[async_trait]
@@ -170,32 +154,50 @@ impl ProxyHttp for GatewayService {
                 waiting.await.is_ok()
             };
             if !ready {
-                let writing = Box::pin(super::chat::write_error(
-                    session,
-                    ctx,
-                    &ApiError::StoreUnavailable,
-                ));
+                let writing = Box::pin(write_error(session, ctx, &ApiError::StoreUnavailable));
                 writing.await?;
                 observe(&self.gateway, &path, ctx);
                 return Ok(true);
             }
         }
+        if !self.gateway.conf.gateway.cors.allowed_origins.is_empty()
+            && let Some(origin) = session
+                .req_header()
+                .headers
+                .get("origin")
+                .and_then(|v| v.to_str().ok())
+                .filter(|o| self.gateway.conf.gateway.cors.allows(o))
+        {
+            ctx.set_cors_origin(origin);
+        }
         let routed: std::result::Result<(), ApiError> = match (method.as_str(), path.as_str()) {
-            ("POST", "/v1/chat/completions" | "/v1/messages") => {
-                if path == "/v1/messages" {
-                    ctx.format = super::inbound::ClientFormat::Anthropic;
-                }
+            (
+                "POST",
+                "/v1/chat/completions" | "/v1/messages" | "/v1/responses" | "/v1/embeddings",
+            ) => {
+                ctx.dialect = match path.as_str() {
+                    "/v1/messages" => Dialect::Messages,
+                    "/v1/responses" => Dialect::Responses,
+                    "/v1/embeddings" => Dialect::Embeddings,
+                    _ => Dialect::Chat,
+                };
                 let r = super::chat::handle(&self.gateway, session, ctx).await;
                 if r.is_ok() && ctx.status == 0 {
                     ctx.status = 200;
                 }
                 r
             }
+            ("OPTIONS", p) if known_path(p) && ctx.cors_origin().is_some() => {
+                let origin = ctx.cors_origin().unwrap_or_default().to_owned();
+                ctx.status = 204;
+                let answering = Box::pin(preflight(&self.gateway, session, &origin));
+                answering.await?;
+                Ok(())
+            }
             ("GET", "/healthz") => {
                 let (status, body) = self.gateway.health();
-                ctx.status = status;
                 let responding =
-                    Box::pin(respond_json(session, ctx.status, Bytes::from_static(body)));
+                    Box::pin(write_json(session, ctx, status, Bytes::from_static(body)));
                 responding.await?;
                 Ok(())
             }
@@ -203,29 +205,29 @@ impl ProxyHttp for GatewayService {
                 let models = Box::pin(models(&self.gateway, session));
                 match models.await {
                     Ok(body) => {
-                        ctx.status = 200;
-                        let responding = Box::pin(respond_json(session, 200, body));
+                        let responding = Box::pin(write_json(session, ctx, 200, body));
                         responding.await?;
                         Ok(())
                     }
                     Err(e) => Err(e),
                 }
             }
-            (_, p)
-                if matches!(
-                    p,
-                    "/healthz" | "/v1/models" | "/v1/chat/completions" | "/v1/messages"
-                ) || p.starts_with("/v1/models/") =>
-            {
-                Err(ApiError::MethodNotAllowed {
-                    method: method.to_string(),
-                    path: path.clone(),
-                })
-            }
+            (_, "/v1/completions") => Err(ApiError::NotServed {
+                path: "/v1/completions",
+                instead: "legacy text completions are not offered; send the prompt as a user message to /v1/chat/completions or as `input` to /v1/responses",
+            }),
+            (_, "/v1/messages/count_tokens") => Err(ApiError::NotServed {
+                path: "/v1/messages/count_tokens",
+                instead: "token counting is not offered; every answer's `usage` has the exact counts the request was billed for",
+            }),
+            (_, p) if known_path(p) => Err(ApiError::MethodNotAllowed {
+                method: method.to_string(),
+                path: path.clone(),
+            }),
             _ => Err(ApiError::NotFound { path: path.clone() }),
         };
         if let Err(e) = routed {
-            let writing = Box::pin(super::chat::write_error(session, ctx, &e));
+            let writing = Box::pin(write_error(session, ctx, &e));
             writing.await?;
         }
         observe(&self.gateway, &path, ctx);
@@ -242,21 +244,5 @@ impl ProxyHttp for GatewayService {
             ErrorType::InternalError,
             "requests are answered in request_filter",
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::request_id;
-
-    #[test]
-    fn request_ids_sort_by_time_and_differ_within_a_millisecond() {
-        let a = request_id(1_764_547_200_000);
-        let b = request_id(1_764_547_200_000);
-        let c = request_id(1_764_547_200_001);
-        assert_eq!(a.len(), 28);
-        assert!(a.starts_with("req_019ad"), "{a}");
-        assert_ne!(a, b);
-        assert!(a < c && b < c);
     }
 }

@@ -39,6 +39,9 @@ pub struct Gateway {
     pub health: super::health::HealthBook,
     /// Each tier's `/v1/models` object, in conf order.
     pub models: Vec<serde_json::Value>,
+    /// What each tier's answers show in `model`, as the inside of a JSON string (`None`: the
+    /// upstream's own), made once rather than per stream.
+    pub shown_models: Vec<Option<Box<[u8]>>>,
     /// Each tier's metric handles, in conf order.
     pub tier_metrics: Vec<super::metrics::TierMetrics>,
     /// Set by the worker once the store is connected and the caches warm: requests that arrive
@@ -87,6 +90,14 @@ impl Gateway {
             picks: conf.tiers.iter().map(|_| AtomicU64::new(0)).collect(),
             health: super::health::HealthBook::new(&conf),
             models: super::models::model_objects(&conf),
+            shown_models: conf
+                .tiers
+                .iter()
+                .map(|t| match t.response_model {
+                    crate::conf::ResponseModel::Tier => Some(super::dialect::escaped(&t.name)),
+                    crate::conf::ResponseModel::Upstream => None,
+                })
+                .collect(),
             tier_metrics: conf
                 .tiers
                 .iter()
@@ -160,6 +171,9 @@ mod tests {
                     stream: false,
                     input_tokens: 0,
                     output_tokens: 0,
+                    cached_input_tokens: 0,
+                    cache_write_tokens: 0,
+                    reasoning_tokens: 0,
                     provider_cost: NanoUsd::ZERO,
                     billed: NanoUsd::ZERO,
                     http_status: 200,

@@ -4,6 +4,7 @@
 //! Connections come from Pingora's own HTTP connector (pooled, kept alive). Addresses are resolved
 //! off the request path (Pingora's peer constructor would resolve with a blocking call).
 
+use super::dialect::Dialect;
 use super::error::ApiError;
 use super::health::{Health, retry_after};
 use crate::conf::{Conf, Provider, Upstream};
@@ -181,15 +182,12 @@ fn peer_for(ep: &Endpoint, p: &Provider) -> Option<Arc<HttpPeer>> {
 fn request_header(
     ep: &Endpoint,
     p: &Provider,
+    speaks: Dialect,
     body_len: usize,
     stream: bool,
 ) -> pingora::Result<RequestHeader> {
-    let anthropic = p.kind == crate::conf::ProviderKind::Anthropic;
-    let path = if anthropic {
-        format!("{}/messages", ep.base_path)
-    } else {
-        format!("{}/chat/completions", ep.base_path)
-    };
+    let anthropic = speaks == Dialect::Messages;
+    let path = format!("{}{}", ep.base_path, speaks.path());
     // Names in lower case: the header stays in the session as long as the answer, and keeping
     // their case would take a second map.
     let mut h = RequestHeader::build_no_case("POST", path.as_bytes(), Some(8))?;
@@ -216,7 +214,7 @@ fn request_header(
         concat!("duang-relay/", env!("CARGO_PKG_VERSION")),
     )?;
     if anthropic {
-        h.insert_header("anthropic-version", super::anthropic::VERSION)?;
+        h.insert_header("anthropic-version", super::dialect::messages::VERSION)?;
         if let Some(key) = &p.api_key {
             h.insert_header("x-api-key", key.expose().as_str())?;
         }
@@ -230,6 +228,7 @@ async fn attempt(
     connector: &Connector,
     ep: &Endpoint,
     p: &Provider,
+    speaks: Dialect,
     body: Bytes,
     stream: bool,
 ) -> Result<(HttpSession, Arc<HttpPeer>), AttemptError> {
@@ -241,7 +240,7 @@ async fn attempt(
             .get_http_session(&*peer)
             .await
             .map_err(|e| classify(&e, &ep.host))?;
-        let header = request_header(ep, p, body.len(), stream)
+        let header = request_header(ep, p, speaks, body.len(), stream)
             .map_err(|e| AttemptError::Connect(e.to_string()))?;
         session.set_write_timeout(Some(p.first_byte_timeout));
         session.set_read_timeout(Some(p.first_byte_timeout));
@@ -286,33 +285,16 @@ fn classify(e: &pingora::Error, host: &str) -> AttemptError {
     }
 }
 
-/// A 2xx answer, parsed, or why it is not a usable one (checked before anything reaches the
-/// client, so the request can still move to the next upstream).
-fn checked(body: &[u8], kind: crate::conf::ProviderKind) -> Result<serde_json::Value, String> {
-    let v: serde_json::Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(_) => return Err("answered 200 with a body that is not JSON".into()),
-    };
-    if let Some(e) = v.get("error") {
-        let m = e["message"].as_str().unwrap_or("no message");
-        return Err(format!("answered 200 with an error: {m}"));
-    }
-    if kind == crate::conf::ProviderKind::Anthropic {
-        if !super::anthropic::is_message(&v) {
-            return Err("answered 200 without a message".into());
-        }
-    } else if !v["choices"].is_array() {
-        return Err("answered 200 without choices".into());
-    }
-    Ok(v)
-}
-
-/// Reads a JSON answer whole (bounded by `limit` bytes, `idle` between reads).
-async fn read_body(
+/// Reads a JSON answer whole (bounded by `limit` bytes, `idle` between reads). The body is
+/// whole at its end by `Content-Length` or chunked framing, or once it is a complete JSON value:
+/// an upstream slow to close its connection after a whole answer does not hold the answer back
+/// (its connection is then not reused). Returns the value when it was parsed on the way.
+pub async fn read_body(
     session: &mut HttpSession,
     idle: Duration,
     limit: usize,
-) -> Result<Bytes, String> {
+) -> Result<(Bytes, Option<serde_json::Value>), String> {
+    use futures_util::FutureExt;
     session.set_read_timeout(Some(idle));
     let mut buf = bytes::BytesMut::new();
     loop {
@@ -322,8 +304,17 @@ async fn read_body(
                     return Err("the answer is too large".into());
                 }
                 buf.extend_from_slice(&chunk);
+                if !session.response_done()
+                    && buf.trim_ascii_end().ends_with(b"}")
+                    && let Ok(v) = serde_json::from_slice(&buf)
+                {
+                    // Whole. Its framing's end may be here already: then the connection can
+                    // be reused.
+                    let _ = session.read_response_body().now_or_never();
+                    return Ok((buf.freeze(), Some(v)));
+                }
             }
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => return Ok((buf.freeze(), None)),
             Err(e) => return Err(format!("the answer broke off ({})", e.etype().as_str())),
         }
     }
@@ -345,6 +336,7 @@ pub async fn send(
     order: &[usize],
     health: &[Health],
     body_for: impl Fn(&Upstream) -> Bytes,
+    client: Dialect,
     stream: bool,
     json_limit: usize,
 ) -> Result<Answer, ApiError> {
@@ -357,7 +349,8 @@ pub async fn send(
         let p = &conf.providers[u.provider];
         let ep = &endpoints[u.provider];
         let now = crate::time::now_ms();
-        match attempt(connector, ep, p, body_for(u), stream).await {
+        let speaks = Dialect::of_upstream(p, client);
+        match attempt(connector, ep, p, speaks, body_for(u), stream).await {
             Ok((mut session, peer)) => {
                 let header = session.response_header();
                 let status = header.map_or(502, |h| h.status.as_u16());
@@ -387,8 +380,12 @@ pub async fn send(
                 if (200..300).contains(&status) && (!stream || !is_sse) {
                     // A JSON answer (or a stream that came back as JSON): read and check it now.
                     let problem = match read_body(&mut session, p.idle_timeout, json_limit).await {
-                        Ok(b) => {
-                            let problem = match checked(&b, p.kind) {
+                        Ok((b, parsed)) => {
+                            let checked = match parsed {
+                                Some(v) => speaks.checked_answer_value(v),
+                                None => speaks.checked_answer(&b),
+                            };
+                            let problem = match checked {
                                 Err(problem) => Some(problem),
                                 Ok(_) if stream => {
                                     Some("answered JSON to a streaming request".into())

@@ -218,7 +218,7 @@ impl BackgroundService for Worker {
         let g = gw.clone();
         let _ = tokio::task::spawn_blocking(move || {
             resolve_all(&g);
-            super::relay::tokenizer();
+            super::tokens::tokenizer();
         })
         .await;
         tracing::info!(keys = gw.keys.len(), instance = %gw.instance_id, "gateway ready");

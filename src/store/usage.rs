@@ -21,6 +21,15 @@ pub struct UsageRecord {
     pub stream: bool,
     pub input_tokens: i64,
     pub output_tokens: i64,
+    /// Of `input_tokens`, read from the upstream's prompt cache.
+    #[serde(default)]
+    pub cached_input_tokens: i64,
+    /// Of `input_tokens`, written to the upstream's prompt cache.
+    #[serde(default)]
+    pub cache_write_tokens: i64,
+    /// Of `output_tokens`, spent on reasoning.
+    #[serde(default)]
+    pub reasoning_tokens: i64,
     /// What the upstream charges us.
     pub provider_cost: NanoUsd,
     /// What the customer pays (the tier's rate).
@@ -46,6 +55,9 @@ impl UsageRecord {
             stream: r.try_get::<i64, _>("stream")? != 0,
             input_tokens: r.try_get("input_tokens")?,
             output_tokens: r.try_get("output_tokens")?,
+            cached_input_tokens: r.try_get("cached_input_tokens")?,
+            cache_write_tokens: r.try_get("cache_write_tokens")?,
+            reasoning_tokens: r.try_get("reasoning_tokens")?,
             provider_cost: NanoUsd::from_nanos(r.try_get("provider_cost_nano")?),
             billed: NanoUsd::from_nanos(r.try_get("billed_nano")?),
             http_status: r.try_get("http_status")?,
@@ -61,7 +73,11 @@ impl UsageRecord {
 
 const USAGE_COLUMNS: &str = "request_id, account_id, key_id, tier, provider, upstream_model, stream, \
      input_tokens, output_tokens, provider_cost_nano, billed_nano, http_status, error_code, attempts, \
-     latency_ms, ttft_ms, started_at, finished_at";
+     latency_ms, ttft_ms, started_at, finished_at, cached_input_tokens, cache_write_tokens, \
+     reasoning_tokens";
+
+/// Columns in [`USAGE_COLUMNS`], and one more: `created_at`.
+const USAGE_PARAMS: usize = 22;
 
 /// Inserts records inside a caller's transaction in one statement; returns the request ids that
 /// were new (a request id already stored is skipped).
@@ -79,11 +95,11 @@ pub(super) async fn insert_usage_rows(
             sql.push(',');
         }
         sql.push('(');
-        for c in 0..19 {
+        for c in 0..USAGE_PARAMS {
             if c > 0 {
                 sql.push(',');
             }
-            super::placeholder(&mut sql, backend, i * 19 + c + 1);
+            super::placeholder(&mut sql, backend, i * USAGE_PARAMS + c + 1);
         }
         sql.push(')');
     }
@@ -110,6 +126,9 @@ pub(super) async fn insert_usage_rows(
             .bind(r.ttft_ms)
             .bind(r.started_at)
             .bind(r.finished_at)
+            .bind(r.cached_input_tokens)
+            .bind(r.cache_write_tokens)
+            .bind(r.reasoning_tokens)
             .bind(now);
     }
     let inserted = q.fetch_all(&mut **tx).await?;

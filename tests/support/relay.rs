@@ -72,6 +72,9 @@ pub const FAULTS: &[&str] = &[
     "malformed",
     "stall",
     "error_body",
+    "truncate",
+    "split",
+    "late_close",
 ];
 
 /// Conf for gateway tests: tiers over the mock and over a dead address, small limits.
@@ -105,6 +108,9 @@ metrics_listen = "127.0.0.1:{metrics}"
 max_request_body_bytes = 6291456
 graceful_shutdown_timeout_ms = 2000
 {gateway_extra}
+[gateway.cors]
+allowed_origins = ["https://chat.example"]
+max_age_s = 300
 
 [store]
 url = "{store_url}"
@@ -179,6 +185,40 @@ input_usd_per_mtok = "0.12"
 output_usd_per_mtok = "0.48"
 upstreams = [{{ provider = "gemini", model = "gemini-fixture-flash" }}]
 
+[tiers.named]
+input_usd_per_mtok = "0.12"
+output_usd_per_mtok = "0.48"
+response_model = "upstream"
+upstreams = [{{ provider = "mock", model = "mock-small" }}]
+
+[tiers.native]
+input_usd_per_mtok = "0.12"
+output_usd_per_mtok = "0.48"
+upstreams = [{{ provider = "mockr", model = "mock-responses" }}]
+
+[tiers.claude_cached]
+input_usd_per_mtok = "3.60"
+output_usd_per_mtok = "18.00"
+cached_input_usd_per_mtok = "0.36"
+default_max_output_tokens = 1000
+upstreams = [{{ provider = "claude", model = "claude-cached" }}]
+
+[tiers.claude_crlf]
+input_usd_per_mtok = "3.60"
+output_usd_per_mtok = "18.00"
+default_max_output_tokens = 1000
+upstreams = [{{ provider = "claude", model = "claude-crlf" }}]
+
+[tiers.embed]
+kind = "embeddings"
+input_usd_per_mtok = "0.02"
+upstreams = [{{ provider = "mock", model = "mock-embed" }}]
+
+[tiers.f_429_only]
+input_usd_per_mtok = "0.12"
+output_usd_per_mtok = "0.48"
+upstreams = [{{ provider = "mock", model = "fault-status-429-retry-7-retryms-6500" }}]
+
 [tiers.slow]
 input_usd_per_mtok = "1"
 output_usd_per_mtok = "1"
@@ -195,13 +235,24 @@ cooldown_after_failures = 3
 cooldown_ms = 1000
 models."mock-small" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
 models."mock-large" = {{ input_usd_per_mtok = "3", output_usd_per_mtok = "15" }}
+models."mock-embed" = {{ input_usd_per_mtok = "0.01", output_usd_per_mtok = "0" }}
 models."fault-nousage" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
+models."fault-status-429-retry-7-retryms-6500" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
 {fault_models}
+[providers.mockr]
+kind = "openai"
+responses_api = true
+base_url = "http://127.0.0.1:{mock_port}/v1"
+api_key_env = "DUANG_TEST_MOCK_KEY"
+models."mock-responses" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
+
 [providers.claude]
 kind = "anthropic"
 base_url = "http://127.0.0.1:{mock_port}/v1"
 api_key_env = "DUANG_TEST_MOCK_KEY"
 models."claude-sonnet" = {{ input_usd_per_mtok = "3", output_usd_per_mtok = "15" }}
+models."claude-crlf" = {{ input_usd_per_mtok = "3", output_usd_per_mtok = "15" }}
+models."claude-cached" = {{ input_usd_per_mtok = "3", output_usd_per_mtok = "15", cached_input_usd_per_mtok = "0.30", cache_write_usd_per_mtok = "3.75" }}
 models."fault-overloaded" = {{ input_usd_per_mtok = "3", output_usd_per_mtok = "15" }}
 
 [providers.gemini]
@@ -297,7 +348,11 @@ impl Node {
             .env("DUANG_TEST_MOCK_KEY", PROVIDER_KEY)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(if std::env::var_os("DUANG_TEST_GATEWAY_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("spawn gateway");
         let mut proc = Proc(child);
@@ -510,6 +565,19 @@ impl Relay {
     pub async fn post(&self, body: serde_json::Value) -> reqwest::Response {
         self.post_raw(body.to_string().into_bytes(), Some(&self.key))
             .await
+    }
+
+    /// POSTs `body` to another API path (`/v1/responses`, ...) with the test key.
+    pub async fn post_to(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .header("x-api-key", &self.key)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
     }
 
     pub async fn post_raw(&self, body: Vec<u8>, key: Option<&str>) -> reqwest::Response {

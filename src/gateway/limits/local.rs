@@ -44,10 +44,13 @@ impl Taken {
     }
 }
 
-fn estimate(rate: &Rate, key: &(u8, i64)) -> (f64, f64) {
+/// The sliding-window estimate for `key`, and what it is made of: the last window's count,
+/// this one's, and how far into this window we are.
+fn estimate(rate: &Rate, key: &(u8, i64)) -> (f64, [f64; 3]) {
     rate.rate_with(key, |c| {
         let f = c.current_interval_fraction;
-        (c.prev_samples as f64 * (1.0 - f) + c.curr_samples as f64, f)
+        let (p, n) = (c.prev_samples as f64, c.curr_samples as f64);
+        (p * (1.0 - f) + n, [p, n, f])
     })
 }
 
@@ -70,17 +73,18 @@ impl LocalLimiter {
         let key = (b'k', caller.key_id);
         let account = (b'a', caller.account_id);
         let _one_at_a_time = self.gate.lock().unwrap_or_else(|p| p.into_inner());
-        let (rk, f) = estimate(&self.requests, &key);
-        let (ra, _) = estimate(&self.requests, &account);
-        let (tk, _) = estimate(&self.tokens, &key);
-        let (ta, _) = estimate(&self.tokens, &account);
+        let (rk, rk_parts) = estimate(&self.requests, &key);
+        let (ra, ra_parts) = estimate(&self.requests, &account);
+        let (tk, tk_parts) = estimate(&self.tokens, &key);
+        let (ta, ta_parts) = estimate(&self.tokens, &account);
+        let f = rk_parts[2];
         let window_left_ms = ((1.0 - f) * WINDOW.as_millis() as f64).ceil() as u64;
         let t = tokens as f64;
         let checks = [
-            (Which::KeyRequests, rk + 1.0),
-            (Which::AccountRequests, ra + 1.0),
-            (Which::KeyTokens, tk + t),
-            (Which::AccountTokens, ta + t),
+            (Which::KeyRequests, rk + 1.0, rk_parts, 1.0),
+            (Which::AccountRequests, ra + 1.0, ra_parts, 1.0),
+            (Which::KeyTokens, tk + t, tk_parts, t),
+            (Which::AccountTokens, ta + t, ta_parts, t),
         ];
         let remaining = |used: f64, limit: u64| (limit as f64 - used).max(0.0) as u64;
         let (req_limit, req_used) = tighter(
@@ -103,13 +107,20 @@ impl LocalLimiter {
             remaining_tokens: remaining(tok_used, tok_limit),
             reset_tokens_ms: window_left_ms,
         };
-        for (which, used) in checks {
+        for (which, used, [prev, curr, f], need) in checks {
             let limit = limits.limit_of(which);
             if used > limit as f64 {
                 return Err(Refusal {
                     which,
                     limit,
-                    retry_after_ms: window_left_ms.max(1),
+                    retry_after_ms: super::sliding_wait_ms(
+                        prev,
+                        curr,
+                        f,
+                        need,
+                        limit as f64,
+                        WINDOW.as_millis() as f64,
+                    ),
                     headers: RateHeaders {
                         remaining_requests: headers
                             .remaining_requests

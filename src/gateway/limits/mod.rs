@@ -166,6 +166,29 @@ pub fn reset_text(ms: u64) -> String {
     }
 }
 
+/// Milliseconds until a sliding-window estimate, `prev × (1 − f) + curr` at fraction `f` of the
+/// current window, leaves room for `need` more under `limit`, if nothing else is taken
+/// meanwhile: later in this window, as the last window's count fades out, or in the next one,
+/// where this window's count fades out in turn. One millisecond more than the exact figure, so
+/// a client that waits what it is told is admitted. What the in-process limiter and the Redis
+/// script (the same formula in Lua) give as `Retry-After`.
+pub fn sliding_wait_ms(prev: f64, curr: f64, f: f64, need: f64, limit: f64, period_ms: f64) -> u64 {
+    let room = limit - need;
+    let windows = if room < 0.0 {
+        // Larger than the limit itself: it never fits; the most a window can ask.
+        2.0
+    } else if curr <= room {
+        if prev <= 0.0 {
+            0.0
+        } else {
+            (1.0 - (room - curr) / prev - f).max(0.0)
+        }
+    } else {
+        (1.0 - f) + (1.0 - room / curr)
+    };
+    (windows * period_ms).ceil() as u64 + 1
+}
+
 /// A request over a limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refusal {
@@ -276,7 +299,39 @@ impl Limiter {
 
 #[cfg(test)]
 mod tests {
-    use super::reset_text;
+    use super::{reset_text, sliding_wait_ms};
+
+    #[test]
+    fn the_wait_is_exactly_until_the_estimate_leaves_room() {
+        let period = 60_000.0;
+        let estimate = |prev: f64, curr: f64, f: f64, later_ms: f64| {
+            let t = f + later_ms / period;
+            if t < 1.0 {
+                prev * (1.0 - t) + curr
+            } else {
+                curr * (1.0 - (t - 1.0)).max(0.0)
+            }
+        };
+        for (prev, curr, f, need, limit) in [
+            (6.0, 0.0, 0.5, 1.0, 3.0),
+            (0.0, 3.0, 0.5, 1.0, 3.0),
+            (2.0, 2.0, 0.25, 1.0, 3.0),
+            (10.0, 9.0, 0.9, 1.0, 10.0),
+            (1000.0, 400.0, 0.1, 300.0, 1000.0),
+            (0.0, 900.0, 0.0, 200.0, 1000.0),
+        ] {
+            assert!(estimate(prev, curr, f, 0.0) + need > limit, "refused now");
+            let wait = sliding_wait_ms(prev, curr, f, need, limit, period) as f64;
+            assert!(
+                estimate(prev, curr, f, wait) + need <= limit,
+                "admitted after {wait} ms: {prev} {curr} {f}"
+            );
+            assert!(
+                estimate(prev, curr, f, wait - 3.0) + need > limit,
+                "not sooner than {wait} ms: {prev} {curr} {f}"
+            );
+        }
+    }
 
     #[test]
     fn resets_read_like_openais() {

@@ -73,8 +73,14 @@ for i = 3, 4 do
   local p, c = window(KEYS[i])
   prevs[i], curs[i] = p, c
   if p * (1 - f) + c + tokens > limit then
-    local wait = math.ceil((1 - f) * period)
-    if c + tokens > limit then wait = wait + period end
+    -- until the estimate leaves room (`sliding_wait_ms` in limits/mod.rs, the same formula)
+    local room = limit - tokens
+    local windows
+    if room < 0 then windows = 2
+    elseif c <= room then
+      if p > 0 then windows = math.max(0, 1 - (room - c) / p - f) else windows = 0 end
+    else windows = (1 - f) + (1 - room / c) end
+    local wait = math.ceil(windows * period) + 1
     return {0, i, wait, limit, math.max(0, math.floor(limit - p * (1 - f) - c)), math.ceil((1 - f) * period)}
   end
 end
