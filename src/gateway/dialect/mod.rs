@@ -418,14 +418,17 @@ impl<'a> Stream<'a> {
 
     /// The error that ends this stream, as the client's dialect writes it mid-stream.
     pub fn error_event(&mut self, e: &ApiError) -> Bytes {
-        match (&mut self.how, self.client) {
-            (How::Translate(t), _) if matches!(t.to, Encoder::Responses(_)) => match &mut t.to {
-                Encoder::Responses(r) => r.error_event(e),
-                _ => e.sse_event(),
-            },
-            (_, Dialect::Chat | Dialect::Embeddings) => e.sse_event(),
-            (_, Dialect::Messages) => messages::error_event(e),
-            (_, Dialect::Responses) => responses::error_event(e, 0),
+        // A Responses encoder numbers its events; the error is the next one.
+        if let How::Translate(t) = &mut self.how
+            && let Encoder::Responses(r) = &mut t.to
+        {
+            return r.error_event(e);
+        }
+        match self.client {
+            Dialect::Chat | Dialect::Embeddings => e.sse_event(),
+            Dialect::Messages => messages::error_event(e),
+            // Passed through from a Responses upstream: its own numbering is not kept.
+            Dialect::Responses => responses::error_event(e, 0),
         }
     }
 
