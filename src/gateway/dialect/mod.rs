@@ -512,6 +512,73 @@ impl<'a> Stream<'a> {
 mod tests {
     use super::*;
 
+    const ANTHROPIC: &str = include_str!("../../../tests/fixtures/anthropic/stream.sse");
+    const ANTHROPIC_TOOLS: &str = include_str!("../../../tests/fixtures/anthropic/tool_stream.sse");
+    const GEMINI: &str = include_str!("../../../tests/fixtures/gemini/stream.sse");
+    const RESPONSES: &str = include_str!("../../../tests/fixtures/responses/stream.sse");
+
+    /// A recorded stream through one (client, upstream) pair, cut in two at `cut`: what the
+    /// client gets (as LF-framed text, the clock's `created` fields zeroed) and the tally.
+    fn through(client: Dialect, upstream: Dialect, stream: &str, cut: usize) -> (String, Tally) {
+        let mut s = Stream::new(client, upstream, true, Some(b"tier"));
+        let mut out = BytesMut::new();
+        s.feed(&stream.as_bytes()[..cut], &mut out).expect("whole");
+        s.feed(&stream.as_bytes()[cut..], &mut out).expect("whole");
+        s.finish(&mut out).expect("complete");
+        let mut text = String::from_utf8(out.to_vec())
+            .expect("utf8")
+            .replace("\r\n", "\n");
+        for key in ["\"created\":", "\"created_at\":"] {
+            let mut at = 0;
+            while let Some(i) = text[at..].find(key) {
+                let from = at + i + key.len();
+                let to = from
+                    + text[from..]
+                        .find(|c: char| !c.is_ascii_digit())
+                        .unwrap_or(0);
+                text.replace_range(from..to, "0");
+                at = from;
+            }
+        }
+        (text, s.tally)
+    }
+
+    #[test]
+    fn recorded_streams_cut_at_every_byte_and_framed_either_way_come_out_alike() {
+        let pairs = [
+            (Dialect::Messages, Dialect::Messages, ANTHROPIC),
+            (Dialect::Chat, Dialect::Messages, ANTHROPIC),
+            (Dialect::Responses, Dialect::Messages, ANTHROPIC_TOOLS),
+            (Dialect::Chat, Dialect::Messages, ANTHROPIC_TOOLS),
+            (Dialect::Chat, Dialect::Chat, GEMINI),
+            (Dialect::Messages, Dialect::Chat, GEMINI),
+            (Dialect::Responses, Dialect::Chat, GEMINI),
+            (Dialect::Responses, Dialect::Responses, RESPONSES),
+        ];
+        for (client, upstream, fixture) in pairs {
+            let (whole, tally) = through(client, upstream, fixture, 0);
+            assert!(
+                tally.usage.is_some(),
+                "{client:?} from {upstream:?}: usage read"
+            );
+            assert!(!whole.is_empty());
+            for framing in ["\n", "\r\n"] {
+                let framed = fixture.replace('\n', framing);
+                for cut in 0..=framed.len() {
+                    let (out, t) = through(client, upstream, &framed, cut);
+                    assert_eq!(
+                        t.usage, tally.usage,
+                        "{client:?} from {upstream:?} cut at {cut}"
+                    );
+                    assert!(
+                        out == whole,
+                        "{client:?} from {upstream:?}, {framing:?}, cut at {cut}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_model_is_renamed_in_keys_only() {
         let j = br#"{"id":"x","model":"gpt-4.1-nano-2025","choices":[{"delta":{"content":"\"model\": \"no\""}}],"m":{"model" : "also"}}"#;
