@@ -14,8 +14,14 @@ use std::path::PathBuf;
 use std::process::Command;
 use support::relay::Relay;
 
-/// A Python with `openai` and `anthropic` installed: `target/test-python/bin/python`.
+/// A Python with `openai` and `anthropic` installed: `target/test-python/bin/python`, made once
+/// per test binary (the tests here run at the same time, and two `venv`s in one place collide).
 fn python_with_openai() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(make_python).clone()
+}
+
+fn make_python() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-python");
     let python = venv.join("bin/python");
     let ready = python.exists()
