@@ -17,6 +17,8 @@ support::on_both_stores!(
     verification_links_that_are_tampered_expired_or_foreign_are_refused,
     forms_without_a_valid_csrf_token_are_refused,
     log_ins_are_limited_per_account_and_per_address,
+    concurrent_guesses_cannot_slip_under_the_log_in_limit,
+    the_log_in_redirects_only_to_paths_of_this_site,
     a_password_reset_ends_old_sessions_and_its_link_works_once,
     keys_are_shown_once_bounded_and_revocable,
     one_account_never_reaches_anothers_keys,
@@ -1001,4 +1003,58 @@ async fn mails_go_out_over_smtp_when_it_is_on() {
     let r = c.submit("/dashboard", "/verify/resend", &[]).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(r.body.contains("We could not send the mail right now"));
+}
+
+/// Twelve wrong passwords for one account at once, from twelve addresses: the limit is taken
+/// before each password is hashed, so five are checked and the rest wait (the limit was read
+/// before hashing and counted after, and all twelve were checked).
+async fn concurrent_guesses_cannot_slip_under_the_log_in_limit(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    admin
+        .browser([10, 0, 0, 1])
+        .sign_up("gil@example.com")
+        .await;
+    let mut attackers: Vec<_> = (0..12u8).map(|i| admin.browser([10, 0, 1, i])).collect();
+    let guesses = attackers.iter_mut().map(|b| {
+        b.json(
+            Method::POST,
+            "/api/v1/login",
+            Some(json!({"email": "gil@example.com", "password": "wrong password 1"})),
+            None,
+        )
+    });
+    let answers = futures_util::future::join_all(guesses).await;
+    let checked = answers
+        .iter()
+        .filter(|r| r.status == StatusCode::UNAUTHORIZED)
+        .count();
+    let waiting = answers
+        .iter()
+        .filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!((checked, waiting), (5, 7));
+}
+
+/// `next` is followed only to a path of this site; every other form goes to the dashboard, and
+/// none is an error.
+async fn the_log_in_redirects_only_to_paths_of_this_site(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    b.sign_up("hal@example.com").await;
+    for (next, to) in [
+        ("%2Fkeys", "/keys"),
+        ("%2Fusage%3Ftier%3Dbudget", "/usage?tier=budget"),
+        ("https%3A%2F%2Fevil.example", "/dashboard"),
+        ("%2F%2Fevil.example", "/dashboard"),
+        ("%2F%5Cevil.example", "/dashboard"),
+        ("%2F%09%2Fevil.example%2Fx", "/dashboard"),
+        ("%0A%2Fx", "/dashboard"),
+        ("%2F%0D%0ASet-Cookie%3A%20x%3D1", "/dashboard"),
+        ("%2Fcaf%C3%A9", "/dashboard"),
+        ("evil.example", "/dashboard"),
+    ] {
+        let r = b.get(&format!("/login?next={next}")).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "next={next}");
+        assert_eq!(r.location(), to, "next={next}");
+    }
 }

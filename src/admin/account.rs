@@ -81,9 +81,8 @@ pub async fn send_verification(state: &AppState, account: &Account) -> Result<()
     state
         .limits
         .mail
-        .check(&key)
+        .take(&key)
         .map_err(|s| too_many(s, "Too many mails sent to this address"))?;
-    state.limits.mail.hit(&key);
     let expires = now_ms() + VERIFY_TTL.as_millis() as i64;
     let token = state
         .signer
@@ -162,7 +161,9 @@ pub async fn verify_email(state: &AppState, token: &str) -> Result<Account, Admi
     Ok(state.store.mark_verified(account.id).await?)
 }
 
-/// Checks a log-in; counts failures per account and attempts per address.
+/// Checks a log-in; counts failures per account and attempts per address. Both are taken before
+/// the password is checked (a guess counts while it is being hashed, so concurrent guesses
+/// cannot all slip under the limit); a right password gives the account's places back.
 pub async fn authenticate(
     state: &AppState,
     email: &str,
@@ -175,14 +176,13 @@ pub async fn authenticate(
     state
         .limits
         .login_ip
-        .check(&by_ip)
+        .take(&by_ip)
         .map_err(|s| too_many(s, "Too many log-in attempts from your network"))?;
     state
         .limits
         .login_account
-        .check(&by_account)
+        .take(&by_account)
         .map_err(|s| too_many(s, "Too many failed log-ins for this account"))?;
-    state.limits.login_ip.hit(&by_ip);
     let account = match state.store.account(&AccountRef::Email(email.clone())).await {
         Ok(a) => Some(a),
         Err(crate::store::StoreError::NotFound { .. }) => None,
@@ -214,12 +214,10 @@ pub async fn authenticate(
             state.limits.login_account.clear(&by_account);
             Ok(a)
         }
-        _ => {
-            state.limits.login_account.hit(&by_account);
-            Err(AdminError::Unauthorized(
-                "The e-mail or the password is wrong.".into(),
-            ))
-        }
+        // The failure was counted when it was taken.
+        _ => Err(AdminError::Unauthorized(
+            "The e-mail or the password is wrong.".into(),
+        )),
     }
 }
 
@@ -268,10 +266,9 @@ pub async fn request_reset(state: &AppState, email: &str) -> Result<(), AdminErr
         Err(e) => return Err(e.into()),
     };
     let key = format!("mail:{}", account.id);
-    if state.limits.mail.check(&key).is_err() {
+    if state.limits.mail.take(&key).is_err() {
         return Ok(());
     }
-    state.limits.mail.hit(&key);
     let bound = state
         .store
         .password_hash(account.id)
@@ -323,10 +320,20 @@ pub async fn reset_password(
     Ok(state.store.mark_verified(t.account_id).await?)
 }
 
-/// Only local paths: `next=https://evil.example` must not turn the log-in into a redirector.
-fn safe_next(next: Option<&str>) -> &str {
+/// Only same-origin paths: `next=https://evil.example`, `//evil.example`, `/\evil.example` or a
+/// path with a tab or line break in it (`/\t/evil.example`, which browsers read as
+/// `//evil.example`) must not turn the log-in into a redirector; anything else goes to the
+/// dashboard. Visible ASCII only, so the path is always a valid `Location`.
+pub fn safe_next(next: Option<&str>) -> &str {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n,
+        Some(n)
+            if n.starts_with('/')
+                && !n[1..].starts_with(['/', '\\'])
+                && n.len() <= 2048
+                && n.bytes().all(|b| b.is_ascii_graphic() && b != b'\\') =>
+        {
+            n
+        }
         _ => "/dashboard",
     }
 }
