@@ -139,23 +139,40 @@ pub(super) async fn debit_leases_in(
     let now = now_ms();
     let mut left = want.nanos();
     for r in &rows {
+        let node: String = r.try_get(0)?;
+        let mut amount: i64 = r.try_get(1)?;
+        // The lease may shrink between the read and the update (its node settles a request in
+        // its own transaction): the update takes only what is still there, and on a miss the
+        // lease is read again.
+        while left > 0 && amount > 0 {
+            let take = amount.min(left);
+            let done = sqlx::query(
+                "UPDATE credit_leases SET amount_nano = amount_nano - $1, recall_at = $2, updated_at = $2
+                 WHERE account_id = $3 AND node_id = $4 AND amount_nano >= $1",
+            )
+            .bind(take)
+            .bind(now)
+            .bind(template.account_id)
+            .bind(&node)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            if done == 1 {
+                left -= take;
+                break;
+            }
+            amount = sqlx::query_scalar::<_, i64>(
+                "SELECT amount_nano FROM credit_leases WHERE account_id = $1 AND node_id = $2",
+            )
+            .bind(template.account_id)
+            .bind(&node)
+            .fetch_optional(&mut **tx)
+            .await?
+            .unwrap_or(0);
+        }
         if left == 0 {
             break;
         }
-        let node: String = r.try_get(0)?;
-        let amount: i64 = r.try_get(1)?;
-        let take = amount.min(left);
-        sqlx::query(
-            "UPDATE credit_leases SET amount_nano = amount_nano - $1, recall_at = $2, updated_at = $2
-             WHERE account_id = $3 AND node_id = $4",
-        )
-        .bind(take)
-        .bind(now)
-        .bind(template.account_id)
-        .bind(&node)
-        .execute(&mut **tx)
-        .await?;
-        left -= take;
     }
     let taken = want.nanos() - left;
     if taken > 0 {

@@ -332,27 +332,48 @@ impl Node {
     }
 
     /// The same on a given port (another node may listen there too: the gateway sets
-    /// SO_REUSEPORT, as a rolling deploy needs).
+    /// SO_REUSEPORT, as a rolling deploy needs). A gateway that exits while starting is started
+    /// again on a fresh metrics port (two tries more): a port `free_port` handed out can be taken
+    /// by another process of the parallel tests before the gateway binds it. Its log (stderr)
+    /// is kept beside its conf and shown when it still cannot start.
     async fn spawn_at<F: Fn(u16, u16, &str) -> String + ?Sized>(
         dir: &std::path::Path,
         conf_for: &F,
         gateway_extra: &str,
         port: u16,
     ) -> Node {
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Node::try_spawn_at(dir, conf_for, gateway_extra, port).await {
+                Ok(node) => return node,
+                Err(why) => last = why,
+            }
+        }
+        panic!("the gateway exited during start: {last}");
+    }
+
+    async fn try_spawn_at<F: Fn(u16, u16, &str) -> String + ?Sized>(
+        dir: &std::path::Path,
+        conf_for: &F,
+        gateway_extra: &str,
+        port: u16,
+    ) -> Result<Node, String> {
         let metrics_port = free_port();
         let conf = dir.join(format!("duang-{port}-{metrics_port}.toml"));
         std::fs::write(&conf, conf_for(port, metrics_port, gateway_extra)).expect("conf");
+        let log = conf.with_extension("log");
+        let stderr = if std::env::var_os("DUANG_TEST_GATEWAY_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::from(std::fs::File::create(&log).expect("gateway log"))
+        };
         let child = Command::new(GATEWAY_BIN)
             .arg("--conf")
             .arg(&conf)
             .env("DUANG_TEST_MOCK_KEY", PROVIDER_KEY)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("DUANG_TEST_GATEWAY_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .spawn()
             .expect("spawn gateway");
         let mut proc = Proc(child);
@@ -366,16 +387,17 @@ impl Node {
                 break;
             }
             if let Some(status) = proc.0.try_wait().expect("try_wait") {
-                panic!("the gateway exited during start: {status}");
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("{status}: {said}"));
             }
             assert!(Instant::now() < deadline, "gateway not ready within 30 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Node {
+        Ok(Node {
             base,
             metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
             proc,
-        }
+        })
     }
 }
 
