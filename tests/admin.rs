@@ -165,6 +165,13 @@ async fn sign_up_refuses_bad_input_and_changes_nothing(backend: Backend) {
             400,
             "Enter a valid e-mail address",
         ),
+        // An address no mail can be sent to could never be verified.
+        (
+            "<script>alert(1)</script>@example.com",
+            PASSWORD,
+            400,
+            "Enter a valid e-mail address",
+        ),
         (
             "bob@example.com",
             "short1",
@@ -202,6 +209,16 @@ async fn sign_up_refuses_bad_input_and_changes_nothing(backend: Backend) {
             .is_empty(),
         "nothing was created"
     );
+    // The JSON API refuses it alike.
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/signup",
+            Some(json!({"email": "<script>alert(1)</script>@example.com", "password": PASSWORD})),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
     b.sign_up("bob@example.com").await;
     let mut again = admin.browser([10, 0, 0, 2]);
     let r = again.try_sign_up("BOB@example.com").await;
