@@ -575,9 +575,17 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
             }
             if i == k.fault_after {
                 match k.fault.as_deref() {
-                    Some("reset") => {
-                        // Let the chunks already sent leave the socket first: an error drops
-                        // whatever the server still had buffered.
+                    Some(f @ ("reset" | "split")) => {
+                        if f == "split" {
+                            // Half an event first.
+                            let _ = tx
+                                .send(Ok(Bytes::from_static(
+                                    b"data: {\"id\":\"chatcmpl-mock\",\"choi",
+                                )))
+                                .await;
+                        }
+                        // Let what was sent leave the socket first: an error drops whatever
+                        // the server still had buffered.
                         pause(Duration::from_millis(100)).await;
                         let _ = tx
                             .send(Err(io::Error::new(
@@ -599,21 +607,6 @@ async fn chat(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Res
                     }
                     // A clean end, early: no finish reason, no usage, no [DONE].
                     Some("truncate") => return,
-                    Some("split") => {
-                        let _ = tx
-                            .send(Ok(Bytes::from_static(
-                                b"data: {\"id\":\"chatcmpl-mock\",\"choi",
-                            )))
-                            .await;
-                        pause(Duration::from_millis(100)).await;
-                        let _ = tx
-                            .send(Err(io::Error::new(
-                                io::ErrorKind::ConnectionReset,
-                                "mock reset",
-                            )))
-                            .await;
-                        return;
-                    }
                     _ => {}
                 }
             }

@@ -411,11 +411,6 @@ impl<'a> Stream<'a> {
         }
     }
 
-    /// Bytes of an event not yet whole, held back.
-    pub fn pending(&self) -> usize {
-        self.framer.pending()
-    }
-
     /// The error that ends this stream, as the client's dialect writes it mid-stream.
     pub fn error_event(&mut self, e: &ApiError) -> Bytes {
         // A Responses encoder numbers its events; the error is the next one.

@@ -128,11 +128,6 @@ impl Framer {
         let ends_a_line = matches!(rest.last(), Some(b'\n' | b'\r'));
         (ends_a_line && lines(&rest).any(|l| !l.is_empty())).then_some(Event { raw: rest })
     }
-
-    /// Bytes held for an event not yet whole.
-    pub fn pending(&self) -> usize {
-        self.buf.len()
-    }
 }
 
 #[cfg(test)]
