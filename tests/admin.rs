@@ -9,7 +9,7 @@ use duang::conf::Backend;
 use duang::money::NanoUsd;
 use duang::store::{AccountRef, KeyStatus, UsageRecord};
 use serde_json::json;
-use support::admin::{Admin, PASSWORD};
+use support::admin::{Admin, PASSWORD, Resp, totp_at, unix_now};
 
 support::on_both_stores!(
     sign_up_verify_from_the_outbox_log_out_and_in,
@@ -24,6 +24,8 @@ support::on_both_stores!(
     one_account_never_reaches_anothers_keys,
     the_json_api_signs_up_logs_in_and_manages_keys,
     usage_is_charted_filtered_paged_and_exported,
+    two_factor_enrols_and_guards_log_in_resets_and_sensitive_actions,
+    operator_pages_stay_closed_until_two_factor_is_on,
 );
 
 async fn sign_up_verify_from_the_outbox_log_out_and_in(backend: Backend) {
@@ -219,11 +221,51 @@ async fn sign_up_refuses_bad_input_and_changes_nothing(backend: Backend) {
         )
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
-    b.sign_up("bob@example.com").await;
+    // A new address and a taken one get the same answer: nobody learns which addresses have
+    // accounts. The owner of the taken one gets a mail instead, and nothing changes.
+    let mut first = admin.browser([10, 0, 0, 3]);
+    let new = first.try_sign_up("bob@example.com").await;
     let mut again = admin.browser([10, 0, 0, 2]);
-    let r = again.try_sign_up("BOB@example.com").await;
-    assert_eq!(r.status, StatusCode::CONFLICT);
-    assert!(r.body.contains("already exists"));
+    let taken = again.try_sign_up("BOB@example.com").await;
+    assert_eq!((new.status, taken.status), (StatusCode::OK, StatusCode::OK));
+    let said = |r: &support::admin::Resp| {
+        let at = r.body.find("id=\"signed-up\"").expect("the notice");
+        r.body[at..at + 200].to_owned()
+    };
+    assert_eq!(said(&new), said(&taken));
+    assert!(new.body.contains("Check your mailbox"));
+    for r in [&new, &taken] {
+        assert!(
+            !r.headers.contains_key("location"),
+            "no sign-in, no redirect"
+        );
+    }
+    assert_eq!(
+        again.get("/dashboard").await.status,
+        StatusCode::SEE_OTHER,
+        "sign-up signs nobody in"
+    );
+    let api = again
+        .json(
+            Method::POST,
+            "/api/v1/signup",
+            Some(json!({"email": "bob@example.com", "password": "another pass 77"})),
+            None,
+        )
+        .await;
+    assert_eq!(api.status, StatusCode::ACCEPTED, "{}", api.body);
+    assert_eq!(api.json()["status"], "verification_sent");
+    let mails = admin.mails_to("bob@example.com");
+    assert_eq!(mails.len(), 3, "one verification mail, two notices");
+    assert!(mails[0].contains("/verify?token="));
+    for m in &mails[1..] {
+        assert!(
+            m.contains("already has one") && !m.contains("token="),
+            "{m}"
+        );
+    }
+    // The owner's password did not change.
+    first.log_in("bob@example.com").await;
     assert_eq!(
         admin
             .t
@@ -233,11 +275,6 @@ async fn sign_up_refuses_bad_input_and_changes_nothing(backend: Backend) {
             .expect("list")
             .len(),
         1
-    );
-    assert_eq!(
-        admin.mails_to("bob@example.com").len(),
-        1,
-        "one verification mail"
     );
 }
 
@@ -643,32 +680,27 @@ async fn the_json_api_signs_up_logs_in_and_manages_keys(backend: Backend) {
             None,
         )
         .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
-    let v = r.json();
-    assert_eq!(v["account"]["email"], "hal@example.com");
-    assert_eq!(v["account"]["email_verified"], false);
-    assert_eq!(v["account"]["balance_usd"], "0.00");
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert_eq!(r.json()["status"], "verification_sent");
+    assert_eq!(
+        b.json(Method::GET, "/api/v1/me", None, None).await.status,
+        StatusCode::UNAUTHORIZED,
+        "sign-up signs nobody in"
+    );
     let r = b
         .json(
             Method::POST,
-            "/api/v1/signup",
+            "/api/v1/login",
             Some(json!({"email": "hal@example.com", "password": PASSWORD})),
             None,
         )
         .await;
-    // Signed in now, so the same call needs a token; with it, the duplicate is a 409.
-    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["account"]["email"], "hal@example.com");
+    assert_eq!(v["account"]["email_verified"], false);
+    assert_eq!(v["account"]["balance_usd"], "0.00");
     let csrf = v["csrf_token"].as_str().expect("token").to_owned();
-    let r = b
-        .json(
-            Method::POST,
-            "/api/v1/signup",
-            Some(json!({"email": "hal@example.com", "password": PASSWORD})),
-            Some(&csrf),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CONFLICT);
-    assert_eq!(r.json()["error"]["field"], "email");
 
     let r = b
         .json(Method::POST, "/api/v1/logout", None, Some(&csrf))
@@ -1074,4 +1106,372 @@ async fn the_log_in_redirects_only_to_paths_of_this_site(backend: Backend) {
         assert_eq!(r.status, StatusCode::SEE_OTHER, "next={next}");
         assert_eq!(r.location(), to, "next={next}");
     }
+}
+
+/// The text of the element with `id` (its first text node), for short values on a page.
+fn text_of(r: &Resp, id: &str) -> String {
+    let at = r
+        .body
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in {}", r.body));
+    let rest = &r.body[at..];
+    let start = rest.find('>').expect("tag end") + 1;
+    let end = rest[start..].find('<').expect("text end");
+    rest[start..start + end].trim().to_owned()
+}
+
+/// The recovery codes on the page that shows them once.
+fn recovery_codes(r: &Resp) -> Vec<String> {
+    let at = r.body.find("id=\"recovery-codes\"").expect("codes");
+    let list = &r.body[at..r.body[at..].find("</ul>").expect("end") + at];
+    list.split("<code>")
+        .skip(1)
+        .map(|c| c[..c.find('<').expect("end")].to_owned())
+        .collect()
+}
+
+/// TOTP enrolment through the pages, log-in with a code (a replayed and an older code refused,
+/// one step of clock skew accepted), recovery codes that work once, the second factor before
+/// sensitive actions (asked every time here: `two_factor_reauth_minutes = 0`), a password
+/// reset that needs the code too, and turning it off. Codes are computed by `totp-rs`.
+async fn two_factor_enrols_and_guards_log_in_resets_and_sensitive_actions(backend: Backend) {
+    let admin = Admin::with_conf(backend, |t| {
+        t.replace(
+            "two_factor_reauth_minutes = 10",
+            "two_factor_reauth_minutes = 0",
+        )
+    })
+    .await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    b.sign_up("ivy@example.com").await;
+    let page = b.get("/account/security").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("Off."), "{}", page.body);
+
+    // Enrol: the secret as a QR code and as text; a wrong code keeps the set-up waiting.
+    let setup = b
+        .submit("/account/security", "/account/2fa/setup", &[])
+        .await;
+    assert_eq!(setup.status, StatusCode::OK, "{}", setup.body);
+    assert!(setup.body.contains("<svg"), "a QR code");
+    let secret = text_of(&setup, "totp-secret").replace(' ', "");
+    assert_eq!(secret.len(), 32);
+    let csrf = setup.csrf();
+    let r = b
+        .post_form(
+            "/account/2fa/enable",
+            &[("csrf", &csrf), ("totp_code", "000000")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body.contains("does not match"), "{}", r.body);
+    assert_eq!(text_of(&r, "totp-secret").replace(' ', ""), secret);
+    let t0 = unix_now();
+    let r = b
+        .post_form(
+            "/account/2fa/enable",
+            &[("csrf", &csrf), ("totp_code", &totp_at(&secret, t0))],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let codes = recovery_codes(&r);
+    assert_eq!(codes.len(), 10);
+    let page = b.get("/account/security").await;
+    assert!(page.body.contains("On."));
+    assert_eq!(text_of(&page, "recovery-left"), "10");
+
+    // Log-in: the password alone leads to the code form, not to a session.
+    b.submit("/dashboard", "/logout", &[]).await;
+    let form = b
+        .submit(
+            "/login",
+            "/login",
+            &[("email", "ivy@example.com"), ("password", PASSWORD)],
+        )
+        .await;
+    assert_eq!(form.status, StatusCode::OK);
+    assert!(form.body.contains("Enter your authentication code"));
+    assert_eq!(b.get("/dashboard").await.status, StatusCode::SEE_OTHER);
+    // The code the enrolment used (same step) is a replay; the step before is older; both no.
+    for used in [totp_at(&secret, t0), totp_at(&secret, t0 - 30)] {
+        let r = b.enter_code(&form, &used).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{used}: {}", r.body);
+        assert!(r.body.contains("used already"), "{}", r.body);
+    }
+    // A ticket from another browser is refused.
+    let mut thief = admin.browser([10, 0, 0, 66]);
+    let own_csrf = thief.get("/login").await.csrf();
+    let stolen = thief
+        .post_form(
+            "/login/code",
+            &[
+                ("csrf", own_csrf.as_str()),
+                (
+                    "ticket",
+                    support::admin::hidden(&form.body, "ticket").as_str(),
+                ),
+                ("totp_code", totp_at(&secret, t0 + 30).as_str()),
+            ],
+        )
+        .await;
+    assert_eq!(stolen.status, StatusCode::UNAUTHORIZED, "{}", stolen.body);
+    // A phone one step ahead (the next step's code) is accepted.
+    let r = b.enter_code(&form, &totp_at(&secret, t0 + 30)).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(b.get("/dashboard").await.status, StatusCode::OK);
+
+    // Sensitive actions ask for a code (every time with reauth 0); a recovery code does.
+    let r = b.submit("/keys", "/keys", &[("name", "no code")]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    assert!(r.body.contains("Enter the 6-digit code"), "{}", r.body);
+    assert!(
+        r.body.contains("name=\"totp_code\""),
+        "the form asks for it"
+    );
+    let r = b
+        .submit(
+            "/keys",
+            "/keys",
+            &[("name", "with code"), ("totp_code", &codes[0])],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let again = b
+        .submit(
+            "/keys",
+            "/keys",
+            &[("name", "spent code"), ("totp_code", &codes[0])],
+        )
+        .await;
+    assert_eq!(
+        again.status,
+        StatusCode::BAD_REQUEST,
+        "a recovery code works once"
+    );
+    let csrf = b.get("/keys").await.csrf();
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/keys",
+            Some(json!({"name": "api"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.json()["error"]["code"], "two_factor_required");
+    assert_eq!(r.json()["error"]["field"], "totp_code");
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/keys",
+            Some(json!({"name": "api", "totp_code": codes[1]})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let r = b
+        .json(
+            Method::POST,
+            "/api/v1/refunds",
+            Some(json!({"amount_cents": 100, "reason": "test"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.json()["error"]["code"], "two_factor_required");
+    let r = b
+        .submit(
+            "/account/security",
+            "/account/password",
+            &[
+                ("current_password", PASSWORD),
+                ("new_password", "a new password 9"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+
+    // The JSON log-in wants the code too; two log-ins racing with one recovery code: one wins.
+    let mut api = admin.browser([10, 0, 0, 2]);
+    let r = api
+        .json(
+            Method::POST,
+            "/api/v1/login",
+            Some(json!({"email": "ivy@example.com", "password": PASSWORD})),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.json()["error"]["code"], "two_factor_required");
+    let mut racers: Vec<_> = (0..4u8).map(|i| admin.browser([10, 0, 2, i])).collect();
+    let tries = racers.iter_mut().map(|b| {
+        b.json(
+            Method::POST,
+            "/api/v1/login",
+            Some(json!({"email": "ivy@example.com", "password": PASSWORD, "totp_code": codes[2]})),
+            None,
+        )
+    });
+    let answers = futures_util::future::join_all(tries).await;
+    let ok = answers
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .count();
+    assert_eq!(ok, 1, "one recovery code, one log-in");
+
+    // A password reset from the mailbox alone does not change the password of a 2FA account.
+    let mut reset = admin.browser([10, 0, 0, 3]);
+    reset
+        .submit(
+            "/password/forgot",
+            "/password/forgot",
+            &[("email", "ivy@example.com")],
+        )
+        .await;
+    let link = admin.link_in_mail("ivy@example.com", "/password/reset");
+    let token = link.split("token=").nth(1).expect("token").to_owned();
+    let token = url::form_urlencoded::parse(format!("t={token}").as_bytes())
+        .next()
+        .expect("t")
+        .1
+        .into_owned();
+    let r = reset
+        .submit(
+            &link,
+            "/password/reset",
+            &[("token", &token), ("password", "a new password 9")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    let r = reset
+        .submit(
+            &link,
+            "/password/reset",
+            &[
+                ("token", &token),
+                ("password", "a new password 9"),
+                ("totp_code", &codes[3]),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+
+    // Turning it off takes a code; afterwards the password alone logs in.
+    let mut c = admin.browser([10, 0, 0, 4]);
+    let form = c
+        .submit(
+            "/login",
+            "/login",
+            &[
+                ("email", "ivy@example.com"),
+                ("password", "a new password 9"),
+            ],
+        )
+        .await;
+    let r = c.enter_code(&form, &codes[4]).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let r = c
+        .submit(
+            "/account/security",
+            "/account/2fa/disable",
+            &[("totp_code", "123456")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = c
+        .submit(
+            "/account/security",
+            "/account/2fa/disable",
+            &[("totp_code", &codes[5])],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains("Two-factor authentication is off."));
+    let audit = admin
+        .t
+        .store
+        .audit_log(admin.account("ivy@example.com").await.id)
+        .await
+        .expect("audit");
+    let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
+    for a in [
+        "account.two_factor_enabled",
+        "account.recovery_code_used",
+        "account.two_factor_disabled",
+    ] {
+        assert!(actions.contains(&a), "{a} in {actions:?}");
+    }
+    let r = c
+        .submit("/account/security", "/keys", &[("name", "no 2FA now")])
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "no code needed with 2FA off");
+}
+
+/// An operator without 2FA is sent to enrol before any operator page or API call; with it (and
+/// a session that passed it) they open, and the operator cannot turn it off.
+async fn operator_pages_stay_closed_until_two_factor_is_on(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let op = admin
+        .t
+        .store
+        .create_account(&duang::store::NewAccount {
+            email: "boss@example.com".into(),
+            password_hash: Some(duang::password::hash(PASSWORD)),
+            role: duang::store::Role::Operator,
+            verified: true,
+        })
+        .await
+        .expect("operator");
+    let mut b = admin.browser([10, 0, 0, 1]);
+    b.log_in("boss@example.com").await;
+    let r = b.get("/operator").await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    assert_eq!(r.location(), "/account/security?required=operator");
+    let r = b.get("/account/security?required=operator").await;
+    assert!(
+        r.body
+            .contains("Operator pages open once two-factor authentication is on")
+    );
+    let r = b
+        .json(Method::GET, "/api/v1/operator/accounts", None, None)
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("two-factor")
+    );
+
+    let setup = b
+        .submit("/account/security", "/account/2fa/setup", &[])
+        .await;
+    let secret = text_of(&setup, "totp-secret").replace(' ', "");
+    let r = b
+        .post_form(
+            "/account/2fa/enable",
+            &[
+                ("csrf", &setup.csrf()),
+                ("totp_code", &totp_at(&secret, unix_now())),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(b.get("/operator").await.status, StatusCode::OK);
+    let r = b
+        .submit(
+            "/account/security",
+            "/account/2fa/disable",
+            &[("totp_code", &recovery_codes(&r)[0])],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert!(
+        admin
+            .t
+            .store
+            .two_factor(op.id)
+            .await
+            .expect("2fa")
+            .is_some_and(|t| t.enabled())
+    );
 }

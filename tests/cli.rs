@@ -104,6 +104,47 @@ async fn operator_flow(backend: Backend) {
         "\"ann-at-example.com\" is not a valid e-mail address",
     );
     assert!(ok(&conf, &["account", "verify", "ann@example.com"]).contains("is verified"));
+    // A lost phone: the operator turns the account's 2FA off, with a reason.
+    t.store
+        .begin_two_factor(1, "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
+        .await
+        .expect("begin");
+    assert!(
+        t.store
+            .enable_two_factor(1, 1, &[], "test")
+            .await
+            .expect("on")
+    );
+    fails(
+        &conf,
+        &["account", "reset-2fa", "ann@example.com", "--reason", " "],
+        "--reason must say why",
+    );
+    assert!(
+        ok(
+            &conf,
+            &[
+                "account",
+                "reset-2fa",
+                "ann@example.com",
+                "--reason",
+                "lost phone, ID checked"
+            ]
+        )
+        .contains("two-factor authentication is off")
+    );
+    assert!(t.store.two_factor(1).await.expect("2fa").is_none());
+    fails(
+        &conf,
+        &[
+            "account",
+            "reset-2fa",
+            "ann@example.com",
+            "--reason",
+            "again",
+        ],
+        "has no two-factor authentication",
+    );
     fails(
         &conf,
         &["account", "verify", "nobody@example.com"],
@@ -423,4 +464,48 @@ fn unreachable_database_is_a_clear_failure() {
         );
         assert!(r.stderr.contains("is PostgreSQL running"), "{}", r.stderr);
     }
+}
+
+/// With Stripe and SMTP turned on but their secrets absent from the environment, the commands
+/// that call neither still work (an operator's shell need not hold them); the servers and
+/// `check-conf` still refuse, naming the variable.
+#[tokio::test]
+async fn store_commands_do_not_need_stripe_or_smtp_secrets() {
+    let t = TestStore::new(Backend::Sqlite).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let conf = write_conf(dir.path(), &t.url).path;
+    let text = std::fs::read_to_string(&conf)
+        .expect("conf")
+        .replace("[stripe]\nenabled = false", "[stripe]\nenabled = true")
+        .replace("[smtp]\nenabled = false", "[smtp]\nenabled = true");
+    std::fs::write(&conf, text).expect("write");
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(ADMIN_BIN);
+        c.arg("--conf").arg(&conf).args(args);
+        for v in [
+            "STRIPE_SECRET_KEY",
+            "STRIPE_WEBHOOK_SECRET",
+            "SMTP_USERNAME",
+            "SMTP_PASSWORD",
+        ] {
+            c.env_remove(v);
+        }
+        c.stdin(Stdio::null()).output().expect("run")
+    };
+    let created = cmd(&["account", "create", "--email", "ops@example.com"]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let granted = cmd(&["credits", "grant", "ops@example.com", "--usd", "5"]);
+    assert!(granted.status.success());
+    assert!(cmd(&["balance", "ops@example.com"]).status.success());
+    let check = cmd(&["check-conf"]);
+    assert_eq!(check.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&check.stderr).contains("STRIPE_SECRET_KEY is not set"),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
 }

@@ -141,12 +141,26 @@ async fn operators_suspend_reactivate_terminate_and_adjust_with_reasons(backend:
         .await;
     assert_eq!(r.status, StatusCode::SEE_OTHER);
 
-    // Keys: suspend, reactivate, revoke for good.
+    // The status select starts on a placeholder, never on a destructive choice.
+    let account_page = op.get(&page).await;
+    assert!(
+        account_page
+            .body
+            .contains(r#"<option value="" selected disabled>Choose…</option>"#),
+        "{}",
+        account_page.body
+    );
+    assert!(
+        account_page
+            .body
+            .contains("aria-label=\"New status for the key")
+    );
+
+    // Keys: suspend, reactivate, revoke for good (after a typed confirmation).
     let key_form = format!("/operator/keys/{key_id}/status");
     for (status, expect) in [
         ("suspended", KeyStatus::Suspended),
         ("active", KeyStatus::Active),
-        ("revoked", KeyStatus::Revoked),
     ] {
         let r = op
             .submit(
@@ -158,6 +172,53 @@ async fn operators_suspend_reactivate_terminate_and_adjust_with_reasons(backend:
         assert_eq!(r.status, StatusCode::SEE_OTHER, "{status}: {}", r.body);
         assert_eq!(admin.t.store.key(key_id).await.expect("key").status, expect);
     }
+    let ask = op
+        .submit(
+            &page,
+            &key_form,
+            &[("status", "revoked"), ("reason", "abuse review")],
+        )
+        .await;
+    assert_eq!(ask.status, StatusCode::CONFLICT, "{}", ask.body);
+    assert!(ask.body.contains("Revoke this key?") && ask.body.contains("bob@example.com"));
+    assert_eq!(
+        admin.t.store.key(key_id).await.expect("key").status,
+        KeyStatus::Active,
+        "nothing happens before the confirmation"
+    );
+    let wrong = op
+        .submit(
+            &page,
+            &key_form,
+            &[
+                ("status", "revoked"),
+                ("reason", "abuse review"),
+                ("confirm", "someone@example.com"),
+            ],
+        )
+        .await;
+    assert_eq!(wrong.status, StatusCode::CONFLICT);
+    assert!(wrong.body.contains("not the account's e-mail"));
+    let csrf = ask.csrf();
+    let r = op
+        .post_form(
+            &key_form,
+            &[
+                ("csrf", csrf.as_str()),
+                (
+                    "status",
+                    support::admin::hidden(&ask.body, "status").as_str(),
+                ),
+                ("reason", "abuse review"),
+                ("confirm", "Bob@Example.com"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(
+        admin.t.store.key(key_id).await.expect("key").status,
+        KeyStatus::Revoked
+    );
     let r = op
         .submit(
             &page,
@@ -168,7 +229,8 @@ async fn operators_suspend_reactivate_terminate_and_adjust_with_reasons(backend:
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.body.contains("revoked for good"));
 
-    // Credits: grant, take back, never below zero.
+    // Credits: grant, take back, never below zero; above the conf's threshold ($100 shipped),
+    // only with the account's e-mail typed.
     let r = op
         .submit(
             &page,
@@ -177,6 +239,32 @@ async fn operators_suspend_reactivate_terminate_and_adjust_with_reasons(backend:
         )
         .await;
     assert_eq!(r.status, StatusCode::SEE_OTHER);
+    let big = op
+        .submit(
+            &page,
+            &format!("{page}/credits"),
+            &[("amount_usd", "1000"), ("reason", "typo risk")],
+        )
+        .await;
+    assert_eq!(big.status, StatusCode::CONFLICT);
+    assert!(big.body.contains("Confirm this credit adjustment"));
+    assert_eq!(
+        admin.account("bob@example.com").await.balance,
+        "10".parse().expect("usd"),
+        "not granted before the confirmation"
+    );
+    let csrf = op.get(&page).await.csrf();
+    let r = op
+        .json(
+            Method::POST,
+            &format!("/api/v1/operator/accounts/{}/credits", bob.id),
+            Some(json!({"amount_usd": "-150", "reason": "big take-back"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.json()["error"]["code"], "confirmation_required");
+    assert_eq!(r.json()["error"]["field"], "confirm");
     let csrf = op.get(&page).await.csrf();
     let r = op
         .json(
@@ -294,6 +382,23 @@ async fn operators_suspend_reactivate_terminate_and_adjust_with_reasons(backend:
             Method::POST,
             &format!("/api/v1/operator/accounts/{}/status", bob.id),
             Some(json!({"status": "terminated", "reason": "repeated fraud"})),
+            Some(&csrf),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CONFLICT,
+        "termination waits for the confirmation"
+    );
+    assert_eq!(
+        admin.account("bob@example.com").await.status,
+        AccountStatus::Active
+    );
+    let r = op
+        .json(
+            Method::POST,
+            &format!("/api/v1/operator/accounts/{}/status", bob.id),
+            Some(json!({"status": "terminated", "reason": "repeated fraud", "confirm": "bob@example.com"})),
             Some(&csrf),
         )
         .await;

@@ -33,7 +33,7 @@ fn check_email(email: &str) -> Result<String, AdminError> {
     }
 }
 
-async fn hash_password(password: String) -> Result<String, AdminError> {
+pub(super) async fn hash_password(password: String) -> Result<String, AdminError> {
     crate::password::check_strength(&password)
         .map_err(|e| AdminError::invalid("password", capitalise(&e.to_string())))?;
     tokio::task::spawn_blocking(move || crate::password::hash(&password))
@@ -49,28 +49,72 @@ fn capitalise(s: &str) -> String {
     }
 }
 
-/// Creates a customer account and mails the verification link.
-pub async fn register(
-    state: &AppState,
-    email: &str,
-    password: String,
-) -> Result<Account, AdminError> {
+/// What sign-up says, whether the address was new or already had an account: the answer must
+/// not tell anyone which addresses have accounts.
+pub const SIGNED_UP: &str = "Check your mailbox: we sent a link to confirm your address. Open it, then log in with your e-mail and password.";
+
+/// Signs up: a new address gets a customer account and the verification link; an address that
+/// already has an account gets a mail telling its owner (log in, or reset the password) and no
+/// change. Both answer alike and take alike long (the password is hashed either way).
+pub async fn register(state: &AppState, email: &str, password: String) -> Result<(), AdminError> {
     let email = check_email(email)?;
     let hash = hash_password(password).await?;
-    let account = state
+    let created = state
         .store
         .create_account(&NewAccount {
-            email,
+            email: email.clone(),
             password_hash: Some(hash),
             role: Role::Customer,
             verified: false,
         })
-        .await?;
-    // The account exists either way; a mail that fails can be sent again from the dashboard.
-    if let Err(e) = send_verification(state, &account).await {
-        tracing::error!(account = account.id, error = ?e, "verification mail not sent");
+        .await;
+    match created {
+        // The account exists either way; a mail that fails can be sent again from the dashboard.
+        Ok(account) => {
+            if let Err(e) = send_verification(state, &account).await {
+                tracing::error!(account = account.id, error = ?e, "verification mail not sent");
+            }
+        }
+        Err(crate::store::StoreError::DuplicateEmail(_)) => {
+            if let Err(e) = send_already_registered(state, &email).await {
+                tracing::error!(error = ?e, "already-registered mail not sent");
+            }
+        }
+        Err(e) => return Err(e.into()),
     }
-    Ok(account)
+    Ok(())
+}
+
+/// Tells the owner of an address that someone signed up with it again (at most as often as the
+/// other account mails).
+async fn send_already_registered(state: &AppState, email: &str) -> Result<(), AdminError> {
+    let account = state
+        .store
+        .account(&AccountRef::Email(email.to_owned()))
+        .await?;
+    if account.status == AccountStatus::Terminated
+        || state
+            .limits
+            .mail
+            .take(&format!("mail:{}", account.id))
+            .is_err()
+    {
+        return Ok(());
+    }
+    let base = state.conf.admin.public_url.as_str().trim_end_matches('/');
+    let text = format!(
+        "Someone (hopefully you) tried to create a {product} account with this address, but it already has one.\n\nLog in here:\n\n{base}/login\n\nForgot your password? Choose a new one here:\n\n{base}/password/forgot\n\nIf it was not you, ignore this mail: nothing was changed.\n\nSupport: {support}\n",
+        product = super::pages::PRODUCT,
+        support = state.conf.admin.support_email,
+    );
+    send_mail(
+        state,
+        &account.email,
+        "You already have an account",
+        text,
+        "signup-existing",
+    )
+    .await
 }
 
 pub async fn send_verification(state: &AppState, account: &Account) -> Result<(), AdminError> {
@@ -92,20 +136,33 @@ pub async fn send_verification(state: &AppState, account: &Account) -> Result<()
         "Welcome to Duang Duang.\n\nConfirm your e-mail address by opening this link within 48 hours:\n\n{link}\n\nUntil you do, you can log in but cannot buy credits or use API keys.\nIf you did not sign up, ignore this mail.\n\nSupport: {}\n",
         state.conf.admin.support_email
     );
+    send_mail(
+        state,
+        &account.email,
+        "Confirm your e-mail address",
+        text,
+        "verify",
+    )
+    .await
+}
+
+/// Sends one mail; a failure is logged and answered with "try again later".
+async fn send_mail(
+    state: &AppState,
+    to: &str,
+    subject: &str,
+    text: String,
+    purpose: &str,
+) -> Result<(), AdminError> {
     state
         .mailer
-        .send(
-            &account.email,
-            "Confirm your e-mail address",
-            text,
-            "verify",
-        )
+        .send(to, subject, text, purpose)
         .await
+        .map(|_| ())
         .map_err(|e| {
             tracing::error!(error = %e, "sending mail failed");
             mail_failed()
-        })?;
-    Ok(())
+        })
 }
 
 fn mail_failed() -> AdminError {
@@ -122,7 +179,7 @@ fn link(state: &AppState, path: &str, token: &str) -> String {
     )
 }
 
-fn too_many(retry_after_s: u64, what: &str) -> AdminError {
+pub(super) fn too_many(retry_after_s: u64, what: &str) -> AdminError {
     AdminError::TooMany {
         retry_after_s,
         message: format!(
@@ -206,10 +263,7 @@ pub async fn authenticate(
     match account {
         Some(a) if ok => {
             if a.status == AccountStatus::Terminated {
-                return Err(AdminError::Forbidden(format!(
-                    "This account has been terminated under the Acceptable Use Policy. Contact {}.",
-                    state.conf.admin.support_email
-                )));
+                return Err(terminated(state));
             }
             state.limits.login_account.clear(&by_account);
             Ok(a)
@@ -230,6 +284,7 @@ pub async fn start_session(
     state: &AppState,
     old: &Visitor,
     account: &Account,
+    second_factor: bool,
 ) -> Result<(String, HeaderValue), AdminError> {
     let _ = state
         .store
@@ -243,6 +298,7 @@ pub async fn start_session(
             &session_hash(&id),
             account.id,
             now_ms() + ttl.as_millis() as i64,
+            second_factor,
         )
         .await?;
     let cookie = session_cookie(state, &id, ttl.as_secs());
@@ -283,21 +339,14 @@ pub async fn request_reset(state: &AppState, email: &str) -> Result<(), AdminErr
         link(state, "/password/reset", &token),
         state.conf.admin.support_email
     );
-    if let Err(e) = state
-        .mailer
-        .send(&account.email, "Reset your password", text, "reset")
-        .await
-    {
-        tracing::error!(error = %e, "sending mail failed");
-        return Err(mail_failed());
-    }
-    Ok(())
+    send_mail(state, &account.email, "Reset your password", text, "reset").await
 }
 
 pub async fn reset_password(
     state: &AppState,
     token: &str,
     password: String,
+    totp_code: Option<&str>,
 ) -> Result<Account, AdminError> {
     let t = LinkToken::parse(token).map_err(|e| link_refused(e, "reset"))?;
     let bound = match state.store.password_hash(t.account_id).await {
@@ -311,6 +360,19 @@ pub async fn reset_password(
         .signer
         .check_link("reset", &t, &bound, now_ms())
         .map_err(|e| link_refused(e, "reset"))?;
+    // The mailbox alone does not change the password of an account with 2FA on.
+    let two_factor = state.store.two_factor(t.account_id).await?;
+    if two_factor.is_some_and(|t| t.enabled()) {
+        let code = totp_code.map(str::trim).filter(|c| !c.is_empty());
+        match code {
+            Some(c) => super::security::check_code(state, t.account_id, c).await?,
+            None => {
+                return Err(AdminError::SecondFactor(
+                    "This account has two-factor authentication on: enter a code from your authenticator app, or a recovery code.".into(),
+                ));
+            }
+        }
+    }
     let hash = hash_password(password).await?;
     state
         .store
@@ -360,6 +422,8 @@ pub struct Credentials {
     email: String,
     password: String,
     next: Option<String>,
+    /// The second factor, for the JSON log-in of an account with 2FA on.
+    totp_code: Option<String>,
 }
 
 fn signup_form(state: &AppState, v: &Visitor, email: &str, error: Option<&str>) -> Markup {
@@ -396,10 +460,20 @@ pub async fn signup_submit(
     Form(f): Form<Credentials>,
 ) -> Response {
     match register(&state, &f.email, f.password).await {
-        Ok(account) => match start_session(&state, &v, &account).await {
-            Ok((_, cookie)) => signed_in_redirect(cookie, "/dashboard?welcome=1"),
-            Err(e) => e.into_page(Some(&v)),
-        },
+        Ok(()) => page(
+            &state,
+            "Check your mailbox",
+            Some(&v),
+            html! {
+                section.card {
+                    h1 { "Check your mailbox" }
+                    p.success #signed-up role="status" { (SIGNED_UP) }
+                    p.muted { "No mail after a few minutes? Look in the spam folder, or " a href="/signup" { "sign up again" } "." }
+                    p { a.button href="/login" { "Log in" } }
+                }
+            },
+        )
+        .into_response(),
         Err(e) => (
             e.status(),
             signup_form(&state, &v, &f.email, Some(&e.message())),
@@ -408,7 +482,7 @@ pub async fn signup_submit(
     }
 }
 
-fn signed_in_redirect(cookie: HeaderValue, to: &str) -> Response {
+pub(super) fn signed_in_redirect(cookie: HeaderValue, to: &str) -> Response {
     let mut r = Redirect::to(to).into_response();
     r.headers_mut().append(header::SET_COOKIE, cookie);
     r
@@ -475,8 +549,14 @@ pub async fn login_submit(
 ) -> Response {
     let next = safe_next(f.next.as_deref()).to_owned();
     match authenticate(&state, &f.email, &f.password, &client_ip(&ext)).await {
-        Ok(account) => match start_session(&state, &v, &account).await {
-            Ok((_, cookie)) => signed_in_redirect(cookie, &next),
+        Ok(account) => match second_step(&state, &v, &account).await {
+            Ok(Some(ticket)) => {
+                super::security::code_form(&state, &v, &ticket, &next, None).into_response()
+            }
+            Ok(None) => match start_session(&state, &v, &account, false).await {
+                Ok((_, cookie)) => signed_in_redirect(cookie, &next),
+                Err(e) => e.into_page(Some(&v)),
+            },
             Err(e) => e.into_page(Some(&v)),
         },
         Err(e) => {
@@ -492,6 +572,71 @@ pub async fn login_submit(
             r
         }
     }
+}
+
+/// A ticket for the second step of the log-in when the account has 2FA on.
+async fn second_step(
+    state: &AppState,
+    v: &Visitor,
+    account: &Account,
+) -> Result<Option<String>, AdminError> {
+    match state.store.two_factor(account.id).await? {
+        Some(t) if t.enabled() => Ok(Some(
+            super::security::login_ticket(state, v, account).await?,
+        )),
+        _ => Ok(None),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct CodeLogin {
+    ticket: String,
+    totp_code: String,
+    next: Option<String>,
+}
+
+/// The log-in's second step: the ticket from the first and a code.
+pub async fn login_code_submit(
+    State(state): State<AppState>,
+    v: Visitor,
+    Form(f): Form<CodeLogin>,
+) -> Response {
+    let next = safe_next(f.next.as_deref()).to_owned();
+    let signed = async {
+        let account = super::security::redeem_ticket(&state, &v, &f.ticket, &f.totp_code).await?;
+        if account.status == AccountStatus::Terminated {
+            return Err(terminated(&state));
+        }
+        start_session(&state, &v, &account, true).await
+    }
+    .await;
+    match signed {
+        Ok((_, cookie)) => signed_in_redirect(cookie, &next),
+        Err(e @ AdminError::Unauthorized(_)) => {
+            let mut r = login_form(&state, &v, "", &next, Some(&e.message()), None).into_response();
+            *r.status_mut() = e.status();
+            r
+        }
+        Err(e) => {
+            let mut r =
+                super::security::code_form(&state, &v, &f.ticket, &next, Some(&e.message()))
+                    .into_response();
+            *r.status_mut() = e.status();
+            if let AdminError::TooMany { retry_after_s, .. } = e {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+            }
+            r
+        }
+    }
+}
+
+fn terminated(state: &AppState) -> AdminError {
+    AdminError::Forbidden(format!(
+        "This account has been terminated under the Acceptable Use Policy. Contact {}.",
+        state.conf.admin.support_email
+    ))
 }
 
 pub async fn logout_submit(State(state): State<AppState>, v: Visitor) -> Response {
@@ -581,6 +726,7 @@ pub async fn forgot_submit(
 pub struct ResetForm {
     token: String,
     password: String,
+    totp_code: Option<String>,
 }
 
 fn reset_form(state: &AppState, v: &Visitor, token: &str, error: Option<&str>) -> Markup {
@@ -596,6 +742,7 @@ fn reset_form(state: &AppState, v: &Visitor, token: &str, error: Option<&str>) -
                     (csrf_field(v))
                     input type="hidden" name="token" value=(token);
                     label { "New password" input type="password" name="password" required minlength="10" autocomplete="new-password"; }
+                    label { "Authentication code (only if you turned on two-factor authentication)" input type="text" name="totp_code" inputmode="numeric" autocomplete="one-time-code" maxlength="16"; }
                     button type="submit" { "Set the password" }
                 }
             }
@@ -616,7 +763,7 @@ pub async fn reset_submit(
     v: Visitor,
     Form(f): Form<ResetForm>,
 ) -> Response {
-    match reset_password(&state, &f.token, f.password).await {
+    match reset_password(&state, &f.token, f.password, f.totp_code.as_deref()).await {
         Ok(_) => Redirect::to("/login?reset=1").into_response(),
         Err(e) => (
             e.status(),
@@ -636,16 +783,14 @@ fn with_cookie(status: StatusCode, body: Value, cookie: HeaderValue) -> Response
 
 pub async fn api_signup(
     State(state): State<AppState>,
-    v: Visitor,
     Json(f): Json<Credentials>,
 ) -> Result<Response, ApiError> {
-    let account = register(&state, &f.email, f.password).await?;
-    let (id, cookie) = start_session(&state, &v, &account).await?;
-    Ok(with_cookie(
-        StatusCode::CREATED,
-        json!({"account": account_json(&state, &account), "csrf_token": state.signer.csrf_token(&id)}),
-        cookie,
-    ))
+    register(&state, &f.email, f.password).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"status": "verification_sent", "message": SIGNED_UP})),
+    )
+        .into_response())
 }
 
 pub async fn api_login(
@@ -656,7 +801,28 @@ pub async fn api_login(
 ) -> Result<Response, ApiError> {
     let account = authenticate(&state, &f.email, &f.password, &client_ip(&ext)).await?;
     let account = state.store.with_leases(account).await?;
-    let (id, cookie) = start_session(&state, &v, &account).await?;
+    let two_factor = state
+        .store
+        .two_factor(account.id)
+        .await?
+        .is_some_and(|t| t.enabled());
+    if two_factor {
+        match f
+            .totp_code
+            .as_deref()
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+        {
+            Some(code) => super::security::check_code(&state, account.id, code).await?,
+            None => {
+                return Err(AdminError::SecondFactor(
+                    "This account has two-factor authentication on: send `totp_code` (a code from the authenticator app, or a recovery code) with the e-mail and password.".into(),
+                )
+                .into());
+            }
+        }
+    }
+    let (id, cookie) = start_session(&state, &v, &account, two_factor).await?;
     Ok(with_cookie(
         StatusCode::OK,
         json!({"account": account_json(&state, &account), "csrf_token": state.signer.csrf_token(&id)}),
@@ -680,6 +846,7 @@ pub async fn api_me(State(state): State<AppState>, s: SignedIn) -> Json<Value> {
 pub struct TokenBody {
     token: String,
     password: String,
+    totp_code: Option<String>,
 }
 
 pub async fn api_verify(
@@ -710,6 +877,6 @@ pub async fn api_reset(
     State(state): State<AppState>,
     Json(b): Json<TokenBody>,
 ) -> Result<StatusCode, ApiError> {
-    reset_password(&state, &b.token, b.password).await?;
+    reset_password(&state, &b.token, b.password, b.totp_code.as_deref()).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -109,6 +109,14 @@ pub enum AccountCmd {
         #[arg(long)]
         reason: String,
     },
+    /// Turn off an account's two-factor authentication (a lost phone and lost recovery codes,
+    /// after checking who asks); the reason goes to the audit log. They can set it up again.
+    #[command(name = "reset-2fa")]
+    ResetTwoFactor {
+        account: String,
+        #[arg(long)]
+        reason: String,
+    },
     /// Show one account.
     Show { account: String },
     /// List accounts, optionally those whose e-mail contains SEARCH.
@@ -261,6 +269,7 @@ fn precheck(conf: &Conf, command: Command) -> anyhow::Result<Command> {
             | AccountCmd::Suspend { account, .. }
             | AccountCmd::Reactivate { account, .. }
             | AccountCmd::Terminate { account, .. }
+            | AccountCmd::ResetTwoFactor { account, .. }
             | AccountCmd::Show { account },
         )
         | Command::Key(KeyCmd::List { account })
@@ -359,6 +368,27 @@ async fn account(store: &Store, cmd: AccountCmd) -> anyhow::Result<()> {
         }
         AccountCmd::Terminate { account, reason } => {
             set_status(store, &account, AccountStatus::Terminated, Some(&reason)).await?;
+        }
+        AccountCmd::ResetTwoFactor { account, reason } => {
+            if reason.trim().is_empty() {
+                bail!("--reason must say why (it goes to the audit log)");
+            }
+            let a = store.account(&account_ref(&account)?).await?;
+            if store
+                .disable_two_factor(a.id, "cli", Some(reason.trim()))
+                .await?
+            {
+                println!(
+                    "account {} {}: two-factor authentication is off",
+                    a.id, a.email
+                );
+            } else {
+                bail!(
+                    "account {} {} has no two-factor authentication",
+                    a.id,
+                    a.email
+                );
+            }
         }
         AccountCmd::Show { account } => {
             let a = store.account(&account_ref(&account)?).await?;

@@ -20,9 +20,15 @@ pub enum AdminError {
     },
     /// Not signed in, or wrong credentials.
     Unauthorized(String),
+    /// The password was right (or the session is signed in) but a code from the authenticator
+    /// app (or a recovery code) must come too: `totp_code` in forms and log-in bodies, the
+    /// `x-totp-code` header on other API calls.
+    SecondFactor(String),
     /// Signed in but not allowed (or a form without a valid CSRF token).
     Forbidden(String),
     NotFound(String),
+    /// A destructive operator action that waits for the typed confirmation (`confirm`).
+    NeedsConfirmation(String),
     /// Too many attempts; try again after this many seconds.
     TooMany {
         retry_after_s: u64,
@@ -45,10 +51,10 @@ impl AdminError {
     pub fn status(&self) -> StatusCode {
         match self {
             AdminError::Invalid { .. } => StatusCode::BAD_REQUEST,
-            AdminError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AdminError::Unauthorized(_) | AdminError::SecondFactor(_) => StatusCode::UNAUTHORIZED,
             AdminError::Forbidden(_) => StatusCode::FORBIDDEN,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
-            AdminError::Conflict { .. } => StatusCode::CONFLICT,
+            AdminError::Conflict { .. } | AdminError::NeedsConfirmation(_) => StatusCode::CONFLICT,
             AdminError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
             AdminError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AdminError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -59,7 +65,9 @@ impl AdminError {
         match self {
             AdminError::Invalid { .. } => "invalid_input",
             AdminError::Conflict { .. } => "conflict",
+            AdminError::NeedsConfirmation(_) => "confirmation_required",
             AdminError::Unauthorized(_) => "unauthorized",
+            AdminError::SecondFactor(_) => "two_factor_required",
             AdminError::Forbidden(_) => "forbidden",
             AdminError::NotFound(_) => "not_found",
             AdminError::TooMany { .. } => "too_many_attempts",
@@ -71,6 +79,8 @@ impl AdminError {
     pub fn field(&self) -> Option<&'static str> {
         match self {
             AdminError::Invalid { field, .. } | AdminError::Conflict { field, .. } => Some(field),
+            AdminError::SecondFactor(_) => Some("totp_code"),
+            AdminError::NeedsConfirmation(_) => Some("confirm"),
             _ => None,
         }
     }
@@ -81,6 +91,8 @@ impl AdminError {
                 message.clone()
             }
             AdminError::Unauthorized(m)
+            | AdminError::SecondFactor(m)
+            | AdminError::NeedsConfirmation(m)
             | AdminError::Forbidden(m)
             | AdminError::NotFound(m)
             | AdminError::Unavailable(m)

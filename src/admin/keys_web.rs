@@ -34,6 +34,9 @@ pub struct KeyRequest {
     in_flight: Option<String>,
     #[serde(deserialize_with = "lenient")]
     spend_cap_usd: Option<String>,
+    /// The second factor, when the session must show it again (see `security::step_up`).
+    #[serde(deserialize_with = "lenient")]
+    totp_code: Option<String>,
 }
 
 /// A string, a number or null, as text (`None` when empty).
@@ -264,6 +267,7 @@ fn keys_page(
                     label { "Tokens / minute (default " (d.tokens_per_minute) ")" input type="number" name="tokens_per_minute" min="1" max=(max.limits.tokens_per_minute); }
                     label { "In flight (default " (d.in_flight) ")" input type="number" name="in_flight" min="1" max=(max.limits.in_flight); }
                     label { "Spend cap in USD (optional)" input type="text" name="spend_cap_usd" inputmode="decimal" placeholder="50.00"; }
+                    (super::security::code_field(state, &s.visitor))
                     button type="submit" { "Create key" }
                 }
             }
@@ -283,7 +287,10 @@ pub async fn create_submit(
     s: SignedIn,
     Form(r): Form<KeyRequest>,
 ) -> Response {
-    let created = create(&state, &s.account, &r).await;
+    let created = match super::security::step_up(&state, &s.visitor, r.totp_code.as_deref()).await {
+        Ok(()) => create(&state, &s.account, &r).await,
+        Err(e) => Err(e),
+    };
     let keys = match state.store.list_keys(s.account.id).await {
         Ok(k) => k,
         Err(e) => return AdminError::from(e).into_page(Some(&s.visitor)),
@@ -327,6 +334,7 @@ pub async fn api_create(
     s: SignedIn,
     Json(r): Json<KeyRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    super::security::step_up(&state, &s.visitor, r.totp_code.as_deref()).await?;
     let (key, plaintext) = create(&state, &s.account, &r).await?;
     let mut v = key_json(&key);
     v["key"] = json!(plaintext);

@@ -3,7 +3,7 @@
 //! cannot drift apart.
 
 use super::server::AppState;
-use super::{account, credits, dashboard, keys_web, operator, refunds, usage};
+use super::{account, credits, dashboard, keys_web, operator, refunds, security, usage};
 use axum::Json;
 use axum::extract::State;
 use axum::routing::{MethodRouter, get, post};
@@ -53,6 +53,28 @@ const LOGIN: &[Field] = &[
         "at least 10 characters, letters and digits or symbols",
     ),
 ];
+const LOGIN_2FA: &[Field] = &[
+    ("email", "string", true, "the account's e-mail"),
+    ("password", "string", true, "the account's password"),
+    (
+        "totp_code",
+        "string",
+        false,
+        "with 2FA on: a code from the authenticator app or a recovery code (without it: 401 two_factor_required)",
+    ),
+];
+const TOTP: Field = (
+    "totp_code",
+    "string",
+    false,
+    "with 2FA on and the session's last code older than admin.two_factor_reauth_minutes: a code (else 401 two_factor_required)",
+);
+const CODE: &[Field] = &[(
+    "totp_code",
+    "string",
+    true,
+    "a code from the authenticator app (or a recovery code)",
+)];
 const LIMITS: &[Field] = &[
     (
         "requests_per_minute",
@@ -109,24 +131,29 @@ macro_rules! route {
 /// Every JSON API route.
 pub fn routes() -> Vec<ApiRoute> {
     vec![
-        route!(post "post" "/api/v1/signup", Public, "Create an account and sign in; mails the verification link", q &[], b LOGIN, 201 "{account, csrf_token}", account::api_signup),
-        route!(post "post" "/api/v1/login", Public, "Sign in (sets the session cookie)", q &[], b LOGIN, 200 "{account, csrf_token}", account::api_login),
+        route!(post "post" "/api/v1/signup", Public, "Sign up: mails the verification link to a new address, or a notice to the owner of an existing one (the same answer either way); then log in", q &[], b LOGIN, 202 "{status, message}", account::api_signup),
+        route!(post "post" "/api/v1/login", Public, "Sign in (sets the session cookie)", q &[], b LOGIN_2FA, 200 "{account, csrf_token}", account::api_login),
+        route!(get "get" "/api/v1/account/2fa", Customer, "Whether two-factor authentication is on, and the recovery codes left", q &[], b &[], 200 "{enabled, recovery_codes_left}", security::api_status),
+        route!(post "post" "/api/v1/account/2fa/setup", Customer, "Start a TOTP enrolment: the secret and the otpauth:// link for the app", q &[], b &[], 200 "{secret, otpauth_uri}", security::api_setup),
+        route!(post "post" "/api/v1/account/2fa/enable", Customer, "Confirm the enrolment with a code; the recovery codes, shown once", q &[], b CODE, 200 "{enabled, recovery_codes}", security::api_enable),
+        route!(post "post" "/api/v1/account/2fa/disable", Customer, "Turn 2FA off with a fresh code (operators cannot)", q &[], b CODE, 200 "{enabled, recovery_codes_left}", security::api_disable),
+        route!(post "post" "/api/v1/account/2fa/recovery-codes", Customer, "New recovery codes (the old ones stop working)", q &[], b &[TOTP], 200 "{recovery_codes}", security::api_recovery),
         route!(post "post" "/api/v1/logout", Customer, "Sign out", q &[], b &[], 204 "nothing", account::api_logout),
         route!(get "get" "/api/v1/me", Customer, "The signed-in account and its CSRF token", q &[], b &[], 200 "{account, csrf_token}", account::api_me),
         route!(post "post" "/api/v1/verify", Public, "Verify the e-mail with the token from the mailed link", q &[], b &[("token", "string", true, "the link's token")], 200 "{account}", account::api_verify),
         route!(post "post" "/api/v1/verify/resend", Customer, "Mail the verification link again", q &[], b &[], 202 "nothing", account::api_resend),
         route!(post "post" "/api/v1/password/forgot", Public, "Mail a password reset link (the same answer whether or not the address has an account)", q &[], b &[("email", "string", true, "the account's e-mail")], 202 "nothing", account::api_forgot),
-        route!(post "post" "/api/v1/password/reset", Public, "Set a new password with the mailed token; ends every session", q &[], b &[("token", "string", true, "the link's token"), ("password", "string", true, "the new password")], 204 "nothing", account::api_reset),
+        route!(post "post" "/api/v1/password/reset", Public, "Set a new password with the mailed token; ends every session", q &[], b &[("token", "string", true, "the link's token"), ("password", "string", true, "the new password"), ("totp_code", "string", false, "required when the account has 2FA on")], 204 "nothing", account::api_reset),
         route!(get "get" "/api/v1/balance", Customer, "The account with its balance", q &[], b &[], 200 "{id, email, balance_usd, balance_nano_usd, low_balance, ...}", dashboard::api_balance),
         route!(get "get" "/api/v1/requests", Customer, "The request log, newest first", q &[("from", "string", false, "first day, YYYY-MM-DD"), ("to", "string", false, "last day, inclusive"), ("key_id", "integer", false, "only this key"), ("tier", "string", false, "only this tier"), ("status", "string", false, "ok, error, or an HTTP status"), ("limit", "integer", false, "1 to 500, default 50"), ("before_ms", "integer", false, "the cursor from next_before_ms")], b &[], 200 "{data: [request], next_before_ms}", usage::api_requests),
         route!(get "get" "/api/v1/usage/daily", Customer, "Requests, tokens and billed USD per UTC day and tier", q DATES, b &[], 200 "{from, to, total_billed_usd, data}", usage::api_daily),
         route!(get "get" "/api/v1/keys", Customer, "The account's API keys (prefixes only)", q &[], b &[], 200 "{data: [key]}", keys_web::api_list),
-        route!(post "post" "/api/v1/keys", Customer, "Create an API key; the full key is in `key`, this once", q &[], b &[("name", "string", true, "1 to 100 characters"), ("expires_in_days", "integer", false, "up to limits.key_max.expiry_days"), ("requests_per_minute", "integer", false, "up to limits.key_max"), ("tokens_per_minute", "integer", false, "up to limits.key_max"), ("in_flight", "integer", false, "up to limits.key_max"), ("spend_cap_usd", "string", false, "dollars and cents, up to limits.key_max.spend_cap_cents")], 201 "{key, id, name, prefix, ...}", keys_web::api_create),
+        route!(post "post" "/api/v1/keys", Customer, "Create an API key; the full key is in `key`, this once", q &[], b &[("name", "string", true, "1 to 100 characters"), ("expires_in_days", "integer", false, "up to limits.key_max.expiry_days"), ("requests_per_minute", "integer", false, "up to limits.key_max"), ("tokens_per_minute", "integer", false, "up to limits.key_max"), ("in_flight", "integer", false, "up to limits.key_max"), ("spend_cap_usd", "string", false, "dollars and cents, up to limits.key_max.spend_cap_cents"), TOTP], 201 "{key, id, name, prefix, ...}", keys_web::api_create),
         route!(post "post" "/api/v1/keys/{id}/revoke", Customer, "Revoke one of the account's keys for good", q &[], b &[], 200 "{key}", keys_web::api_revoke),
         route!(get "get" "/api/v1/credits", Customer, "What can be bought (packages, custom bounds) and past payments", q &[], b &[], 200 "{enabled, packages_cents, payments, ...}", credits::api_options),
         route!(post "post" "/api/v1/credits/checkout", Customer, "Start a Stripe Checkout for a package or a custom amount", q &[], b &[("package_cents", "integer", false, "one of the packages"), ("amount_usd", "string", false, "a custom amount in dollars and cents"), ("nonce", "string", false, "the same nonce twice makes one session")], 201 "{session_id, checkout_url}", credits::api_checkout),
         route!(get "get" "/api/v1/refunds", Customer, "The account's refund requests and what can be refunded now", q &[], b &[], 200 "{refundable_cents, data}", refunds::api_list),
-        route!(post "post" "/api/v1/refunds", Customer, "Ask for a refund of unused balance", q &[], b &[("amount_cents", "integer", false, "the amount in cents (or amount_usd)"), ("amount_usd", "string", false, "the amount in dollars and cents"), ("reason", "string", true, "why")], 201 "{refund request}", refunds::api_create),
+        route!(post "post" "/api/v1/refunds", Customer, "Ask for a refund of unused balance", q &[], b &[("amount_cents", "integer", false, "the amount in cents (or amount_usd)"), ("amount_usd", "string", false, "the amount in dollars and cents"), ("reason", "string", true, "why"), TOTP], 201 "{refund request}", refunds::api_create),
         route!(get "get" "/api/v1/operator/accounts", Operator, "Search accounts by e-mail", q &[("q", "string", false, "part of the e-mail")], b &[], 200 "{data: [account]}", operator::api_accounts),
         route!(get "get" "/api/v1/operator/accounts/{id}", Operator, "One account with its keys and audit log", q &[], b &[], 200 "{account, keys, audit}", operator::api_account),
         route!(post "post" "/api/v1/operator/accounts/{id}/status", Operator, "Suspend, reactivate or terminate an account", q &[], b STATUS, 200 "{account}", operator::api_account_status),

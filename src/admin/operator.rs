@@ -31,11 +31,29 @@ impl<S: Send + Sync> FromRequestParts<S> for Operator {
 
     async fn from_request_parts(parts: &mut Parts, s: &S) -> Result<Self, Self::Rejection> {
         let signed = SignedIn::from_request_parts(parts, s).await?;
+        let api = is_api(parts.uri.path());
         if signed.account.role == crate::store::Role::Operator {
-            return Ok(Operator(signed));
+            if super::security::operator_cleared(&signed.visitor) {
+                return Ok(Operator(signed));
+            }
+            // Operators can grant credit: no operator page without a second factor.
+            if !api && !signed.visitor.two_factor {
+                return Err(Redirect::to("/account/security?required=operator").into_response());
+            }
+            let e = AdminError::Forbidden(if signed.visitor.two_factor {
+                "Log out and log in again with your authentication code to open the operator pages."
+                    .into()
+            } else {
+                "Operator accounts must turn on two-factor authentication (Account security in the dashboard) before the operator pages and API open.".into()
+            });
+            return Err(if api {
+                e.into_json()
+            } else {
+                e.into_page(Some(&signed.visitor))
+            });
         }
         let e = AdminError::Forbidden("This is for operators only.".into());
-        Err(if is_api(parts.uri.path()) {
+        Err(if api {
             e.into_json()
         } else {
             e.into_page(Some(&signed.visitor))
@@ -54,6 +72,8 @@ fn actor(o: &Operator) -> String {
 pub struct StatusForm {
     status: String,
     reason: String,
+    /// For a destructive change: the account's e-mail, typed by the operator.
+    confirm: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -61,6 +81,19 @@ pub struct StatusForm {
 pub struct CreditsForm {
     amount_usd: String,
     reason: String,
+    /// For an adjustment above `admin.confirm_credits_above_cents`: the account's e-mail.
+    confirm: String,
+}
+
+/// A destructive action goes ahead only when the operator typed the account's e-mail.
+fn confirmed(confirm: &str, account_email: &str, what: &str) -> Result<(), AdminError> {
+    if crate::email::normalize(confirm.trim()) == account_email {
+        Ok(())
+    } else {
+        Err(AdminError::NeedsConfirmation(format!(
+            "{what} To go ahead, type the account's e-mail address ({account_email})."
+        )))
+    }
 }
 
 fn need_reason(reason: &str) -> Result<&str, AdminError> {
@@ -99,6 +132,14 @@ pub async fn set_account_status(
             "You cannot suspend or terminate your own account.",
         ));
     }
+    if status == AccountStatus::Terminated {
+        let a = state.store.account(&AccountRef::Id(id)).await?;
+        confirmed(
+            &f.confirm,
+            &a.email,
+            "Terminating an account is for good: its keys stop and it cannot log in again.",
+        )?;
+    }
     Ok(state
         .store
         .set_account_status(id, status, &actor(o), Some(reason))
@@ -123,6 +164,22 @@ pub async fn adjust_credits(
                 "Enter a non-zero amount in USD, negative to take credits away (e.g. 10 or -2.50).",
             )
         })?;
+    let size = if amount.is_negative() {
+        NanoUsd::ZERO.checked_sub(amount)?
+    } else {
+        amount
+    };
+    if size > state.conf.admin.confirm_credits_above {
+        let a = state.store.account(&AccountRef::Id(id)).await?;
+        confirmed(
+            &f.confirm,
+            &a.email,
+            &format!(
+                "{amount} is more than {} (admin.confirm_credits_above_cents).",
+                state.conf.admin.confirm_credits_above
+            ),
+        )?;
+    }
     let entry = NewLedgerEntry {
         account_id: id,
         kind: LedgerKind::Adjustment,
@@ -163,6 +220,18 @@ pub async fn set_key_status(
         }
     };
     let reason = need_reason(&f.reason)?;
+    if status == KeyStatus::Revoked {
+        let key = state.store.key(key_id).await?;
+        let a = state.store.account(&AccountRef::Id(key.account_id)).await?;
+        confirmed(
+            &f.confirm,
+            &a.email,
+            &format!(
+                "Revoking the key “{}” is for good: it never works again.",
+                key.name
+            ),
+        )?;
+    }
     state
         .store
         .set_key_status(key_id, status, &actor(o), Some(reason))
@@ -314,9 +383,9 @@ pub async fn accounts(
     .into_response()
 }
 
-fn operator_nav() -> Markup {
+pub(super) fn operator_nav() -> Markup {
     html! {
-        nav.sub {
+        nav.sub aria-label="Operator" {
             a href="/operator" { "Accounts" } " · "
             a href="/operator/refunds" { "Refund queue" } " · "
             a href="/operator/revenue" { "Revenue and margin" } " · "
@@ -349,10 +418,11 @@ async fn account_page(
                 p { "Status: " strong #account-status { (a.status.as_str()) } " · role " (a.role.as_str()) " · verified " (if a.is_verified() { "yes" } else { "no" }) " · balance " strong #account-balance { (a.credit()) } @if a.leased.is_positive() { " (" (a.leased) " leased by gateways)" } }
                 form.row method="post" action={ "/operator/accounts/" (a.id) "/status" } {
                     (csrf_field(v))
-                    label { "Status" select name="status" {
-                        option value="suspended" { "Suspend" }
-                        option value="active" { "Reactivate" }
-                        option value="terminated" { "Terminate" }
+                    label { "New status" select name="status" required {
+                        option value="" selected disabled { "Choose…" }
+                        @if a.status != AccountStatus::Suspended { option value="suspended" { "Suspend" } }
+                        @if a.status != AccountStatus::Active { option value="active" { "Reactivate" } }
+                        @if a.status != AccountStatus::Terminated { option value="terminated" { "Terminate (asks to confirm)" } }
                     } }
                     label { "Reason (audit log)" input type="text" name="reason" required; }
                     button.danger type="submit" { "Change status" }
@@ -399,12 +469,13 @@ async fn account_page(
                                     @if k.status != KeyStatus::Revoked {
                                         form.row method="post" action={ "/operator/keys/" (k.id) "/status" } {
                                             (csrf_field(v))
-                                            select name="status" {
-                                                option value="suspended" { "Suspend" }
-                                                option value="active" { "Reactivate" }
-                                                option value="revoked" { "Revoke" }
+                                            select name="status" required aria-label={ "New status for the key " (k.name) } {
+                                                option value="" selected disabled { "Choose…" }
+                                                @if k.status != KeyStatus::Suspended { option value="suspended" { "Suspend" } }
+                                                @if k.status != KeyStatus::Active { option value="active" { "Reactivate" } }
+                                                option value="revoked" { "Revoke (asks to confirm)" }
                                             }
-                                            input type="text" name="reason" required placeholder="reason";
+                                            input type="text" name="reason" required placeholder="reason" aria-label={ "Reason for the key " (k.name) " (audit log)" };
                                             button.secondary type="submit" { "Apply" }
                                         }
                                     }
@@ -456,7 +527,61 @@ pub async fn account_status_submit(
     Form(f): Form<StatusForm>,
 ) -> Response {
     let r = set_account_status(&state, &o, id, &f).await;
+    if let Err(AdminError::NeedsConfirmation(m)) = &r {
+        let title = match f.status.as_str() {
+            "terminated" => "Terminate this account?",
+            _ => "Change this account's status?",
+        };
+        let c = Confirm {
+            title,
+            message: m,
+            action: format!("/operator/accounts/{id}/status"),
+            fields: &[("status", &f.status)],
+            reason: &f.reason,
+            account_id: id,
+            typed_wrong: !f.confirm.trim().is_empty(),
+        };
+        return confirm_page(&state, &o, c);
+    }
     back_to_account(&state, &o, id, r).await
+}
+
+/// The confirmation step of a destructive action: what it does, the reason (still editable),
+/// and the account's e-mail to type; the same form posts again with `confirm`.
+struct Confirm<'a> {
+    title: &'a str,
+    message: &'a str,
+    action: String,
+    fields: &'a [(&'a str, &'a str)],
+    reason: &'a str,
+    /// The account page, for "Cancel".
+    account_id: i64,
+    /// Whether something was typed (and it was not the e-mail).
+    typed_wrong: bool,
+}
+
+fn confirm_page(state: &AppState, o: &Operator, c: Confirm<'_>) -> Response {
+    let v = &o.0.visitor;
+    (
+        axum::http::StatusCode::CONFLICT,
+        page(state, c.title, Some(v), html! {
+            (operator_nav())
+            section.card.confirm #confirm {
+                h1 { (c.title) }
+                p.notice role="alert" { (c.message) }
+                @if c.typed_wrong { p.error { "What you typed is not the account's e-mail address." } }
+                form.stack method="post" action=(c.action) {
+                    (csrf_field(v))
+                    @for (k, val) in c.fields { input type="hidden" name=(k) value=(val); }
+                    label { "Reason (audit log)" input type="text" name="reason" required value=(c.reason); }
+                    label { "Type the account's e-mail address to confirm" input type="text" name="confirm" required autocomplete="off" spellcheck="false"; }
+                    button.danger type="submit" { "Confirm" }
+                }
+                p { a href={ "/operator/accounts/" (c.account_id) } { "Cancel" } }
+            }
+        }),
+    )
+        .into_response()
 }
 
 pub async fn limits_submit(
@@ -500,6 +625,18 @@ pub async fn credits_submit(
     Form(f): Form<CreditsForm>,
 ) -> Response {
     let r = adjust_credits(&state, &o, id, &f).await;
+    if let Err(AdminError::NeedsConfirmation(m)) = &r {
+        let c = Confirm {
+            title: "Confirm this credit adjustment",
+            message: m,
+            action: format!("/operator/accounts/{id}/credits"),
+            fields: &[("amount_usd", &f.amount_usd)],
+            reason: &f.reason,
+            account_id: id,
+            typed_wrong: !f.confirm.trim().is_empty(),
+        };
+        return confirm_page(&state, &o, c);
+    }
     back_to_account(&state, &o, id, r).await
 }
 
@@ -514,6 +651,18 @@ pub async fn key_status_submit(
         Err(e) => return AdminError::from(e).into_page(Some(&o.0.visitor)),
     };
     let r = set_key_status(&state, &o, key_id, &f).await;
+    if let Err(AdminError::NeedsConfirmation(m)) = &r {
+        let c = Confirm {
+            title: "Revoke this key?",
+            message: m,
+            action: format!("/operator/keys/{key_id}/status"),
+            fields: &[("status", &f.status)],
+            reason: &f.reason,
+            account_id,
+            typed_wrong: !f.confirm.trim().is_empty(),
+        };
+        return confirm_page(&state, &o, c);
+    }
     back_to_account(&state, &o, account_id, r).await
 }
 
@@ -564,6 +713,10 @@ pub async fn revenue_json(state: &AppState, q: &RangeQuery) -> Result<Value, Adm
         d.2 = d.2.checked_add(m.billed)?;
         d.3 = d.3.checked_add(m.provider_cost)?;
         d.4 += m.requests;
+        // A request refused before it had a tier (an unknown model) is no tier's revenue.
+        if m.tier.is_empty() {
+            continue;
+        }
         let t = tiers.entry(m.tier.clone()).or_default();
         t.0 = t.0.checked_add(m.billed)?;
         t.1 = t.1.checked_add(m.provider_cost)?;

@@ -30,7 +30,7 @@ pub fn layout(state_support: &str, title: &str, visitor: Option<&Visitor>, body:
             body {
                 header.top {
                     a.brand href="/" { (PRODUCT) }
-                    nav {
+                    nav aria-label="Main" {
                         @if let Some(a) = account {
                             a href="/dashboard" { "Dashboard" }
                             a href="/keys" { "API keys" }
@@ -42,7 +42,7 @@ pub fn layout(state_support: &str, title: &str, visitor: Option<&Visitor>, body:
                             @if a.role == crate::store::Role::Operator {
                                 a href="/operator" { "Operator" }
                             }
-                            span.who { (a.email) }
+                            a.who href="/account/security" title="Account security" { (a.email) }
                             form.inline method="post" action="/logout" {
                                 input type="hidden" name="csrf" value=(visitor.map(|v| v.csrf.as_str()).unwrap_or_default());
                                 button.link type="submit" { "Log out" }
@@ -57,7 +57,7 @@ pub fn layout(state_support: &str, title: &str, visitor: Option<&Visitor>, body:
                 }
                 main { (body) }
                 footer {
-                    nav {
+                    nav aria-label="Policies" {
                         @for p in policies::POLICIES {
                             a href={ "/policies/" (p.slug) } { (p.title) }
                         }

@@ -24,6 +24,8 @@ use serde_json::{Value, json};
 pub struct RefundForm {
     amount_usd: String,
     reason: String,
+    /// The second factor, when the session must show it again (see `security::step_up`).
+    totp_code: Option<String>,
 }
 
 /// Files a customer's request after checking it against the unused balance and the payments.
@@ -215,6 +217,7 @@ async fn customer_page(
                     (csrf_field(&s.visitor))
                     label { "Amount in USD" input type="text" name="amount_usd" inputmode="decimal" required placeholder="10.00"; }
                     label { "Reason (payment date, duplicate charge, service issue, …)" input type="text" name="reason" required maxlength="2000"; }
+                    (super::security::code_field(state, &s.visitor))
                     button type="submit" { "Ask for the refund" }
                 }
             }
@@ -235,7 +238,10 @@ pub async fn refund_submit(
     s: SignedIn,
     Form(f): Form<RefundForm>,
 ) -> Response {
-    let outcome = request(&state, &s.account, &f).await;
+    let outcome = match super::security::step_up(&state, &s.visitor, f.totp_code.as_deref()).await {
+        Ok(()) => request(&state, &s.account, &f).await,
+        Err(e) => Err(e),
+    };
     let (status, error) = match &outcome {
         Ok(_) => (StatusCode::CREATED, None),
         Err(e) => (e.status(), Some(e.message())),
@@ -265,6 +271,7 @@ pub struct RefundBody {
     amount_cents: Option<i64>,
     amount_usd: Option<String>,
     reason: String,
+    totp_code: Option<String>,
 }
 
 pub async fn api_create(
@@ -279,12 +286,14 @@ pub async fn api_create(
         (None, Some(t)) => t,
         (None, None) => String::new(),
     };
+    super::security::step_up(&state, &s.visitor, b.totp_code.as_deref()).await?;
     let r = request(
         &state,
         &s.account,
         &RefundForm {
             amount_usd: amount_usd.replace(',', ""),
             reason: b.reason,
+            totp_code: None,
         },
     )
     .await?;
@@ -324,12 +333,15 @@ pub async fn queue_page(
         .store
         .refund_requests(None, Some("pending"), 200)
         .await?;
-    let recent = state.store.refund_requests(None, None, 50).await?;
+    let mut recent = state.store.refund_requests(None, None, 100).await?;
+    recent.retain(|r| r.status != "pending");
+    recent.truncate(50);
     Ok(page(
         state,
         "Refund queue",
         Some(&s.visitor),
         html! {
+            (super::operator::operator_nav())
             section.card {
                 h1 { "Refund queue" }
                 (form_error(error))
@@ -350,7 +362,10 @@ pub async fn queue_page(
                     }
                 }
             }
-            section.card { h2 { "Recent decisions" } (requests_table(&recent, true)) }
+            section.card {
+                h2 { "Recent decisions" }
+                @if recent.is_empty() { p.muted { "No decisions yet." } } @else { (requests_table(&recent, true)) }
+            }
         },
     ))
 }

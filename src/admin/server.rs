@@ -8,7 +8,9 @@ use super::limiter::Limiter;
 use super::mail::Mailer;
 use super::signing::Signer;
 use super::stripe::StripeClient;
-use super::{account, credits, dashboard, keys_web, operator, pages, refunds, usage, web};
+use super::{
+    account, credits, dashboard, keys_web, operator, pages, refunds, security, usage, web,
+};
 use crate::conf::Conf;
 use crate::store::Store;
 use axum::Router;
@@ -90,7 +92,14 @@ pub fn app(state: AppState) -> Router {
             "/login",
             get(account::login_page).post(account::login_submit),
         )
+        .route("/login/code", post(account::login_code_submit))
         .route("/logout", post(account::logout_submit))
+        .route("/account/security", get(security::security))
+        .route("/account/2fa/setup", post(security::setup_submit))
+        .route("/account/2fa/enable", post(security::enable_submit))
+        .route("/account/2fa/recovery", post(security::recovery_submit))
+        .route("/account/2fa/disable", post(security::disable_submit))
+        .route("/account/password", post(security::password_submit))
         .route("/verify", get(account::verify_page))
         .route("/verify/resend", post(account::resend_submit))
         .route(

@@ -32,8 +32,23 @@ pub struct Visitor {
     pub session_id: String,
     pub account: Option<Account>,
     pub csrf: String,
+    /// Whether the signed-in account has two-factor authentication on.
+    pub two_factor: bool,
+    /// When this session last passed the second factor.
+    pub second_factor_at: Option<i64>,
     /// Whether the session id was made for this request (the answer must set the cookie).
     fresh: bool,
+}
+
+impl Visitor {
+    /// Whether a sensitive action must ask for a code: 2FA is on and the session's last code
+    /// is older than `reauth` (or there was none).
+    pub fn needs_second_factor(&self, reauth: std::time::Duration) -> bool {
+        self.two_factor
+            && self
+                .second_factor_at
+                .is_none_or(|at| crate::time::now_ms() - at >= reauth.as_millis() as i64)
+    }
 }
 
 pub fn new_session_id() -> String {
@@ -82,7 +97,7 @@ pub async fn session_layer(State(state): State<AppState>, req: Request, next: Ne
         Some(id) => (id, false),
         None => (new_session_id(), true),
     };
-    let account = if fresh {
+    let session = if fresh {
         None
     } else {
         match state
@@ -90,14 +105,16 @@ pub async fn session_layer(State(state): State<AppState>, req: Request, next: Ne
             .session_account(&session_hash(&session_id))
             .await
         {
-            Ok(a) => a.filter(|a| a.status != crate::store::AccountStatus::Terminated),
+            Ok(s) => s.filter(|s| s.account.status != crate::store::AccountStatus::Terminated),
             Err(e) => return fail(api, AdminError::from(e), None),
         }
     };
     let visitor = Visitor {
         csrf: state.signer.csrf_token(&session_id),
         session_id,
-        account,
+        two_factor: session.as_ref().is_some_and(|s| s.two_factor),
+        second_factor_at: session.as_ref().and_then(|s| s.second_factor_at),
+        account: session.map(|s| s.account),
         fresh,
     };
     let unsafe_method = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);

@@ -12,7 +12,17 @@ use std::sync::Arc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     duang::logging::init();
-    let conf = match Conf::load(&cli.conf) {
+    // Only the servers (and the check) need Stripe's and SMTP's secrets.
+    let servers = matches!(
+        cli.command,
+        Command::Up | Command::Serve | Command::CheckConf
+    );
+    let loaded = if servers {
+        Conf::load(&cli.conf)
+    } else {
+        Conf::load_without_service_secrets(&cli.conf)
+    };
+    let conf = match loaded {
         Ok(conf) => conf,
         Err(errors) => {
             eprintln!("{errors}");

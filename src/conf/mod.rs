@@ -152,6 +152,12 @@ pub struct AdminConf {
     pub session_ttl: Duration,
     /// The dashboard warns below this balance.
     pub low_balance_warning: crate::money::NanoUsd,
+    /// A session that passed the second factor this recently is not asked again before a
+    /// sensitive action (key creation, refund request, password change); zero: always asked.
+    pub two_factor_reauth: Duration,
+    /// An operator's credit grant or adjustment larger than this (either sign) needs a typed
+    /// confirmation, like terminating an account or revoking a key.
+    pub confirm_credits_above: crate::money::NanoUsd,
 }
 
 /// Which database the store talks to.
@@ -358,6 +364,17 @@ pub struct MailConf {
 impl Conf {
     /// Reads and validates a conf file, taking secrets from the process environment.
     pub fn load(path: &Path) -> Result<Conf, ConfErrors> {
+        Conf::load_with(path, true)
+    }
+
+    /// Like [`Conf::load`] but without Stripe's and SMTP's secrets (their fields are left
+    /// empty): for the CLI's store commands, which call neither, so an operator can create an
+    /// account or grant credit on a machine that does not hold those secrets.
+    pub fn load_without_service_secrets(path: &Path) -> Result<Conf, ConfErrors> {
+        Conf::load_with(path, false)
+    }
+
+    fn load_with(path: &Path, service_secrets: bool) -> Result<Conf, ConfErrors> {
         let label = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfErrors(vec![ConfError {
@@ -366,7 +383,12 @@ impl Conf {
                 message: format!("cannot read the conf file: {e}"),
             }])
         })?;
-        Conf::parse(&text, &label, &|name| std::env::var(name).ok())
+        convert::parse(
+            &text,
+            &label,
+            &|name| std::env::var(name).ok(),
+            service_secrets,
+        )
     }
 
     /// Validates conf text; `env` answers environment variable look-ups (tests pass their own).
@@ -375,7 +397,7 @@ impl Conf {
         file: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Conf, ConfErrors> {
-        convert::parse(text, file, env)
+        convert::parse(text, file, env, true)
     }
 
     pub fn tier(&self, name: &str) -> Option<&Tier> {

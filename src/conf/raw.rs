@@ -90,6 +90,8 @@ pub struct RawAdmin {
     pub secret_env: Option<String>,
     pub session_ttl_hours: i64,
     pub low_balance_warning_cents: i64,
+    pub two_factor_reauth_minutes: i64,
+    pub confirm_credits_above_cents: i64,
 }
 
 impl Default for RawAdmin {
@@ -101,6 +103,8 @@ impl Default for RawAdmin {
             secret_env: None,
             session_ttl_hours: 168,
             low_balance_warning_cents: 100,
+            two_factor_reauth_minutes: 10,
+            confirm_credits_above_cents: 10_000,
         }
     }
 }

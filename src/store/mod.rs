@@ -18,6 +18,7 @@ mod refunds;
 mod reports;
 mod sessions;
 mod stripe;
+mod two_factor;
 mod usage;
 
 pub use accounts::{
@@ -31,7 +32,9 @@ pub use ledger::{BalanceProof, LedgerEntry, LedgerKind, NewLedgerEntry};
 pub use nodes::{InstanceRow, LeaseRow, Released};
 pub use refunds::{RefundAllocation, RefundRequest, StripeDebit};
 pub use reports::{DailyMargin, DailyMoney, UpstreamStats};
+pub use sessions::Session;
 pub use stripe::{CheckoutCredit, PaidSession};
+pub use two_factor::TwoFactor;
 pub use usage::{DailyUsage, StatusFilter, UsageFilter, UsageRecord};
 
 use crate::conf::{Backend, StoreConf};

@@ -5,6 +5,16 @@ use super::{Store, StoreError, audit};
 use crate::time::now_ms;
 use sqlx::Row;
 
+/// A live dashboard session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub account: Account,
+    /// When the session last passed the second factor (`None`: never, or 2FA is off).
+    pub second_factor_at: Option<i64>,
+    /// Whether the account has two-factor authentication on.
+    pub two_factor: bool,
+}
+
 impl Store {
     /// Records a logged-in session. `token_hash` is the SHA-256 of the cookie value.
     pub async fn create_session(
@@ -12,6 +22,7 @@ impl Store {
         token_hash: &str,
         account_id: i64,
         expires_at: i64,
+        second_factor: bool,
     ) -> Result<(), StoreError> {
         let now = now_ms();
         // Expired rows of this account go with every new login, so the table cannot grow
@@ -22,22 +33,27 @@ impl Store {
             .execute(&self.pool)
             .await?;
         sqlx::query(
-            "INSERT INTO web_sessions (token_hash, account_id, created_at, expires_at)
-             VALUES ($1, $2, $3, $4)",
+            "INSERT INTO web_sessions (token_hash, account_id, created_at, expires_at, second_factor_at)
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(token_hash)
         .bind(account_id)
         .bind(now)
         .bind(expires_at)
+        .bind(second_factor.then_some(now))
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// The account behind a live session, if the session exists and has not expired.
-    pub async fn session_account(&self, token_hash: &str) -> Result<Option<Account>, StoreError> {
+    /// The account behind a live session, if the session exists and has not expired, with
+    /// what the session knows of the second factor.
+    pub async fn session_account(&self, token_hash: &str) -> Result<Option<Session>, StoreError> {
         let row = sqlx::query(
-            "SELECT account_id FROM web_sessions WHERE token_hash = $1 AND expires_at > $2",
+            "SELECT s.account_id, s.second_factor_at,
+                    CAST(CASE WHEN t.enabled_at IS NULL THEN 0 ELSE 1 END AS BIGINT) AS two_factor
+             FROM web_sessions s LEFT JOIN two_factor t ON t.account_id = s.account_id
+             WHERE s.token_hash = $1 AND s.expires_at > $2",
         )
         .bind(token_hash)
         .bind(now_ms())
@@ -46,8 +62,13 @@ impl Store {
         match row {
             Some(r) => {
                 let id: i64 = r.try_get("account_id")?;
+                let two_factor: i64 = r.try_get("two_factor")?;
                 let account = self.account(&super::AccountRef::Id(id)).await?;
-                Ok(Some(self.with_leases(account).await?))
+                Ok(Some(Session {
+                    account: self.with_leases(account).await?,
+                    second_factor_at: r.try_get("second_factor_at")?,
+                    two_factor: two_factor == 1,
+                }))
             }
             None => Ok(None),
         }

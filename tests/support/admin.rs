@@ -172,9 +172,11 @@ impl Admin {
         }
     }
 
-    /// An operator account (`op@example.com`), signed in from its own address.
+    /// An operator account (`op@example.com`) with two-factor authentication on (its secret is
+    /// [`OPERATOR_TOTP`]), signed in with password and code from its own address.
     pub async fn operator(&self) -> Browser<'_> {
-        self.t
+        let op = self
+            .t
             .store
             .create_account(&duang::store::NewAccount {
                 email: "op@example.com".into(),
@@ -184,6 +186,7 @@ impl Admin {
             })
             .await
             .expect("operator");
+        self.enrol(op.id, OPERATOR_TOTP).await;
         let mut b = self.browser([10, 9, 9, 9]);
         let r = b
             .submit(
@@ -192,8 +195,27 @@ impl Admin {
                 &[("email", "op@example.com"), ("password", PASSWORD)],
             )
             .await;
+        assert_eq!(r.status, StatusCode::OK, "the code form: {}", r.body);
+        let r = b.enter_code(&r, &totp_now(OPERATOR_TOTP)).await;
         assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
         b
+    }
+
+    /// Turns 2FA on for an account straight in the store, with `secret` (base32) and no
+    /// recovery codes (tests of the enrolment itself go through the pages).
+    pub async fn enrol(&self, account_id: i64, secret: &str) {
+        self.t
+            .store
+            .begin_two_factor(account_id, secret)
+            .await
+            .expect("begin 2FA");
+        assert!(
+            self.t
+                .store
+                .enable_two_factor(account_id, 1, &[], "test")
+                .await
+                .expect("enable 2FA")
+        );
     }
 
     pub fn fake(&self) -> &StripeFake {
@@ -307,9 +329,45 @@ pub struct Browser<'a> {
 
 /// The password test accounts sign up with.
 pub const PASSWORD: &str = "correct horse 42";
+/// The TOTP secret of [`Admin::operator`]'s account (base32, 160 bits).
+pub const OPERATOR_TOTP: &str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
+
+/// The TOTP code of `secret` (base32) at `unix_s`, computed by the `totp-rs` crate (not the
+/// admin's own code).
+pub fn totp_at(secret: &str, unix_s: u64) -> String {
+    let bytes = totp_rs::Secret::Encoded(secret.to_owned())
+        .to_bytes()
+        .expect("base32 secret");
+    totp_rs::TOTP::new(totp_rs::Algorithm::SHA1, 6, 1, 30, bytes)
+        .expect("TOTP parameters")
+        .generate(unix_s)
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+/// The code for the current step.
+pub fn totp_now(secret: &str) -> String {
+    totp_at(secret, unix_now())
+}
+
+/// The value of hidden field `name` on a page.
+pub fn hidden(body: &str, name: &str) -> String {
+    let needle = format!("name=\"{name}\" value=\"");
+    let at = body
+        .find(&needle)
+        .unwrap_or_else(|| panic!("no field {name} in {body}"));
+    let rest = &body[at + needle.len()..];
+    rest[..rest.find('"').expect("end")].to_owned()
+}
 
 impl Browser<'_> {
-    /// Posts the sign-up form; returns the answer (303 to the dashboard when it worked).
+    /// Posts the sign-up form; returns the answer (200 "Check your mailbox" when the input is
+    /// good, whether or not the address had an account).
     pub async fn try_sign_up(&mut self, email: &str) -> Resp {
         self.submit(
             "/signup",
@@ -319,11 +377,42 @@ impl Browser<'_> {
         .await
     }
 
-    /// Signs up through the form; the browser is then logged in.
+    /// Signs up through the form, then logs in with the same password (sign-up itself signs
+    /// nobody in); the browser is then logged in.
     pub async fn sign_up(&mut self, email: &str) {
         let r = self.try_sign_up(email).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert!(r.body.contains("Check your mailbox"), "{}", r.body);
+        self.log_in(email).await;
+    }
+
+    /// Logs in through the form with [`PASSWORD`] (an account without 2FA).
+    pub async fn log_in(&mut self, email: &str) {
+        let r = self
+            .submit(
+                "/login",
+                "/login",
+                &[("email", email), ("password", PASSWORD)],
+            )
+            .await;
         assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
-        assert_eq!(r.location(), "/dashboard?welcome=1");
+    }
+
+    /// Posts the log-in's second step: `code_page` is the code form the password step answered.
+    pub async fn enter_code(&mut self, code_page: &Resp, code: &str) -> Resp {
+        let ticket = hidden(&code_page.body, "ticket");
+        let next = hidden(&code_page.body, "next");
+        let csrf = code_page.csrf();
+        self.post_form(
+            "/login/code",
+            &[
+                ("csrf", csrf.as_str()),
+                ("ticket", ticket.as_str()),
+                ("next", next.as_str()),
+                ("totp_code", code),
+            ],
+        )
+        .await
     }
 
     pub async fn send(&mut self, req: Request<Body>) -> Resp {
