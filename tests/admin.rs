@@ -26,6 +26,7 @@ support::on_both_stores!(
     usage_is_charted_filtered_paged_and_exported,
     two_factor_enrols_and_guards_log_in_resets_and_sensitive_actions,
     operator_pages_stay_closed_until_two_factor_is_on,
+    mails_tell_of_new_keys_status_changes_and_a_low_balance_once_per_crossing,
 );
 
 async fn sign_up_verify_from_the_outbox_log_out_and_in(backend: Backend) {
@@ -1473,5 +1474,94 @@ async fn operator_pages_stay_closed_until_two_factor_is_on(backend: Backend) {
             .await
             .expect("2fa")
             .is_some_and(|t| t.enabled())
+    );
+}
+
+/// The notices that follow an action: a key created, the account suspended and reactivated
+/// (with the operator's reason), and a low balance, mailed once per crossing below
+/// `admin.low_balance_warning_cents` ($1.00 shipped), each with a text and an HTML part.
+async fn mails_tell_of_new_keys_status_changes_and_a_low_balance_once_per_crossing(
+    backend: Backend,
+) {
+    let admin = Admin::new(backend).await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    b.sign_up("kim@example.com").await;
+    let kim = admin.account("kim@example.com").await;
+    let about = |needle: &str| {
+        admin
+            .mails_to("kim@example.com")
+            .into_iter()
+            .filter(|m| m.contains(needle))
+            .collect::<Vec<_>>()
+    };
+    let r = b.submit("/keys", "/keys", &[("name", "laptop")]).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let created = about("Subject: A new API key was created: laptop");
+    assert_eq!(created.len(), 1);
+    assert!(created[0].contains("Content-Type: text/html") && created[0].contains("sk-relay_"));
+
+    let mut op = admin.operator().await;
+    let page = format!("/operator/accounts/{}", kim.id);
+    for (status, reason) in [
+        ("suspended", "spam reports (AUP 3.2)"),
+        ("active", "cleared"),
+    ] {
+        let r = op
+            .submit(
+                &page,
+                &format!("{page}/status"),
+                &[("status", status), ("reason", reason)],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    }
+    let suspended = about("Subject: Your account is suspended");
+    assert_eq!(suspended.len(), 1);
+    assert!(suspended[0].contains("spam reports (AUP 3.2)"));
+    assert_eq!(about("Subject: Your account is active again").len(), 1);
+
+    // Low balance: nothing for an account that never had credit; once per crossing after.
+    let pass = || duang::admin::notify::low_balance_pass(&admin.state);
+    assert_eq!(
+        pass().await.expect("pass"),
+        0,
+        "a new $0 account is not told"
+    );
+    let entry = |kind, usd: &str| duang::store::NewLedgerEntry {
+        account_id: kim.id,
+        kind,
+        amount: usd.parse().expect("usd"),
+        external_ref: format!("t-{}", rand::random::<u64>()),
+        actor: None,
+        reason: None,
+    };
+    let store = &admin.t.store;
+    use duang::store::LedgerKind::{TopUp, Usage};
+    store
+        .append_ledger(&entry(TopUp, "5"))
+        .await
+        .expect("top up");
+    assert_eq!(pass().await.expect("pass"), 0);
+    store
+        .append_ledger(&entry(Usage, "-4.5"))
+        .await
+        .expect("spend");
+    assert_eq!(pass().await.expect("pass"), 1);
+    assert_eq!(pass().await.expect("pass"), 0, "once per crossing");
+    let low = about("Subject: Your balance is low: $0.50");
+    assert_eq!(low.len(), 1, "{:?}", admin.mails_to("kim@example.com"));
+    store
+        .append_ledger(&entry(TopUp, "5"))
+        .await
+        .expect("top up");
+    assert_eq!(pass().await.expect("pass"), 0, "back above: re-armed");
+    store
+        .append_ledger(&entry(Usage, "-5.25"))
+        .await
+        .expect("spend");
+    assert_eq!(
+        pass().await.expect("pass"),
+        1,
+        "a second crossing is told again"
     );
 }

@@ -408,6 +408,13 @@ async fn paid_customer<'a>(
     (b, id, pi)
 }
 
+/// A mail's text with quoted-printable soft line breaks undone and `=3D` read back.
+fn unfolded(mail: &str) -> String {
+    mail.replace("=\r\n", "")
+        .replace("=\n", "")
+        .replace("=3D", "=")
+}
+
 /// Posts the refund form.
 async fn ask_refund(b: &mut Browser<'_>, usd: &str, reason: &str) -> support::admin::Resp {
     b.submit(
@@ -567,6 +574,60 @@ async fn refunds_of_unused_balance_are_reviewed_paid_back_and_taken_once(backend
         .count();
     assert_eq!(refunds, 1);
 
+    // The mails keep the pages' promises, each with a text and an HTML part: the receipt of the
+    // payment, the request received, the approval.
+    let receipt = support::browser::poll("the receipt mail", support::browser::WAIT, || async {
+        admin
+            .mails_to("ann@example.com")
+            .into_iter()
+            .find(|m| m.contains("Subject: Receipt"))
+    })
+    .await;
+    for part in [
+        "$20.00",
+        pi.as_str(),
+        "Balance after",
+        "/credits/receipts/cs_",
+    ] {
+        assert!(unfolded(&receipt).contains(part), "{part} in {receipt}");
+    }
+    for m in admin.mails_to("ann@example.com") {
+        assert!(
+            m.contains("Content-Type: text/plain") && m.contains("Content-Type: text/html"),
+            "{m}"
+        );
+    }
+    let mails = admin.mails_to("ann@example.com");
+    let about = |needle: &str| {
+        mails
+            .iter()
+            .filter(|m| unfolded(m).contains(needle))
+            .count()
+    };
+    assert_eq!(about("Subject: We received your refund request"), 1);
+    assert_eq!(about("Subject: Your refund of $10.00 is approved"), 1);
+    // The credits page and the receipt show the refunded part.
+    let credits = b.get("/credits").await;
+    assert!(credits.body.contains("$10.00 refunded"), "{}", credits.body);
+    let path = unfolded(&receipt);
+    let at = path.find("/credits/receipts/").expect("link");
+    let link: String = path[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || "/_-".contains(*c))
+        .collect();
+    let page = b.get(&link).await;
+    assert_eq!(page.status, StatusCode::OK, "{link}");
+    assert!(
+        page.body.contains("id=\"receipt-refunded\">$10.00"),
+        "{}",
+        page.body
+    );
+    let receipts = b.get("/credits/receipts").await;
+    assert!(receipts.body.contains(pi.as_str()));
+    // Another account's receipt is not found.
+    let (mut other, _) = customer(&admin, "zed@example.com").await;
+    assert_eq!(other.get(&link).await.status, StatusCode::NOT_FOUND);
+
     // Deciding twice is refused; the customer sees the outcome.
     let r = op
         .submit(
@@ -617,6 +678,12 @@ async fn refunds_of_unused_balance_are_reviewed_paid_back_and_taken_once(backend
             .body
             .contains("credits were used for the outage test")
     );
+    let declined = admin
+        .mails_to("ann@example.com")
+        .into_iter()
+        .find(|m| m.contains("was declined"))
+        .expect("the declined mail");
+    assert!(unfolded(&declined).contains("credits were used for the outage test"));
     assert_eq!(balance(&admin, id).await, "5".parse().expect("usd"));
 }
 

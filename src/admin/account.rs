@@ -2,6 +2,7 @@
 //! first, then the page handlers and the JSON handlers that call them.
 
 use super::error::{AdminError, ApiError};
+use super::notify::{self, Letter};
 use super::pages::{csrf_field, form_error, page};
 use super::server::AppState;
 use super::signing::{LinkError, LinkToken};
@@ -101,20 +102,18 @@ async fn send_already_registered(state: &AppState, email: &str) -> Result<(), Ad
     {
         return Ok(());
     }
-    let base = state.conf.admin.public_url.as_str().trim_end_matches('/');
-    let text = format!(
-        "Someone (hopefully you) tried to create a {product} account with this address, but it already has one.\n\nLog in here:\n\n{base}/login\n\nForgot your password? Choose a new one here:\n\n{base}/password/forgot\n\nIf it was not you, ignore this mail: nothing was changed.\n\nSupport: {support}\n",
-        product = super::pages::PRODUCT,
-        support = state.conf.admin.support_email,
-    );
-    send_mail(
-        state,
-        &account.email,
-        "You already have an account",
-        text,
-        "signup-existing",
-    )
-    .await
+    let letter = Letter::new("You already have an account")
+        .para(format!(
+            "Someone (hopefully you) tried to create a {} account with this address, but it already has one.",
+            super::pages::PRODUCT
+        ))
+        .link("Log in", notify::url(state, "/login"))
+        .link(
+            "Forgot your password? Choose a new one",
+            notify::url(state, "/password/forgot"),
+        )
+        .para("If it was not you, ignore this mail: nothing was changed.");
+    notify::send(state, &account.email, "signup-existing", letter).await
 }
 
 pub async fn send_verification(state: &AppState, account: &Account) -> Result<(), AdminError> {
@@ -132,43 +131,14 @@ pub async fn send_verification(state: &AppState, account: &Account) -> Result<()
         .signer
         .link_token("verify", account.id, expires, &account.email);
     let link = link(state, "/verify", &token);
-    let text = format!(
-        "Welcome to Duang Duang.\n\nConfirm your e-mail address by opening this link within 48 hours:\n\n{link}\n\nUntil you do, you can log in but cannot buy credits or use API keys.\nIf you did not sign up, ignore this mail.\n\nSupport: {}\n",
-        state.conf.admin.support_email
-    );
-    send_mail(
-        state,
-        &account.email,
-        "Confirm your e-mail address",
-        text,
-        "verify",
-    )
-    .await
-}
-
-/// Sends one mail; a failure is logged and answered with "try again later".
-async fn send_mail(
-    state: &AppState,
-    to: &str,
-    subject: &str,
-    text: String,
-    purpose: &str,
-) -> Result<(), AdminError> {
-    state
-        .mailer
-        .send(to, subject, text, purpose)
-        .await
-        .map(|_| ())
-        .map_err(|e| {
-            tracing::error!(error = %e, "sending mail failed");
-            mail_failed()
-        })
-}
-
-fn mail_failed() -> AdminError {
-    AdminError::Unavailable(
-        "We could not send the mail right now. Try again in a few minutes.".into(),
-    )
+    let letter = Letter::new("Confirm your e-mail address")
+        .para(format!("Welcome to {}.", super::pages::PRODUCT))
+        .link(
+            "Confirm your e-mail address by opening this link within 48 hours",
+            link,
+        )
+        .para("Until you do, you can log in but cannot buy credits or use API keys. If you did not sign up, ignore this mail.");
+    notify::send(state, &account.email, "verify", letter).await
 }
 
 fn link(state: &AppState, path: &str, token: &str) -> String {
@@ -334,12 +304,17 @@ pub async fn request_reset(state: &AppState, email: &str) -> Result<(), AdminErr
     let token = state
         .signer
         .link_token("reset", account.id, expires, &bound);
-    let text = format!(
-        "Someone (hopefully you) asked to reset the password of your Duang Duang account.\n\nChoose a new password within one hour here:\n\n{}\n\nIf it was not you, ignore this mail: your password stays as it is.\n\nSupport: {}\n",
-        link(state, "/password/reset", &token),
-        state.conf.admin.support_email
-    );
-    send_mail(state, &account.email, "Reset your password", text, "reset").await
+    let letter = Letter::new("Reset your password")
+        .para(format!(
+            "Someone (hopefully you) asked to reset the password of your {} account.",
+            super::pages::PRODUCT
+        ))
+        .link(
+            "Choose a new password within one hour here",
+            link(state, "/password/reset", &token),
+        )
+        .para("If it was not you, ignore this mail: your password stays as it is.");
+    notify::send(state, &account.email, "reset", letter).await
 }
 
 pub async fn reset_password(

@@ -263,6 +263,7 @@ async fn checkout_paid(
     let message = match &credit {
         CheckoutCredit::Credited { account_id, amount } => {
             tracing::info!(account = account_id, %amount, session = session_id, "credits bought");
+            send_receipt(state, *account_id, session_id, *amount);
             format!("credited {amount}")
         }
         CheckoutCredit::DuplicateEvent => "event already processed; nothing changed".into(),
@@ -292,6 +293,38 @@ async fn checkout_paid(
     )
 }
 
+/// Mails the receipt of a payment just credited, in the background (the webhook answers Stripe
+/// at once; a slow SMTP relay must not make Stripe deliver the event again).
+fn send_receipt(state: &AppState, account_id: i64, session_id: &str, amount: NanoUsd) {
+    let state = state.clone();
+    let session_id = session_id.to_owned();
+    tokio::spawn(async move {
+        let found = async {
+            let a = state
+                .store
+                .account(&crate::store::AccountRef::Id(account_id))
+                .await?;
+            let a = state.store.with_leases(a).await?;
+            let p = state.store.payment(account_id, &session_id).await?;
+            Ok::<_, crate::store::StoreError>((a, p))
+        }
+        .await;
+        match found {
+            Ok((a, p)) => {
+                let r = super::notify::Receipt {
+                    amount,
+                    paid_at_ms: p.paid_at,
+                    reference: p.reference(),
+                    balance_after: a.credit(),
+                    receipt_path: format!("/credits/receipts/{session_id}"),
+                };
+                super::notify::receipt(&state, &a.email, &r).await;
+            }
+            Err(e) => tracing::warn!(error = %e, session = %session_id, "receipt not mailed"),
+        }
+    });
+}
+
 // ── Pages ─────────────────────────────────────────────────────────────────────────────────────
 
 #[derive(Debug, Default, Deserialize)]
@@ -308,6 +341,13 @@ async fn credits_page(
     cancelled: bool,
 ) -> Result<Markup, AdminError> {
     let sessions = state.store.checkout_sessions(s.account.id, 10).await?;
+    let paid = state.store.payments(s.account.id, 50).await?;
+    let refunded = |id: &str| {
+        paid.iter()
+            .find(|p| p.session_id == id)
+            .map(|p| p.refunded_cents)
+            .unwrap_or(0)
+    };
     let nonce = hex::encode(rand::random::<[u8; 16]>());
     Ok(page(
         state,
@@ -353,11 +393,22 @@ async fn credits_page(
             @if !sessions.is_empty() {
                 section.card {
                     h2 { "Payments" }
+                    p { a href="/credits/receipts" { "All receipts" } }
                     table #payments {
-                        thead { tr { th { "Started (UTC)" } th { "Amount" } th { "Status" } } }
+                        thead { tr { th { "Started (UTC)" } th { "Amount" } th { "Status" } th { "Receipt" } } }
                         tbody {
-                            @for (_, cents, status, created) in &sessions {
-                                tr { td { (format_utc(*created)) } td { (cents_text(*cents)) } td { (status) } }
+                            @for (id, cents, status, created) in &sessions {
+                                tr {
+                                    td { (format_utc(*created)) }
+                                    td { (cents_text(*cents)) }
+                                    td {
+                                        (status)
+                                        @let back = refunded(id);
+                                        @if back >= *cents { " · refunded" }
+                                        @else if back > 0 { " · " (cents_text(back)) " refunded" }
+                                    }
+                                    td { @if status == "paid" { a href={ "/credits/receipts/" (id) } { "Receipt" } } }
+                                }
                             }
                         }
                     }
@@ -424,6 +475,71 @@ pub async fn success(
             }
             p { "Balance: " strong #balance { (s.account.credit()) } }
             p { a.button href="/dashboard" { "Go to the dashboard" } }
+        }
+    })
+    .into_response()
+}
+
+/// The receipts page: every payment with what was refunded of it.
+pub async fn receipts(State(state): State<AppState>, s: SignedIn) -> Response {
+    let paid = match state.store.payments(s.account.id, 500).await {
+        Ok(p) => p,
+        Err(e) => return AdminError::from(e).into_page(Some(&s.visitor)),
+    };
+    page(&state, "Receipts", Some(&s.visitor), html! {
+        section.card {
+            h1 { "Receipts" }
+            @if paid.is_empty() {
+                p.muted { "No payments yet." }
+            } @else {
+                div.scroll {
+                    table #receipts {
+                        thead { tr { th { "Paid (UTC)" } th { "Amount" } th { "Refunded" } th { "Kept" } th { "Reference" } th {} } }
+                        tbody { @for p in &paid { tr {
+                            td { (format_utc(p.paid_at)) }
+                            td { (cents_text(p.amount_cents)) }
+                            td { (cents_text(p.refunded_cents)) }
+                            td { (cents_text(p.amount_cents - p.refunded_cents)) }
+                            td { code { (p.reference()) } }
+                            td { a href={ "/credits/receipts/" (p.session_id) } { "Receipt" } }
+                        } } }
+                    }
+                }
+            }
+        }
+    })
+    .into_response()
+}
+
+/// One payment's receipt, made to print (the navigation and footer are hidden in print).
+pub async fn receipt(
+    State(state): State<AppState>,
+    s: SignedIn,
+    axum::extract::Path(session_id): axum::extract::Path<String>,
+) -> Response {
+    let p = match state.store.payment(s.account.id, &session_id).await {
+        Ok(p) => p,
+        Err(e) => return AdminError::from(e).into_page(Some(&s.visitor)),
+    };
+    page(&state, "Receipt", Some(&s.visitor), html! {
+        section.card.receipt #receipt {
+            h1 { "Receipt" }
+            p { (super::pages::PRODUCT) " · " (state.conf.admin.support_email) }
+            table.facts {
+                tbody {
+                    tr { th scope="row" { "Billed to" } td { (s.account.email) } }
+                    tr { th scope="row" { "Date paid (UTC)" } td { (format_utc(p.paid_at)) } }
+                    tr { th scope="row" { "Description" } td { "Prepaid API credits" } }
+                    tr { th scope="row" { "Amount paid" } td #receipt-amount { (cents_text(p.amount_cents)) " " (p.currency.to_uppercase()) } }
+                    @if p.refunded_cents > 0 {
+                        tr { th scope="row" { "Refunded" } td #receipt-refunded { (cents_text(p.refunded_cents)) } }
+                        tr { th scope="row" { "Net" } td { (cents_text(p.amount_cents - p.refunded_cents)) } }
+                    }
+                    tr { th scope="row" { "Payment reference" } td { code { (p.reference()) } } }
+                    tr { th scope="row" { "Paid with" } td { "Card, through Stripe" } }
+                }
+            }
+            p.muted.no-print { "Print this page (or save it as PDF) for your records." }
         }
     })
     .into_response()

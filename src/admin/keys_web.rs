@@ -139,6 +139,7 @@ pub async fn create(
             &material.display_prefix,
         )
         .await?;
+    super::notify::key_created(state, &account.email, &key.name, &key.display_prefix).await;
     Ok((key, material.plaintext.expose().clone()))
 }
 

@@ -3,7 +3,7 @@
 //! the quick start can open the verification link.
 
 use crate::conf::{MailConf, SmtpTls};
-use lettre::message::Mailbox;
+use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -56,12 +56,14 @@ impl Mailer {
         Ok(Mailer { from, transport })
     }
 
-    /// Sends a plain-text mail. `purpose` names the outbox file (`verify`, `reset`).
+    /// Sends a mail with a plain-text part and, when given, an HTML alternative. `purpose`
+    /// names the outbox file (`verify`, `reset`, `receipt`, …).
     pub async fn send(
         &self,
         to: &str,
         subject: &str,
         text: String,
+        html: Option<String>,
         purpose: &str,
     ) -> Result<Sent, String> {
         let to_box: Mailbox = to
@@ -70,9 +72,12 @@ impl Mailer {
         let message = Message::builder()
             .from(self.from.clone())
             .to(to_box)
-            .subject(subject)
-            .body(text)
-            .map_err(|e| format!("cannot build the mail: {e}"))?;
+            .subject(subject);
+        let message = match html {
+            Some(html) => message.multipart(MultiPart::alternative_plain_html(text, html)),
+            None => message.body(text),
+        }
+        .map_err(|e| format!("cannot build the mail: {e}"))?;
         match &self.transport {
             Transport::Smtp(t) => {
                 t.send(message).await.map_err(|e| format!("SMTP: {e}"))?;

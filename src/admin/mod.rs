@@ -10,6 +10,7 @@ mod error;
 mod keys_web;
 mod limiter;
 pub mod mail;
+pub mod notify;
 mod openapi;
 mod operator;
 mod pages;

@@ -140,10 +140,12 @@ pub async fn set_account_status(
             "Terminating an account is for good: its keys stop and it cannot log in again.",
         )?;
     }
-    Ok(state
+    let a = state
         .store
         .set_account_status(id, status, &actor(o), Some(reason))
-        .await?)
+        .await?;
+    super::notify::status_changed(state, &a, Some(reason)).await;
+    Ok(a)
 }
 
 pub async fn adjust_credits(

@@ -260,9 +260,9 @@ a{color:#3552d4}
 header.top{display:flex;align-items:center;justify-content:space-between;padding:.75rem 1.5rem;background:#fff;border-bottom:1px solid #e2e5ee}
 header.top nav{display:flex;gap:1rem;align-items:center;flex-wrap:wrap}
 .brand{font-weight:700;font-size:1.1rem;text-decoration:none;color:#1d2330}
-.who{color:#6b7385;font-size:.9rem}
+.who{color:#4f5668;font-size:.9rem}
 main{max-width:960px;margin:1.5rem auto;padding:0 1rem}
-footer{max-width:960px;margin:2rem auto;padding:1rem;color:#6b7385;font-size:.9rem;border-top:1px solid #e2e5ee}
+footer{max-width:960px;margin:2rem auto;padding:1rem;color:#4f5668;font-size:.9rem;border-top:1px solid #e2e5ee}
 footer nav{display:flex;gap:1rem;flex-wrap:wrap}
 .card{background:#fff;border:1px solid #e2e5ee;border-radius:8px;padding:1.25rem 1.5rem;margin-bottom:1rem}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(220px,1fr));gap:1rem;margin-bottom:1rem}
@@ -280,14 +280,19 @@ label{display:flex;flex-direction:column;gap:.25rem;font-weight:600;font-size:.9
 input,select{font:inherit;padding:.45rem .6rem;border:1px solid #c9cedb;border-radius:6px;font-weight:400}
 table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:.45rem .5rem;border-bottom:1px solid #eceef4;font-size:.92rem}
-th{color:#6b7385;font-weight:600}
+th{color:#4f5668;font-weight:600}
 pre{background:#1d2330;color:#e8ebf5;padding:.75rem 1rem;border-radius:6px;overflow-x:auto}
 code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace}
 .error{color:#b42318;font-weight:600}
 .notice{background:#fff7e0;border:1px solid #f0d58a;border-radius:8px;padding:.75rem 1rem;margin-bottom:1rem}
 .success{background:#e8f7ee;border:1px solid #9fd8b5;border-radius:8px;padding:.75rem 1rem;margin-bottom:1rem}
-.muted{color:#6b7385}
+.muted{color:#4f5668}
 .balance{font-size:2rem;font-weight:700}
 .key{font-size:1.05rem;word-break:break-all;background:#f0f2f8;padding:.6rem;border-radius:6px}
 .status-revoked,.status-suspended{color:#b42318}
+.scroll{overflow-x:auto}
+.qr svg{background:#fff;padding:4px;max-width:100%;height:auto}
+ul.codes{columns:2;font-size:1.05rem}
+table.facts th{width:12rem}
+@media print{header.top,footer,nav.sub,.no-print{display:none}.card{border:0}body{background:#fff}}
 "#;

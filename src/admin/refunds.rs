@@ -57,7 +57,10 @@ pub async fn request(
         .create_refund_request(account.id, cents, &f.reason)
         .await
     {
-        Ok(r) => Ok(r),
+        Ok(r) => {
+            super::notify::refund_requested(state, &account.email, r.amount_cents, &r.reason).await;
+            Ok(r)
+        }
         Err(StoreError::InsufficientBalance { available, .. }) => Err(AdminError::invalid(
             "amount_usd",
             format!(
@@ -108,7 +111,11 @@ pub async fn approve(
             });
         results.push((a, r));
     }
-    Ok(state.store.finish_refund(id, &results).await?)
+    let r = state.store.finish_refund(id, &results).await?;
+    if r.status == "approved" {
+        super::notify::refund_decided(state, &r.email, r.amount_cents, true, "").await;
+    }
+    Ok(r)
 }
 
 /// `charge.refunded` and `charge.dispute.created`, from the webhook.
@@ -314,14 +321,16 @@ pub async fn decline(
     id: i64,
     note: &str,
 ) -> Result<RefundRequest, AdminError> {
-    state
+    let r = state
         .store
         .decline_refund(id, &format!("operator:{}", operator.email), note)
         .await
         .map_err(|e| match e {
             StoreError::Invalid(m) => AdminError::invalid("note", capital(&m)),
             other => other.into(),
-        })
+        })?;
+    super::notify::refund_decided(state, &r.email, r.amount_cents, false, note).await;
+    Ok(r)
 }
 
 pub async fn queue_page(

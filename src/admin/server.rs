@@ -121,6 +121,8 @@ pub fn app(state: AppState) -> Router {
         .route("/credits", get(credits::credits))
         .route("/credits/checkout", post(credits::checkout_submit))
         .route("/credits/success", get(credits::success))
+        .route("/credits/receipts", get(credits::receipts))
+        .route("/credits/receipts/{session_id}", get(credits::receipt))
         .route(
             "/refunds",
             get(refunds::refunds_page).post(refunds::refund_submit),
@@ -223,10 +225,16 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
+    let notices = tokio::spawn(super::notify::low_balance_loop(
+        state.clone(),
+        Duration::from_secs(60),
+    ));
+    let served = axum::serve(
         listener,
         app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
-    .await
+    .await;
+    notices.abort();
+    served
 }

@@ -344,3 +344,60 @@ impl Store {
         rows.iter().map(Account::from_row).collect()
     }
 }
+
+impl Store {
+    /// Active accounts whose credit (balance plus what gateways hold leased) is below `below`,
+    /// that have bought or been given credit before and were not yet told: each is marked told
+    /// here, atomically (two admins never mail one crossing twice), and returned.
+    pub async fn take_low_balance_crossings(
+        &self,
+        below: NanoUsd,
+    ) -> Result<Vec<(Account, NanoUsd)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT a.id,
+                    CAST(a.balance_nano + COALESCE((SELECT SUM(l.amount_nano) FROM credit_leases l
+                                                    WHERE l.account_id = a.id), 0) AS BIGINT) AS credit
+             FROM accounts a
+             WHERE a.status = 'active' AND a.low_balance_mailed_at IS NULL
+               AND EXISTS (SELECT 1 FROM ledger e WHERE e.account_id = a.id AND e.amount_nano > 0)",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut crossed = Vec::new();
+        for r in rows {
+            let credit = NanoUsd::from_nanos(r.try_get("credit")?);
+            if credit >= below {
+                continue;
+            }
+            let id: i64 = r.try_get("id")?;
+            let n = sqlx::query(
+                "UPDATE accounts SET low_balance_mailed_at = $1
+                 WHERE id = $2 AND low_balance_mailed_at IS NULL",
+            )
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            if n == 1 {
+                crossed.push((self.account(&super::AccountRef::Id(id)).await?, credit));
+            }
+        }
+        Ok(crossed)
+    }
+
+    /// Clears the low-balance mark of accounts whose credit is back at `below` or above, so the
+    /// next crossing is told again. How many were cleared.
+    pub async fn clear_low_balance_marks(&self, below: NanoUsd) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "UPDATE accounts SET low_balance_mailed_at = NULL
+             WHERE low_balance_mailed_at IS NOT NULL
+               AND balance_nano + COALESCE((SELECT SUM(l.amount_nano) FROM credit_leases l
+                                            WHERE l.account_id = accounts.id), 0) >= $1",
+        )
+        .bind(below.nanos())
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+}

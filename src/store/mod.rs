@@ -33,7 +33,7 @@ pub use nodes::{InstanceRow, LeaseRow, Released};
 pub use refunds::{RefundAllocation, RefundRequest, StripeDebit};
 pub use reports::{DailyMargin, DailyMoney, UpstreamStats};
 pub use sessions::Session;
-pub use stripe::{CheckoutCredit, PaidSession};
+pub use stripe::{CheckoutCredit, PaidSession, Payment};
 pub use two_factor::TwoFactor;
 pub use usage::{DailyUsage, StatusFilter, UsageFilter, UsageRecord};
 

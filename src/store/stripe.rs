@@ -188,3 +188,68 @@ impl Store {
             .collect()
     }
 }
+
+/// A paid Checkout Session, as a receipt shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payment {
+    pub session_id: String,
+    pub payment_intent: Option<String>,
+    pub amount_cents: i64,
+    pub refunded_cents: i64,
+    pub currency: String,
+    pub paid_at: i64,
+}
+
+impl Payment {
+    fn from_row(r: &sqlx::any::AnyRow) -> Result<Payment, StoreError> {
+        let created: i64 = r.try_get("created_at")?;
+        let completed: Option<i64> = r.try_get("completed_at")?;
+        Ok(Payment {
+            session_id: r.try_get("session_id")?,
+            payment_intent: r.try_get("payment_intent_id")?,
+            amount_cents: r.try_get("amount_cents")?,
+            refunded_cents: r.try_get("refunded_cents")?,
+            currency: r.try_get("currency")?,
+            paid_at: completed.unwrap_or(created),
+        })
+    }
+
+    /// Stripe's reference for the payment: the PaymentIntent, or the session without one.
+    pub fn reference(&self) -> &str {
+        self.payment_intent.as_deref().unwrap_or(&self.session_id)
+    }
+}
+
+const PAYMENT_COLUMNS: &str = "session_id, payment_intent_id, amount_cents, refunded_cents, currency, created_at, completed_at";
+
+impl Store {
+    /// The account's paid sessions, newest first, with what was refunded of each.
+    pub async fn payments(&self, account_id: i64, limit: i64) -> Result<Vec<Payment>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PAYMENT_COLUMNS} FROM stripe_checkout_sessions
+             WHERE account_id = $1 AND status = 'paid'
+             ORDER BY COALESCE(completed_at, created_at) DESC, id DESC LIMIT $2"
+        ))
+        .bind(account_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Payment::from_row).collect()
+    }
+
+    /// One paid session of the account (another account's is "not found").
+    pub async fn payment(&self, account_id: i64, session_id: &str) -> Result<Payment, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {PAYMENT_COLUMNS} FROM stripe_checkout_sessions
+             WHERE account_id = $1 AND session_id = $2 AND status = 'paid'"
+        ))
+        .bind(account_id)
+        .bind(session_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => Payment::from_row(&r),
+            None => Err(StoreError::not_found("payment", session_id)),
+        }
+    }
+}
