@@ -27,6 +27,7 @@ support::on_both_stores!(
     two_factor_enrols_and_guards_log_in_resets_and_sensitive_actions,
     operator_pages_stay_closed_until_two_factor_is_on,
     mails_tell_of_new_keys_status_changes_and_a_low_balance_once_per_crossing,
+    the_operators_brand_and_policies_are_on_every_page_mail_and_error,
 );
 
 async fn sign_up_verify_from_the_outbox_log_out_and_in(backend: Backend) {
@@ -1563,5 +1564,93 @@ async fn mails_tell_of_new_keys_status_changes_and_a_low_balance_once_per_crossi
         pass().await.expect("pass"),
         1,
         "a second crossing is told again"
+    );
+}
+
+/// A reseller's relay shows their name, company, support address and policy texts everywhere:
+/// pages, the footer, error pages (404, a CSRF refusal), mails, receipts and the TOTP issuer.
+async fn the_operators_brand_and_policies_are_on_every_page_mail_and_error(backend: Backend) {
+    let dir = tempfile::tempdir().expect("dir");
+    let terms = dir.path().join("terms.md");
+    std::fs::write(
+        &terms,
+        "# Acme Terms\n\n{product_name} is run by {legal_entity}.\n\n- Be kind\n- Pay on time\n\nWrite to {support_email}.\n",
+    )
+    .expect("write");
+    let admin = Admin::with_conf(backend, |t| {
+        t.replace("support_email = \"support@duang-duang.com\"", "support_email = \"help@acme.test\"")
+            .replace(
+                "\nproduct_name = \"Duang Duang\"",
+                &format!(
+                    "\nproduct_name = \"Acme AI\"\nlegal_entity = \"Acme Ltd\"\n[brand.policies.terms]\nfile = {:?}\nupdated = \"2026-11-30\"",
+                    terms.display().to_string()
+                ),
+            )
+    })
+    .await;
+    let mut b = admin.browser([10, 0, 0, 1]);
+    let home = b.get("/").await;
+    assert!(
+        home.body
+            .contains("<title>Prepaid AI API credits · Acme AI</title>")
+    );
+    assert!(home.body.contains("help@acme.test") && home.body.contains("Acme Ltd"));
+    assert!(
+        home.body.contains("Acme Terms"),
+        "the footer names the policy by its title"
+    );
+    let terms = b.get("/policies/terms").await;
+    assert_eq!(terms.status, StatusCode::OK);
+    assert!(
+        terms.body.contains("<p>Acme AI is run by Acme Ltd.</p>"),
+        "{}",
+        terms.body
+    );
+    assert!(terms.body.contains("<li>Pay on time</li>"));
+    assert!(
+        terms
+            .body
+            .contains("Last updated: <time datetime=\"2026-11-30\">")
+    );
+    // The others keep the shipped texts, with the brand filled in.
+    let aup = b.get("/policies/acceptable-use").await;
+    assert!(aup.body.contains("Customers must use Acme AI lawfully"));
+    assert!(aup.body.contains("Report abuse to help@acme.test"));
+    for r in [
+        b.get("/nowhere").await,
+        b.post_form("/logout", &[("csrf", "forged")]).await,
+    ] {
+        assert!(matches!(r.status.as_u16(), 403 | 404), "{}", r.status);
+        assert!(
+            r.body.contains("help@acme.test") && r.body.contains("Acme AI"),
+            "{}",
+            r.body
+        );
+        assert!(
+            !r.body.contains("duang-duang.com") && !r.body.contains("Duang Duang"),
+            "{}",
+            r.body
+        );
+        assert_eq!(r.headers["content-type"], "text/html; charset=utf-8");
+    }
+    b.sign_up("lee@example.com").await;
+    let mail = admin.mails_to("lee@example.com").remove(0);
+    assert!(
+        mail.contains("Welcome to Acme AI") && mail.contains("help@acme.test"),
+        "{mail}"
+    );
+    assert!(
+        !mail.contains("Duang Duang <") || mail.contains("From: Duang Duang"),
+        "only the sender is smtp.from"
+    );
+    let setup = b
+        .submit("/account/security", "/account/2fa/setup", &[])
+        .await;
+    assert!(
+        setup
+            .body
+            .contains("otpauth://totp/Acme%20AI:lee%40example.com"),
+        "{}",
+        setup.body
     );
 }

@@ -704,3 +704,54 @@ fn the_wire_format_keys_are_checked() {
         assert_eq!(err(&shipped_with(find, replace), &[]), want, "{replace}");
     }
 }
+
+#[test]
+fn the_brand_and_its_policy_files_are_checked() {
+    let brand = |extra: &str| {
+        shipped_with(
+            "product_name = \"Duang Duang\"",
+            &format!("product_name = \"Duang Duang\"\n{extra}"),
+        )
+    };
+    let e = err(
+        &brand("[brand.policies.cookies]\nfile = \"x.md\"\nupdated = \"2026-01-01\""),
+        &[],
+    );
+    assert!(
+        e.contains("brand.policies.cookies: no policy named \"cookies\" (the policies are terms, privacy, refunds, acceptable-use)"),
+        "{e}"
+    );
+    let e = err(
+        &brand(
+            "[brand.policies.terms]\nfile = \"/nonexistent/terms.md\"\nupdated = \"2026-01-01\"",
+        ),
+        &[],
+    );
+    assert!(
+        e.contains("brand.policies.terms.file: cannot read /nonexistent/terms.md"),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().expect("dir");
+    let untitled = dir.path().join("terms.md");
+    std::fs::write(&untitled, "Terms without a title line\n").expect("write");
+    let e = err(
+        &brand(&format!(
+            "[brand.policies.terms]\nfile = {:?}\nupdated = \"1 Dec 2026\"",
+            untitled.display().to_string()
+        )),
+        &[],
+    );
+    assert!(
+        e.contains("brand.policies.terms.updated: \"1 Dec 2026\" is not a date: use YYYY-MM-DD"),
+        "{e}"
+    );
+    assert!(e.contains("the first line must be the title"), "{e}");
+    let e = err(
+        &shipped_with("product_name = \"Duang Duang\"", "product_name = \"  \""),
+        &[],
+    );
+    assert!(
+        e.contains("brand.product_name: give a name of 1 to 80 characters"),
+        "{e}"
+    );
+}

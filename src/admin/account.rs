@@ -105,7 +105,7 @@ async fn send_already_registered(state: &AppState, email: &str) -> Result<(), Ad
     let letter = Letter::new("You already have an account")
         .para(format!(
             "Someone (hopefully you) tried to create a {} account with this address, but it already has one.",
-            super::pages::PRODUCT
+            state.conf.brand.product_name
         ))
         .link("Log in", notify::url(state, "/login"))
         .link(
@@ -132,7 +132,7 @@ pub async fn send_verification(state: &AppState, account: &Account) -> Result<()
         .link_token("verify", account.id, expires, &account.email);
     let link = link(state, "/verify", &token);
     let letter = Letter::new("Confirm your e-mail address")
-        .para(format!("Welcome to {}.", super::pages::PRODUCT))
+        .para(format!("Welcome to {}.", state.conf.brand.product_name))
         .link(
             "Confirm your e-mail address by opening this link within 48 hours",
             link,
@@ -307,7 +307,7 @@ pub async fn request_reset(state: &AppState, email: &str) -> Result<(), AdminErr
     let letter = Letter::new("Reset your password")
         .para(format!(
             "Someone (hopefully you) asked to reset the password of your {} account.",
-            super::pages::PRODUCT
+            state.conf.brand.product_name
         ))
         .link(
             "Choose a new password within one hour here",

@@ -118,7 +118,11 @@ pub async fn start_checkout(
     let base = state.conf.admin.public_url.as_str().trim_end_matches('/');
     let success = format!("{base}/credits/success?session_id={{CHECKOUT_SESSION_ID}}");
     let cancel = format!("{base}/credits?cancelled=1");
-    let name = format!("Duang Duang credits ({})", cents_text(cents));
+    let name = format!(
+        "{} credits ({})",
+        state.conf.brand.product_name,
+        cents_text(cents)
+    );
     let nonce: String = r
         .nonce
         .as_deref()
@@ -524,7 +528,7 @@ pub async fn receipt(
     page(&state, "Receipt", Some(&s.visitor), html! {
         section.card.receipt #receipt {
             h1 { "Receipt" }
-            p { (super::pages::PRODUCT) " · " (state.conf.admin.support_email) }
+            p { (state.conf.brand.legal_entity) " · " (state.conf.brand.product_name) " · " (state.conf.admin.support_email) }
             table.facts {
                 tbody {
                     tr { th scope="row" { "Billed to" } td { (s.account.email) } }

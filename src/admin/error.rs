@@ -119,10 +119,15 @@ impl AdminError {
         r
     }
 
-    /// A page that says what went wrong (for errors not shown inside a form).
+    /// A page that says what went wrong (for errors not shown inside a form). The page itself
+    /// is rendered by the outer layer that has the conf (`web::security_headers`), so every
+    /// error page carries the operator's brand.
     pub fn into_page(self, visitor: Option<&super::web::Visitor>) -> Response {
-        let page = super::pages::error_page(visitor, self.status(), &self.message());
-        let mut r = (self.status(), page).into_response();
+        let mut r = self.status().into_response();
+        r.extensions_mut().insert(super::pages::PendingErrorPage {
+            visitor: visitor.cloned(),
+            message: self.message(),
+        });
         self.retry_after(&mut r);
         r
     }

@@ -114,7 +114,7 @@ pub async fn send(
     purpose: &str,
     letter: Letter,
 ) -> Result<(), AdminError> {
-    let product = super::pages::PRODUCT;
+    let product = &state.conf.brand.product_name;
     let support = &state.conf.admin.support_email;
     state
         .mailer

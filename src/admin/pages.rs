@@ -5,31 +5,34 @@
 use super::policies;
 use super::server::AppState;
 use super::web::Visitor;
+use crate::conf::Conf;
 use crate::money::NanoUsd;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use maud::{DOCTYPE, Markup, html};
 
-pub const PRODUCT: &str = "Duang Duang";
-
-/// Wraps a page body in the layout: navigation for the visitor's state, footer with policies.
-pub fn layout(state_support: &str, title: &str, visitor: Option<&Visitor>, body: Markup) -> Markup {
+/// Wraps a page body in the layout: navigation for the visitor's state, footer with the
+/// operator's policies, legal entity and support address.
+pub fn layout(conf: &Conf, title: &str, visitor: Option<&Visitor>, body: Markup) -> Markup {
     let account = visitor.and_then(|v| v.account.as_ref());
+    let brand = &conf.brand;
+    let support = &conf.admin.support_email;
     html! {
         (DOCTYPE)
         html lang="en" {
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " · " (PRODUCT) }
+                meta name="color-scheme" content="light dark";
+                title { (title) " · " (brand.product_name) }
                 link rel="stylesheet" href="/static/app.css";
                 // No favicon request (and no 404 in the browser's console).
                 link rel="icon" href="data:,";
             }
             body {
                 header.top {
-                    a.brand href="/" { (PRODUCT) }
+                    a.brand href="/" { (brand.product_name) }
                     nav aria-label="Main" {
                         @if let Some(a) = account {
                             a href="/dashboard" { "Dashboard" }
@@ -58,11 +61,11 @@ pub fn layout(state_support: &str, title: &str, visitor: Option<&Visitor>, body:
                 main { (body) }
                 footer {
                     nav aria-label="Policies" {
-                        @for p in policies::POLICIES {
+                        @for p in &brand.policies {
                             a href={ "/policies/" (p.slug) } { (p.title) }
                         }
                     }
-                    p { "Support: " a href={ "mailto:" (state_support) } { (state_support) } }
+                    p { "Support: " a href={ "mailto:" (support) } { (support) } " · " (brand.legal_entity) }
                 }
             }
         }
@@ -70,13 +73,26 @@ pub fn layout(state_support: &str, title: &str, visitor: Option<&Visitor>, body:
 }
 
 pub fn page(state: &AppState, title: &str, visitor: Option<&Visitor>, body: Markup) -> Markup {
-    layout(&state.conf.admin.support_email, title, visitor, body)
+    layout(&state.conf, title, visitor, body)
 }
 
-pub fn error_page(visitor: Option<&Visitor>, status: StatusCode, message: &str) -> Markup {
+/// An error page waiting for the brand: [`super::error::AdminError::into_page`] leaves this on
+/// the response and `web::security_headers`, which has the conf, renders it.
+#[derive(Clone)]
+pub struct PendingErrorPage {
+    pub visitor: Option<Visitor>,
+    pub message: String,
+}
+
+pub fn error_page(
+    conf: &Conf,
+    visitor: Option<&Visitor>,
+    status: StatusCode,
+    message: &str,
+) -> Markup {
     let title = status.canonical_reason().unwrap_or("Error");
     layout(
-        policies::SEED_SUPPORT_EMAIL,
+        conf,
         title,
         visitor,
         html! {
@@ -141,7 +157,7 @@ pub async fn home(State(state): State<AppState>, visitor: Visitor) -> Markup {
         html! {
             section.hero {
                 h1 { "Prepaid AI API credits for multi-model access" }
-                p { (PRODUCT) " gives developers one API key for routing requests across supported AI model providers. Customers buy prepaid credits, track usage, and choose budget, standard, or premium model tiers." }
+                p { (state.conf.brand.product_name) " gives developers one API key for routing requests across supported AI model providers. Customers buy prepaid credits, track usage, and choose budget, standard, or premium model tiers." }
                 p {
                     @if visitor.account.is_some() { a.button href="/dashboard" { "Go to the dashboard" } }
                     @else { a.button href="/signup" { "Create an account" } " " a href="/login" { "Log in" } }
@@ -169,7 +185,7 @@ pub async fn pricing(State(state): State<AppState>, visitor: Visitor) -> Markup 
         html! {
             section.card {
                 h1 { "Pricing" }
-                p { "Credits are prepaid in USD cents. Usage is deducted based on selected model, input tokens, and output tokens. Tiers route to supported provider models and are priced as " (PRODUCT) " customer rates." }
+                p { "Credits are prepaid in USD cents. Usage is deducted based on selected model, input tokens, and output tokens. Tiers route to supported provider models and are priced as " (state.conf.brand.product_name) " customer rates." }
                 (tier_rows(&state))
                 p.muted { "A request's cost is its input tokens times the input price plus its output tokens times the output price. A request that fails before any output costs nothing." }
             }
@@ -191,7 +207,7 @@ pub fn quickstart_body(state: &AppState) -> Markup {
     html! {
         h2 { "Base URL" }
         pre { code #base-url { (base) } }
-        p { "Use your " (PRODUCT) " key as the API key and set the base URL to our endpoint." }
+        p { "Use your " (state.conf.brand.product_name) " key as the API key and set the base URL to our endpoint." }
         pre { code { "OPENAI_API_KEY=sk-relay_YOUR_KEY OPENAI_BASE_URL=" (base) } }
         pre { code { (curl) } }
         p.muted { "Compatibility depends on whether your app supports a custom OpenAI-compatible base URL. Name a tier (" code { "budget" } ", " code { "standard" } " or " code { "premium" } ") as the model." }
@@ -220,21 +236,21 @@ pub async fn policy(
     visitor: Visitor,
     Path(slug): Path<String>,
 ) -> Response {
-    let Some(p) = policies::by_slug(&slug) else {
+    let brand = &state.conf.brand;
+    let Some(p) = policies::by_slug(brand, &slug) else {
         return super::error::AdminError::NotFound("No such policy.".into())
             .into_page(Some(&visitor));
     };
     let support = &state.conf.admin.support_email;
     page(
         &state,
-        p.title,
+        &p.title,
         Some(&visitor),
         html! {
             section.card.policy {
                 h1 { (p.title) }
-                @for para in p.paragraphs {
-                    p { (para.replace(policies::SEED_SUPPORT_EMAIL, support)) }
-                }
+                p.muted #policy-updated { "Last updated: " time datetime=(p.updated) { (p.updated) } }
+                (policies::render(p, brand, support))
                 p { "Contact: " a href={ "mailto:" (support) } { (support) } }
             }
         },

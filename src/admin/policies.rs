@@ -1,50 +1,59 @@
-//! The product's policies, word for word as the seeds publish them (`../shared/seeds/`). The
-//! support address is the conf's (`admin.support_email`), substituted where the text names it.
+//! The policies (Terms, Privacy, Refund, Acceptable Use) as the conf gives them (`[brand]`,
+//! Markdown files; the shipped texts are the seeds'), rendered to HTML with the brand's names
+//! filled in. Raw HTML in a policy file is shown as text, never passed through.
 
-pub struct Policy {
-    pub slug: &'static str,
-    pub title: &'static str,
-    pub paragraphs: &'static [&'static str],
+use crate::conf::{BrandConf, PolicyDoc};
+use maud::{Markup, PreEscaped};
+use pulldown_cmark::{Event, Parser, html};
+
+/// The text with `{product_name}`, `{legal_entity}` and `{support_email}` filled in.
+pub fn fill(text: &str, brand: &BrandConf, support: &str) -> String {
+    text.replace("{product_name}", &brand.product_name)
+        .replace("{legal_entity}", &brand.legal_entity)
+        .replace("{support_email}", support)
 }
 
-/// Where the seeds wrote the support address.
-pub const SEED_SUPPORT_EMAIL: &str = "support@duang-duang.com";
+/// A policy's body as HTML.
+pub fn render(doc: &PolicyDoc, brand: &BrandConf, support: &str) -> Markup {
+    let text = fill(&doc.body, brand, support);
+    let events = Parser::new(&text).map(|e| match e {
+        Event::Html(t) | Event::InlineHtml(t) => Event::Text(t),
+        other => other,
+    });
+    let mut out = String::new();
+    html::push_html(&mut out, events);
+    PreEscaped(out)
+}
 
-pub const POLICIES: &[Policy] = &[
-    Policy {
-        slug: "terms",
-        title: "Terms of Service",
-        paragraphs: &[
-            "Duang Duang provides prepaid API credits and a software gateway for accessing supported AI model providers through a unified API. Customers are responsible for keeping API keys secure and for all usage made through their keys.",
-            "Credits are prepaid and deducted based on model usage, including input tokens, output tokens, and applicable pricing rules. Customers must follow applicable upstream provider policies and legal requirements. Duang Duang does not grant permission to bypass provider restrictions, rate limits, or safety policies.",
-        ],
-    },
-    Policy {
-        slug: "privacy",
-        title: "Privacy Policy",
-        paragraphs: &[
-            "We collect account information, API key metadata, payment records, usage records, and technical logs needed to operate the service. We record token usage, selected models, request status, provider cost, billed amount, and timestamps.",
-            "Payment processing is handled by Stripe. We do not store full card numbers on our servers. We may share necessary request data with upstream AI model providers to fulfill API requests.",
-        ],
-    },
-    Policy {
-        slug: "refunds",
-        title: "Refund Policy",
-        paragraphs: &[
-            "Prepaid credits are generally refundable only for unused balances, billing errors, duplicate charges, or service issues reviewed by support. Credits consumed by API usage are not refundable unless the usage was caused by a confirmed platform error.",
-            "Refund requests should include the account email, payment date, amount, and reason. Contact support@duang-duang.com.",
-        ],
-    },
-    Policy {
-        slug: "acceptable-use",
-        title: "Acceptable Use Policy",
-        paragraphs: &[
-            "Customers must use Duang Duang lawfully and in compliance with upstream AI provider policies. Prohibited uses include illegal activity, fraud, credential theft, phishing, malware, harassment, attempts to bypass provider restrictions, and automated activity that harms service stability or violates rate limits.",
-            "We may throttle, suspend, or terminate accounts and API keys that violate this policy. Report abuse to support@duang-duang.com.",
-        ],
-    },
-];
+pub fn by_slug<'a>(brand: &'a BrandConf, slug: &str) -> Option<&'a PolicyDoc> {
+    brand.policies.iter().find(|p| p.slug == slug)
+}
 
-pub fn by_slug(slug: &str) -> Option<&'static Policy> {
-    POLICIES.iter().find(|p| p.slug == slug)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_markdown_and_escapes_raw_html() {
+        let brand = BrandConf {
+            product_name: "Acme AI".into(),
+            legal_entity: "Acme Ltd".into(),
+            policies: Vec::new(),
+        };
+        let doc = PolicyDoc::parse(
+            "terms",
+            "# Terms\n\n{product_name} by {legal_entity}.\n\n- one\n- **two**\n\n<script>alert(1)</script>\n",
+            "2026-12-01",
+        )
+        .expect("doc");
+        assert_eq!(doc.title, "Terms");
+        let html = render(&doc, &brand, "help@acme.test").into_string();
+        assert!(html.contains("<p>Acme AI by Acme Ltd.</p>"), "{html}");
+        assert!(html.contains("<li><strong>two</strong></li>"), "{html}");
+        assert!(
+            html.contains("&lt;script&gt;") && !html.contains("<script>"),
+            "{html}"
+        );
+        assert!(PolicyDoc::parse("terms", "no title\n", "2026-12-01").is_none());
+    }
 }

@@ -297,7 +297,7 @@ pub async fn security(
 }
 
 fn enrol_page(state: &AppState, s: &SignedIn, secret: &Secret, error: Option<&str>) -> Markup {
-    let uri = secret.uri(super::pages::PRODUCT, &s.account.email);
+    let uri = secret.uri(&state.conf.brand.product_name, &s.account.email);
     let qr = qr_svg(&uri);
     let text = secret.base32();
     let grouped = text
@@ -631,7 +631,7 @@ pub async fn api_setup(
     let secret = begin(&state, &s.account).await?;
     Ok(Json(json!({
         "secret": secret.base32(),
-        "otpauth_uri": secret.uri(super::pages::PRODUCT, &s.account.email),
+        "otpauth_uri": secret.uri(&state.conf.brand.product_name, &s.account.email),
     })))
 }
 

@@ -222,6 +222,20 @@ pub fn content_security_policy(conf: &crate::conf::Conf) -> String {
 /// token to another site, scripts and styles from ourselves only.
 pub async fn security_headers(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
+    if let Some(p) = resp
+        .extensions_mut()
+        .remove::<super::pages::PendingErrorPage>()
+    {
+        let page =
+            super::pages::error_page(&state.conf, p.visitor.as_ref(), resp.status(), &p.message);
+        let (mut parts, _) = resp.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        resp = Response::from_parts(parts, Body::from(page.into_string()));
+    }
     let h = resp.headers_mut();
     let set = |h: &mut HeaderMap, k: &'static str, v: &'static str| {
         h.insert(k, HeaderValue::from_static(v));

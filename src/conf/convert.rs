@@ -115,6 +115,7 @@ impl Checker<'_> {
         let tiers = providers.as_ref().and_then(|p| self.tiers(&raw.tiers, p));
         let stripe = self.stripe(&raw.stripe);
         let mail = self.mail(&raw.smtp);
+        let brand = self.brand(&raw.brand);
         Some(Conf {
             source: self.file.to_owned(),
             gateway: gateway?,
@@ -130,7 +131,72 @@ impl Checker<'_> {
             providers: providers?,
             stripe: stripe?,
             mail: mail?,
+            brand: brand?,
             warnings: Vec::new(),
+        })
+    }
+
+    fn brand(&mut self, b: &super::raw::RawBrand) -> Option<super::BrandConf> {
+        let name = b.product_name.trim();
+        if name.is_empty() || name.chars().count() > 80 {
+            self.err("brand.product_name", "give a name of 1 to 80 characters");
+        }
+        let legal = b
+            .legal_entity
+            .as_deref()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .unwrap_or(name);
+        for slug in b.policies.keys() {
+            if !super::POLICY_SLUGS.contains(&slug.as_str()) {
+                self.err(
+                    format!("brand.policies.{slug}"),
+                    format!(
+                        "no policy named {slug:?} (the policies are {})",
+                        super::POLICY_SLUGS.join(", ")
+                    ),
+                );
+            }
+        }
+        let base = std::path::Path::new(self.file)
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        let mut policies = Vec::new();
+        for (i, slug) in super::POLICY_SLUGS.iter().enumerate() {
+            let Some(p) = b.policies.get(*slug) else {
+                policies.push(super::PolicyDoc::shipped(i));
+                continue;
+            };
+            let key = format!("brand.policies.{slug}");
+            if crate::time::parse_date(p.updated.trim()).is_none() {
+                self.err(
+                    format!("{key}.updated"),
+                    format!("{:?} is not a date: use YYYY-MM-DD", p.updated),
+                );
+            }
+            let path = base.join(&p.file);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => match super::PolicyDoc::parse(slug, &text, p.updated.trim()) {
+                    Some(doc) => policies.push(doc),
+                    None => self.err(
+                        format!("{key}.file"),
+                        format!(
+                            "{}: the first line must be the title, as \"# Terms of Service\"",
+                            path.display()
+                        ),
+                    ),
+                },
+                Err(e) => self.err(
+                    format!("{key}.file"),
+                    format!("cannot read {}: {e}", path.display()),
+                ),
+            }
+        }
+        (policies.len() == super::POLICY_SLUGS.len()).then(|| super::BrandConf {
+            product_name: name.to_owned(),
+            legal_entity: legal.to_owned(),
+            policies,
         })
     }
 

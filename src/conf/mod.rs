@@ -72,6 +72,7 @@ pub struct Conf {
     /// `None` when Stripe is off: the dashboard says payments are not available.
     pub stripe: Option<StripeConf>,
     pub mail: MailConf,
+    pub brand: BrandConf,
     /// Things that are allowed but probably not meant (printed by `check-conf` and at start).
     pub warnings: Vec<String>,
 }
@@ -140,6 +141,63 @@ pub enum ResponseModel {
     Tier,
     /// The upstream's own model name.
     Upstream,
+}
+
+/// The operator's brand: what every page, mail and error names, and the policy texts.
+#[derive(Debug, Clone)]
+pub struct BrandConf {
+    pub product_name: String,
+    /// Who provides the service (receipts, footer, policies); default: the product name.
+    pub legal_entity: String,
+    /// Terms, Privacy, Refund and Acceptable Use, in that order.
+    pub policies: Vec<PolicyDoc>,
+}
+
+/// A policy text: Markdown whose first line is `# Title`; `{product_name}`, `{legal_entity}` and
+/// `{support_email}` in it are replaced when it is shown.
+#[derive(Debug, Clone)]
+pub struct PolicyDoc {
+    pub slug: &'static str,
+    pub title: String,
+    /// The Markdown after the title line.
+    pub body: String,
+    /// `YYYY-MM-DD`.
+    pub updated: String,
+}
+
+/// The policies every relay publishes, by URL slug, with the shipped texts (the seeds').
+pub const POLICY_SLUGS: [&str; 4] = ["terms", "privacy", "refunds", "acceptable-use"];
+const SHIPPED_POLICIES: [&str; 4] = [
+    include_str!("../../conf/policies/terms.md"),
+    include_str!("../../conf/policies/privacy.md"),
+    include_str!("../../conf/policies/refunds.md"),
+    include_str!("../../conf/policies/acceptable-use.md"),
+];
+/// When the shipped texts last changed.
+pub const SHIPPED_POLICIES_UPDATED: &str = "2026-12-01";
+
+impl PolicyDoc {
+    /// Splits `# Title` off the text; `None` when the first line is not a title.
+    pub fn parse(slug: &'static str, text: &str, updated: &str) -> Option<PolicyDoc> {
+        let text = text.trim_start_matches('\u{feff}').trim_start();
+        let (first, rest) = text.split_once('\n').unwrap_or((text, ""));
+        let title = first.strip_prefix("# ")?.trim();
+        (!title.is_empty()).then(|| PolicyDoc {
+            slug,
+            title: title.to_owned(),
+            body: rest.trim().to_owned(),
+            updated: updated.to_owned(),
+        })
+    }
+
+    pub fn shipped(i: usize) -> PolicyDoc {
+        PolicyDoc::parse(
+            POLICY_SLUGS[i],
+            SHIPPED_POLICIES[i],
+            SHIPPED_POLICIES_UPDATED,
+        )
+        .expect("the shipped policies start with a title")
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -27,6 +27,33 @@ pub struct RawConf {
     pub stripe: RawStripe,
     #[serde(default)]
     pub smtp: RawSmtp,
+    #[serde(default)]
+    pub brand: RawBrand,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBrand {
+    pub product_name: String,
+    pub legal_entity: Option<String>,
+    pub policies: IndexMap<String, RawPolicy>,
+}
+
+impl Default for RawBrand {
+    fn default() -> Self {
+        RawBrand {
+            product_name: "Duang Duang".into(),
+            legal_entity: None,
+            policies: IndexMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub file: String,
+    pub updated: String,
 }
 
 #[derive(Debug, Deserialize)]
