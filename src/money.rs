@@ -82,6 +82,18 @@ impl NanoUsd {
             .ok_or(MoneyError::Overflow)
     }
 
+    /// The amount rounded to the nearest cent (halves away from zero), as customers read a
+    /// balance: `$4.99999496` shows as `$5.00`.
+    pub fn rounded_to_cents(self) -> NanoUsd {
+        let half = NANOS_PER_CENT / 2;
+        let cents = if self.0 >= 0 {
+            (self.0 / NANOS_PER_CENT) + i64::from(self.0 % NANOS_PER_CENT >= half)
+        } else {
+            (self.0 / NANOS_PER_CENT) - i64::from(-(self.0 % NANOS_PER_CENT) >= half)
+        };
+        NanoUsd(cents * NANOS_PER_CENT)
+    }
+
     /// The amount in whole cents, if it is a whole number of cents.
     pub fn as_whole_cents(self) -> Option<i64> {
         (self.0 % NANOS_PER_CENT == 0).then_some(self.0 / NANOS_PER_CENT)
@@ -369,6 +381,21 @@ impl TokenPrices {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_to_the_nearest_cent() {
+        for (exact, shown) in [
+            ("4.99999496", "$5.00"),
+            ("4.994", "$4.99"),
+            ("4.995", "$5.00"),
+            ("0.00000012", "$0.00"),
+            ("-2.505", "-$2.51"),
+            ("1234.5", "$1,234.50"),
+        ] {
+            let n: NanoUsd = exact.parse().expect("usd");
+            assert_eq!(n.rounded_to_cents().to_string(), shown, "{exact}");
+        }
+    }
 
     #[test]
     fn cache_prices_price_their_tokens_and_nothing_else() {

@@ -74,9 +74,23 @@ pub fn parse_date(text: &str) -> Option<i64> {
     Some((era * 146_097 + doe - 719_468) * 86_400_000)
 }
 
+/// The first millisecond of the UTC calendar month `ms` falls in.
+pub fn month_start_ms(ms: i64) -> i64 {
+    let date = format_date(ms);
+    parse_date(&format!("{}-01", &date[..7])).unwrap_or(ms)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{format_date, format_utc, parse_date};
+    use super::{format_date, format_utc, month_start_ms, parse_date};
+
+    #[test]
+    fn month_starts_on_the_first_at_midnight() {
+        let t = parse_date("2026-12-02").expect("date") + 5_000;
+        assert_eq!(format_utc(month_start_ms(t)), "2026-12-01 00:00:00 UTC");
+        let first = parse_date("2024-02-01").expect("date");
+        assert_eq!(month_start_ms(first), first);
+    }
 
     #[test]
     fn dates_round_trip() {

@@ -107,7 +107,9 @@ async fn sign_up_verify_from_the_outbox_log_out_and_in(backend: Backend) {
     let dash = b.get("/dashboard").await;
     assert!(dash.body.contains("$3.00"), "the whole credit");
     assert!(
-        dash.body.contains("id=\"held-note\"") && dash.body.contains("$1.00 of it is held"),
+        dash.body.contains(
+            "id=\"held-note\"><span class=\"money\" title=\"Exactly $1.00\" data-exact=\"$1.00\">$1.00</span> of it is held"
+        ),
         "{}",
         dash.body
     );
@@ -1011,6 +1013,55 @@ async fn usage_is_charted_filtered_paged_and_exported(backend: Backend) {
     assert!(!csv.body.contains("other@"), "nothing of the other account");
     let dash = b.get("/dashboard").await;
     assert!(dash.body.contains("id=\"usage-chart\""));
+
+    // Spend per key and per tier for the chosen period (90 days takes in both days).
+    let table = |body: &str, id: &str| {
+        let at = body
+            .find(&format!("id=\"{id}\""))
+            .unwrap_or_else(|| panic!("no #{id}"));
+        body[at..at + body[at..].find("</table>").expect("end")].to_owned()
+    };
+    let dash = b.get("/dashboard?days=90").await;
+    assert!(dash.body.contains("Spend, last 90 days"));
+    let tiers = table(&dash.body, "spend-by-tier");
+    let budget = tiers.find("budget").expect("budget");
+    let premium = tiers.find("premium").expect("premium");
+    assert!(premium < budget, "most spent first: {tiers}");
+    assert!(
+        tiers.contains("<td>3</td><td>$0.011</td>") || tiers.contains("$0.011"),
+        "{tiers}"
+    );
+    assert!(tiers.contains("$0.006"), "{tiers}");
+    let keys = table(&dash.body, "spend-by-key");
+    assert_eq!(
+        keys.matches("<tr>").count(),
+        3,
+        "a header and two keys: {keys}"
+    );
+    assert!(!keys.contains("$0.00000"), "{keys}");
+    let short = b.get("/dashboard?days=7").await;
+    assert!(short.body.contains("No requests in this period."));
+    // The keys page: this month's spend per key (one request of $0.01 today on the first key).
+    admin
+        .t
+        .store
+        .insert_usage_batch(&[record(
+            me.id,
+            key_a,
+            9,
+            duang::time::now_ms() - 60_000,
+            "budget",
+            200,
+        )])
+        .await
+        .expect("usage");
+    let page = b.get("/keys").await;
+    assert!(page.body.contains("Spent this month"));
+    assert!(
+        page.body.contains("<td class=\"spent\">$0.01"),
+        "{}",
+        page.body
+    );
 }
 
 /// With SMTP on, mails go to the relay over SMTP (logged in with the conf's credentials); when

@@ -244,7 +244,9 @@ async fn a_new_customer_signs_up_pays_and_uses_the_api_in_a_real_browser() {
         cost,
         "the chart's total"
     );
-    let balance = usd(&b.text("#balance").await);
+    // The balance reads in cents; its exact figure is on hover (and in a detail line).
+    let balance = usd(&b.attr("#balance .money", "data-exact").await);
+    assert_eq!(usd(&b.text("#balance").await), balance.rounded_to_cents());
     let five: NanoUsd = "5".parse().expect("usd");
     // Exactly $5.00 less the cost: credit a gateway holds leased is still the customer's.
     assert_eq!(

@@ -361,7 +361,7 @@ async fn credits_page(
             @if cancelled { p.notice { "The payment was cancelled; nothing was charged." } }
             section.card {
                 h1 { "Buy credits" }
-                p { "Balance: " strong #balance { (s.account.credit()) } }
+                p { "Balance: " strong #balance { (super::pages::money(s.account.credit())) } }
                 p.muted { "Credits are prepaid in USD and deducted per request at the tier's price. Unused balances can be refunded as the " a href="/policies/refunds" { "Refund Policy" } " describes." }
                 (form_error(error))
                 @match &state.conf.stripe {
@@ -477,7 +477,7 @@ pub async fn success(
                 }
                 None => { h1 { "Payments" } p { "We do not know that payment." } }
             }
-            p { "Balance: " strong #balance { (s.account.credit()) } }
+            p { "Balance: " strong #balance { (super::pages::money(s.account.credit())) } }
             p { a.button href="/dashboard" { "Go to the dashboard" } }
         }
     })

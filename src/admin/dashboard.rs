@@ -20,7 +20,11 @@ use serde_json::{Value, json};
 pub struct Notices {
     welcome: Option<String>,
     sent: Option<String>,
+    /// The period of the spend chart and tables: 7, 14 (default), 30 or 90 days.
+    days: Option<i64>,
 }
+
+const PERIODS: [i64; 4] = [7, 14, 30, 90];
 
 pub fn requests_table(records: &[UsageRecord]) -> Markup {
     html! {
@@ -48,23 +52,47 @@ pub async fn dashboard(
     s: SignedIn,
     Query(n): Query<Notices>,
 ) -> Response {
+    let period = n.days.filter(|d| PERIODS.contains(d)).unwrap_or(14);
     let to_ms = (crate::time::now_ms().div_euclid(86_400_000) + 1) * 86_400_000;
-    let from_ms = to_ms - 14 * 86_400_000;
+    let from_ms = to_ms - period * 86_400_000;
     let loaded = async {
         let recent = state.store.usage_page(s.account.id, None, 10).await?;
         let days = state
             .store
             .usage_daily(s.account.id, from_ms, to_ms)
             .await?;
-        Ok::<_, crate::store::StoreError>((recent, days))
+        let by_key = state
+            .store
+            .spend_by_key(s.account.id, from_ms, to_ms)
+            .await?;
+        let keys = state.store.list_keys(s.account.id).await?;
+        Ok::<_, crate::store::StoreError>((recent, days, by_key, keys))
     }
     .await;
-    let (recent, days) = match loaded {
+    let (recent, days, by_key, keys) = match loaded {
         Ok(v) => v,
         Err(e) => return AdminError::from(e).into_page(Some(&s.visitor)),
     };
     let a = &s.account;
     let low = a.credit() < state.conf.admin.low_balance_warning;
+    let mut by_tier: Vec<(String, i64, crate::money::NanoUsd)> = Vec::new();
+    for d in &days {
+        match by_tier.iter_mut().find(|(t, ..)| *t == d.tier) {
+            Some(row) => {
+                row.1 += d.requests;
+                row.2 = row.2.checked_add(d.billed).unwrap_or(row.2);
+            }
+            None => by_tier.push((d.tier.clone(), d.requests, d.billed)),
+        }
+    }
+    by_tier.retain(|(t, ..)| !t.is_empty());
+    by_tier.sort_by(|x, y| y.2.cmp(&x.2).then_with(|| x.0.cmp(&y.0)));
+    let key_name = |id: i64| {
+        keys.iter()
+            .find(|k| k.id == id)
+            .map(|k| k.name.clone())
+            .unwrap_or_else(|| format!("key {id}"))
+    };
     page(&state, "Dashboard", Some(&s.visitor), html! {
         @if n.welcome.is_some() {
             p.success { "Welcome! We sent a verification link to " (a.email) "." }
@@ -87,8 +115,9 @@ pub async fn dashboard(
         section.grid {
             div.card {
                 h2 { "Balance" }
-                p.balance #balance { (a.credit()) }
-                @if a.leased.is_positive() { p.hint #held-note { (a.leased) " of it is held by the gateway for requests in flight and recent use: each request keeps only what it cost, and the rest comes back by itself." } }
+                p.balance #balance { (super::pages::money(a.credit())) }
+                @if a.credit().rounded_to_cents() != a.credit() { p.hint #balance-exact { "Exactly " (a.credit()) } }
+                @if a.leased.is_positive() { p.hint #held-note { (super::pages::money(a.leased)) " of it is held by the gateway for requests in flight and recent use: each request keeps only what it cost, and the rest comes back by itself." } }
                 @if low { p.notice #low-balance { "Your balance is low. Requests that cannot be covered are refused with 402." } }
                 p { a.button href="/credits" { "Buy credits" } }
             }
@@ -97,9 +126,35 @@ pub async fn dashboard(
                 p { a href="/keys" { "Create an API key" } ", then point your app at the base URL below." }
             }
         }
-        section.card {
-            h2 { "Spend, last 14 days" }
+        section.card #spend {
+            h2 { "Spend, last " (period) " days" }
+            nav.periods aria-label="Period" {
+                @for d in PERIODS {
+                    @if d == period { strong aria-current="true" { (d) " days" } }
+                    @else { a href={ "/dashboard?days=" (d) } { (d) " days" } }
+                }
+            }
             (super::usage::chart(&state, &days, from_ms, to_ms))
+            div.split {
+                div {
+                    h3 { "By key" }
+                    @if by_key.is_empty() { p.muted { "No requests in this period." } } @else {
+                        div.scroll { table #spend-by-key {
+                            thead { tr { th { "Key" } th { "Requests" } th { "Spent" } } }
+                            tbody { @for (id, n, billed) in &by_key { tr { td { (key_name(*id)) } td { (n) } td { (billed) } } } }
+                        } }
+                    }
+                }
+                div {
+                    h3 { "By tier" }
+                    @if by_tier.is_empty() { p.muted { "No requests in this period." } } @else {
+                        div.scroll { table #spend-by-tier {
+                            thead { tr { th { "Tier" } th { "Requests" } th { "Spent" } } }
+                            tbody { @for (t, n, billed) in &by_tier { tr { td { code { (t) } } td { (n) } td { (billed) } } } }
+                        } }
+                    }
+                }
+            }
             p { a href="/usage" { "All usage" } }
         }
         section.card {

@@ -197,10 +197,48 @@ fn when(ms: Option<i64>) -> String {
     ms.map(format_utc).unwrap_or_else(|| "—".into())
 }
 
+/// What each key spent this calendar month (UTC) and in all, by key id.
+pub struct KeySpend {
+    month: Vec<(i64, i64, NanoUsd)>,
+    lifetime: Vec<(i64, NanoUsd)>,
+}
+
+impl KeySpend {
+    async fn load(state: &AppState, account_id: i64, keys: &[ApiKey]) -> Result<Self, AdminError> {
+        let now = now_ms();
+        let month_start = crate::time::month_start_ms(now);
+        let ids: Vec<i64> = keys.iter().map(|k| k.id).collect();
+        Ok(KeySpend {
+            month: state
+                .store
+                .spend_by_key(account_id, month_start, now + 1)
+                .await?,
+            lifetime: state.store.key_spent(&ids).await?,
+        })
+    }
+
+    fn month(&self, id: i64) -> NanoUsd {
+        self.month
+            .iter()
+            .find(|(k, ..)| *k == id)
+            .map(|r| r.2)
+            .unwrap_or(NanoUsd::ZERO)
+    }
+
+    fn lifetime(&self, id: i64) -> NanoUsd {
+        self.lifetime
+            .iter()
+            .find(|(k, _)| *k == id)
+            .map(|r| r.1)
+            .unwrap_or(NanoUsd::ZERO)
+    }
+}
+
 fn keys_page(
     state: &AppState,
     s: &SignedIn,
     keys: &[ApiKey],
+    spend: &KeySpend,
     created: Option<(&ApiKey, &str)>,
     error: Option<&str>,
 ) -> Markup {
@@ -227,13 +265,17 @@ fn keys_page(
                     p.muted { "No keys yet." }
                 } @else {
                     table #keys {
-                        thead { tr { th { "Name" } th { "Key" } th { "Status" } th { "Created" } th { "Last used" } th { "Expires" } th { "Limits" } th {} } }
+                        thead { tr { th { "Name" } th { "Key" } th { "Status" } th { "Spent this month" } th { "Created" } th { "Last used" } th { "Expires" } th { "Limits" } th { span.visually-hidden { "Actions" } } } }
                         tbody {
                             @for k in keys {
                                 tr {
                                     td { (k.name) }
                                     td { code { (k.display_prefix) "…" } }
                                     td class={ "status-" (k.status.as_str()) } { (k.status.as_str()) }
+                                    td.spent {
+                                        (spend.month(k.id))
+                                        @if let Some(c) = k.spend_cap { br; span.muted { (spend.lifetime(k.id)) " of its " (c) " cap" } }
+                                    }
                                     td { (format_utc(k.created_at)) }
                                     td { (when(k.last_used_at)) }
                                     td { (when(k.expires_at)) }
@@ -277,9 +319,15 @@ fn keys_page(
 }
 
 pub async fn list_page(State(state): State<AppState>, s: SignedIn) -> Response {
-    match state.store.list_keys(s.account.id).await {
-        Ok(keys) => keys_page(&state, &s, &keys, None, None).into_response(),
-        Err(e) => AdminError::from(e).into_page(Some(&s.visitor)),
+    let loaded = async {
+        let keys = state.store.list_keys(s.account.id).await?;
+        let spend = KeySpend::load(&state, s.account.id, &keys).await?;
+        Ok::<_, AdminError>((keys, spend))
+    }
+    .await;
+    match loaded {
+        Ok((keys, spend)) => keys_page(&state, &s, &keys, &spend, None, None).into_response(),
+        Err(e) => e.into_page(Some(&s.visitor)),
     }
 }
 
@@ -292,19 +340,25 @@ pub async fn create_submit(
         Ok(()) => create(&state, &s.account, &r).await,
         Err(e) => Err(e),
     };
-    let keys = match state.store.list_keys(s.account.id).await {
-        Ok(k) => k,
-        Err(e) => return AdminError::from(e).into_page(Some(&s.visitor)),
+    let loaded = async {
+        let keys = state.store.list_keys(s.account.id).await?;
+        let spend = KeySpend::load(&state, s.account.id, &keys).await?;
+        Ok::<_, AdminError>((keys, spend))
+    }
+    .await;
+    let (keys, spend) = match loaded {
+        Ok(l) => l,
+        Err(e) => return e.into_page(Some(&s.visitor)),
     };
     match created {
         Ok((key, plaintext)) => (
             StatusCode::CREATED,
-            keys_page(&state, &s, &keys, Some((&key, &plaintext)), None),
+            keys_page(&state, &s, &keys, &spend, Some((&key, &plaintext)), None),
         )
             .into_response(),
         Err(e) => (
             e.status(),
-            keys_page(&state, &s, &keys, None, Some(&e.message())),
+            keys_page(&state, &s, &keys, &spend, None, Some(&e.message())),
         )
             .into_response(),
     }

@@ -151,6 +151,16 @@ pub fn url(state: &AppState, path: &str) -> String {
 
 // ── The notices ───────────────────────────────────────────────────────────────────────────────
 
+/// A balance in a mail: cents, and the exact figure when it is not a whole number of cents.
+fn shown(n: NanoUsd) -> String {
+    let cents = n.rounded_to_cents();
+    if cents == n {
+        n.to_string()
+    } else {
+        format!("{cents} (exactly {n})")
+    }
+}
+
 pub struct Receipt<'a> {
     pub amount: NanoUsd,
     pub paid_at_ms: i64,
@@ -168,7 +178,7 @@ pub async fn receipt(state: &AppState, to: &str, r: &Receipt<'_>) {
             ("Amount", r.amount.to_string()),
             ("Date (UTC)", crate::time::format_utc(r.paid_at_ms)),
             ("Payment reference", r.reference.to_owned()),
-            ("Balance after", r.balance_after.to_string()),
+            ("Balance after", shown(r.balance_after)),
         ])
         .link(
             "Your receipt, to print or keep",
@@ -270,6 +280,7 @@ pub async fn low_balance_pass(state: &AppState) -> Result<usize, AdminError> {
     state.store.clear_low_balance_marks(below).await?;
     let crossed = state.store.take_low_balance_crossings(below).await?;
     for (a, credit) in &crossed {
+        let credit = shown(*credit);
         let letter = Letter::new(format!("Your balance is low: {credit}"))
             .para(format!(
                 "The balance of your account is {credit}, below {below}. When it runs out, API requests are refused with 402 until you add credits."

@@ -353,7 +353,7 @@ fn account_row(a: &Account) -> Markup {
             td { (a.role.as_str()) }
             td class={ "status-" (a.status.as_str()) } { (a.status.as_str()) }
             td { @if a.is_verified() { "yes" } @else { "no" } }
-            td { (a.balance) }
+            td { (super::pages::money(a.balance)) }
             td { (format_utc(a.created_at)) }
         }
     }
@@ -417,7 +417,7 @@ async fn account_page(
             section.card {
                 h1 { (a.email) }
                 (form_error(error))
-                p { "Status: " strong #account-status { (a.status.as_str()) } " · role " (a.role.as_str()) " · verified " (if a.is_verified() { "yes" } else { "no" }) " · balance " strong #account-balance { (a.credit()) } @if a.leased.is_positive() { " (" (a.leased) " leased by gateways)" } }
+                p { "Status: " strong #account-status { (a.status.as_str()) } " · role " (a.role.as_str()) " · verified " (if a.is_verified() { "yes" } else { "no" }) " · balance " strong #account-balance { (super::pages::money(a.credit())) } @if a.leased.is_positive() { " (" (super::pages::money(a.leased)) " leased by gateways)" } }
                 form.row method="post" action={ "/operator/accounts/" (a.id) "/status" } {
                     (csrf_field(v))
                     label { "New status" select name="status" required {

@@ -114,6 +114,13 @@ pub fn form_error(message: Option<&str>) -> Markup {
     }
 }
 
+/// A balance as customers read it: dollars and cents, the exact figure on hover (`title`) and
+/// for scripts (`data-exact`).
+pub fn money(n: NanoUsd) -> Markup {
+    let exact = n.to_string();
+    html! { span.money title={ "Exactly " (exact) } data-exact=(exact) { (n.rounded_to_cents()) } }
+}
+
 /// Whole cents as dollars: `$5.00`.
 pub fn cents_text(cents: i64) -> String {
     NanoUsd::from_cents(cents)

@@ -218,7 +218,7 @@ async fn customer_page(
             section.card {
                 h1 { "Ask for a refund" }
                 p { "Prepaid credits are generally refundable only for unused balances, billing errors, duplicate charges, or service issues reviewed by support. Credits consumed by API usage are not refundable unless the usage was caused by a confirmed platform error. " a href="/policies/refunds" { "Refund Policy" } }
-                p { "Unused balance that can be refunded now: " strong #refundable { (can) } }
+                p { "Unused balance that can be refunded now: " strong #refundable { (super::pages::money(can)) } }
                 (form_error(error))
                 form.stack method="post" action="/refunds" {
                     (csrf_field(&s.visitor))

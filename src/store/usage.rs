@@ -239,6 +239,35 @@ impl Store {
         Ok(out)
     }
 
+    /// Requests and billed amount per key of the account in `[from_ms, to_ms)`, most spent first.
+    pub async fn spend_by_key(
+        &self,
+        account_id: i64,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(i64, i64, NanoUsd)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT key_id, COUNT(*) AS requests, CAST(SUM(billed_nano) AS BIGINT) AS billed_nano
+             FROM usage_records
+             WHERE account_id = $1 AND started_at >= $2 AND started_at < $3
+             GROUP BY key_id ORDER BY billed_nano DESC, key_id",
+        )
+        .bind(account_id)
+        .bind(from_ms)
+        .bind(to_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("key_id")?,
+                    r.try_get("requests")?,
+                    NanoUsd::from_nanos(r.try_get("billed_nano")?),
+                ))
+            })
+            .collect()
+    }
+
     /// Requests, tokens and billed amount per UTC day and tier in `[from_ms, to_ms)`.
     pub async fn usage_daily(
         &self,

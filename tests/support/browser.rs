@@ -435,6 +435,16 @@ impl Browser {
     }
 
     /// The element's visible text.
+    /// An attribute of the element (empty when it has none).
+    pub async fn attr(&self, selector: &str, name: &str) -> String {
+        self.find(selector)
+            .await
+            .attr(name)
+            .await
+            .unwrap_or_else(|e| panic!("{selector}[{name}]: {e}"))
+            .unwrap_or_default()
+    }
+
     pub async fn text(&self, selector: &str) -> String {
         self.find(selector).await.text().await.expect("text")
     }
