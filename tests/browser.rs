@@ -199,6 +199,15 @@ async fn a_new_customer_signs_up_pays_and_uses_the_api_in_a_real_browser() {
     assert!(b.text("#payments").await.contains("paid"));
     b.assert_clean_console("/credits").await;
     b.screenshot("credits").await;
+    // The receipt comes by mail too, with the payment's reference and a printable copy.
+    let receipt_mail = poll("the receipt mail", WAIT, || async {
+        support::admin::mails_to(&stack.outbox, EMAIL)
+            .into_iter()
+            .find(|m| m.contains("Subject: Receipt: $5.00 of credits"))
+    })
+    .await;
+    assert!(receipt_mail.contains("Payment reference") && receipt_mail.contains("pi_"));
+    assert!(receipt_mail.contains("Content-Type: text/html"));
 
     // 6. A chat completion through the gateway with the new key.
     let http = reqwest::Client::new();
@@ -277,5 +286,207 @@ async fn a_new_customer_signs_up_pays_and_uses_the_api_in_a_real_browser() {
     b.wait_for_text("#base-url", "/v1").await;
     b.assert_clean_console("/quickstart").await;
     b.screenshot("quickstart").await;
+
+    // 8b. Ask for a refund of $1.00: the page says a mail follows, and it does.
+    b.click_on("a", "Refunds").await;
+    b.wait_for_url("/refunds").await;
+    b.type_into("input[name=amount_usd]", "1.00").await;
+    b.type_into("input[name=reason]", "trying the refund flow")
+        .await;
+    b.click_on("button", "Ask for the refund").await;
+    b.wait_for_text("main", "We review it and reply by e-mail")
+        .await;
+    poll("the refund-requested mail", WAIT, || async {
+        support::admin::mails_to(&stack.outbox, EMAIL)
+            .iter()
+            .any(|m| m.contains("Subject: We received your refund request"))
+            .then_some(())
+    })
+    .await;
+
+    // 9. Every page this customer can open: no critical or serious axe violation in light and
+    //    dark; at a phone's width nothing is wider than the screen.
+    let axe = support::browser::axe_source();
+    let mut problems = Vec::new();
+    let receipt = {
+        b.open("/credits").await;
+        b.attr("#payments a[href^='/credits/receipts/']", "href")
+            .await
+    };
+    let receipt = url::Url::parse(&receipt)
+        .map(|u| u.path().to_owned())
+        .unwrap_or(receipt);
+    let customer_pages: Vec<&str> = vec![
+        "/",
+        "/pricing",
+        "/quickstart",
+        "/policies/terms",
+        "/policies/privacy",
+        "/policies/refunds",
+        "/policies/acceptable-use",
+        "/dashboard",
+        "/keys",
+        "/usage",
+        "/credits",
+        "/credits/receipts",
+        &receipt,
+        "/refunds",
+        "/account/security",
+        "/nowhere",
+    ];
+    sweep(&b, &axe, &customer_pages, &mut problems).await;
+
+    // On a phone the navigation is a menu that opens; dark mode is honoured.
+    b.phone(true).await;
+    b.open("/dashboard").await;
+    let nav_display =
+        "return getComputedStyle(document.querySelector('nav[aria-label=Main]')).display";
+    assert_eq!(b.run_js(nav_display).await, "none", "folded on a phone");
+    b.click(".menu-button").await;
+    assert_eq!(b.run_js(nav_display).await, "flex", "the menu opens");
+    b.screenshot("dashboard-phone-menu").await;
+    b.dark(true).await;
+    b.open("/dashboard").await;
+    assert_eq!(
+        b.run_js("return getComputedStyle(document.body).backgroundColor")
+            .await,
+        "rgb(18, 21, 28)",
+        "the dark palette"
+    );
+    b.screenshot("dashboard-phone-dark").await;
+    b.phone(false).await;
+    b.screenshot("dashboard-dark").await;
+    b.dark(false).await;
+
+    // The pages of a visitor who is not signed in.
+    b.open("/dashboard").await;
+    b.click_on("button", "Log out").await;
+    poll("logged out", WAIT, || async {
+        (b.current_url().await.path() == "/").then_some(())
+    })
+    .await;
+    sweep(
+        &b,
+        &axe,
+        &["/signup", "/login", "/password/forgot"],
+        &mut problems,
+    )
+    .await;
+
+    // 10. An operator (made with the CLI) must turn on 2FA before the operator pages open;
+    //     then every operator page passes the same checks.
+    let made = std::process::Command::new(support::ADMIN_BIN)
+        .arg("--conf")
+        .arg(&stack.conf_path)
+        .args([
+            "account",
+            "create",
+            "--email",
+            "op@example.com",
+            "--operator",
+            "--verified",
+            "--password-stdin",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .expect("stdin")
+                .write_all(format!("{PASSWORD}\n").as_bytes())?;
+            c.wait()
+        })
+        .expect("duang-admin account create");
+    assert!(made.success());
+    b.open("/login?next=/operator").await;
+    b.type_into("input[name=email]", "op@example.com").await;
+    b.type_into("input[name=password]", PASSWORD).await;
+    b.click_on("button", "Log in").await;
+    b.wait_for_url("/account/security?required=operator").await;
+    b.click_on("button", "Set up two-factor authentication")
+        .await;
+    let secret = b.wait_for_text("#totp-secret", "").await.replace(' ', "");
+    b.type_into(
+        "input[name=totp_code]",
+        &support::admin::totp_at(&secret, support::admin::unix_now()),
+    )
+    .await;
+    b.click_on("button", "Turn on two-factor authentication")
+        .await;
+    b.wait_for_text("h1", "Two-factor authentication is on")
+        .await;
+    sweep(
+        &b,
+        &axe,
+        &[
+            "/operator",
+            "/operator/accounts/1",
+            "/operator/refunds",
+            "/operator/revenue",
+            "/operator/upstreams",
+        ],
+        &mut problems,
+    )
+    .await;
+    assert!(
+        problems.is_empty(),
+        "accessibility and phone-layout problems:\n{}",
+        problems.join("\n")
+    );
     b.close().await;
+}
+
+/// Opens each page at desktop width (light) and at a phone's width (light and dark): axe must
+/// find no critical or serious violation, nothing may be wider than the phone's screen, and the
+/// console must stay clean. Screenshots of each at both widths.
+async fn sweep(b: &Browser, axe: &str, pages: &[&str], problems: &mut Vec<String>) {
+    for (mode, phone, dark) in [
+        ("desktop", false, false),
+        ("phone", true, false),
+        ("phone dark", true, true),
+    ] {
+        b.phone(phone).await;
+        b.dark(dark).await;
+        for path in pages {
+            b.open(path).await;
+            let here = b.current_url().await;
+            if here.path() != path.split('?').next().unwrap_or(path) {
+                problems.push(format!("{path} ({mode}): landed on {here}"));
+                continue;
+            }
+            for v in b.axe_violations(axe).await {
+                problems.push(format!("{path} ({mode}): {v}"));
+            }
+            if phone {
+                for o in b.overflowing().await {
+                    problems.push(format!("{path} ({mode}): wider than the screen: {o}"));
+                }
+            }
+            if !dark {
+                let name = screenshot_name(path);
+                b.screenshot(&if phone { format!("{name}-phone") } else { name })
+                    .await;
+            }
+            if *path != "/nowhere" {
+                b.assert_clean_console(path).await;
+            } else {
+                b.console().await;
+            }
+        }
+    }
+    b.phone(false).await;
+    b.dark(false).await;
+}
+
+/// `/policies/terms` → `policies-terms`; `/` → `home`; a receipt's id is left out.
+fn screenshot_name(path: &str) -> String {
+    let name = path.trim_matches('/').replace('/', "-");
+    match name.as_str() {
+        "" => "home".into(),
+        n if n.starts_with("credits-receipts-") => "receipt".into(),
+        n if n.starts_with("operator-accounts-") => "operator-account".into(),
+        n => n.to_owned(),
+    }
 }

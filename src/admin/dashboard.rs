@@ -94,6 +94,7 @@ pub async fn dashboard(
             .unwrap_or_else(|| format!("key {id}"))
     };
     page(&state, "Dashboard", Some(&s.visitor), html! {
+        h1.visually-hidden { "Dashboard" }
         @if n.welcome.is_some() {
             p.success { "Welcome! We sent a verification link to " (a.email) "." }
         }

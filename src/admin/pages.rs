@@ -33,6 +33,10 @@ pub fn layout(conf: &Conf, title: &str, visitor: Option<&Visitor>, body: Markup)
             body {
                 header.top {
                     a.brand href="/" { (brand.product_name) }
+                    // On a phone the navigation folds into a menu: the checkbox opens it (no
+                    // script; its label is the button).
+                    input.menu-toggle #menu-toggle type="checkbox";
+                    label.menu-button for="menu-toggle" { "Menu" }
                     nav aria-label="Main" {
                         @if let Some(a) = account {
                             a href="/dashboard" { "Dashboard" }
@@ -58,7 +62,7 @@ pub fn layout(conf: &Conf, title: &str, visitor: Option<&Visitor>, body: Markup)
                         }
                     }
                 }
-                main { (body) }
+                main { (keyboard_scrollable(body)) }
                 footer {
                     nav aria-label="Policies" {
                         @for p in &brand.policies {
@@ -70,6 +74,17 @@ pub fn layout(conf: &Conf, title: &str, visitor: Option<&Visitor>, body: Markup)
             }
         }
     }
+}
+
+/// Tables and code blocks scroll sideways inside their card on a narrow screen; a region that
+/// scrolls must be reachable by keyboard, so each gets `tabindex="0"` (maud writes these tags
+/// as plain `<table` and `<pre>`, without attributes, so the replacement is exact).
+fn keyboard_scrollable(body: Markup) -> Markup {
+    maud::PreEscaped(
+        body.into_string()
+            .replace("<table", "<table tabindex=\"0\"")
+            .replace("<pre>", "<pre tabindex=\"0\">"),
+    )
 }
 
 pub fn page(state: &AppState, title: &str, visitor: Option<&Visitor>, body: Markup) -> Markup {
@@ -277,45 +292,69 @@ pub async fn stylesheet() -> Response {
 }
 
 const STYLESHEET: &str = r#"
+:root{--bg:#f5f6fa;--fg:#1d2330;--card:#fff;--border:#e2e5ee;--muted:#4f5668;--link:#3552d4;--accent:#3552d4;--on-accent:#fff;--secondary:#e8ebf5;--danger:#c0392b;--error:#b42318;--notice-bg:#fff7e0;--notice-border:#f0d58a;--success-bg:#e8f7ee;--success-border:#9fd8b5;--pre-bg:#1d2330;--pre-fg:#e8ebf5;--row:#eceef4;--input-border:#8a91a3;--code-bg:#f0f2f8;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#12151c;--fg:#e6e8ee;--card:#1b1f29;--border:#2c3240;--muted:#a9b0c0;--link:#9bb1ff;--accent:#3552d4;--secondary:#2c3240;--danger:#c0392b;--error:#ff8a80;--notice-bg:#33290b;--notice-border:#7a6420;--success-bg:#0f2e1c;--success-border:#2f6b47;--pre-bg:#0b0d12;--pre-fg:#e6e8ee;--row:#262b36;--input-border:#5b6275;--code-bg:#232836}}
 *{box-sizing:border-box}
-body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2330;background:#f5f6fa}
-a{color:#3552d4}
-header.top{display:flex;align-items:center;justify-content:space-between;padding:.75rem 1.5rem;background:#fff;border-bottom:1px solid #e2e5ee}
+body{margin:0;font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+a{color:var(--link)}
+h1,h2,h3,p,li,label{overflow-wrap:anywhere}
+header.top{display:flex;align-items:center;justify-content:space-between;flex-wrap:wrap;gap:.5rem;padding:.75rem 1.5rem;background:var(--card);border-bottom:1px solid var(--border)}
 header.top nav{display:flex;gap:1rem;align-items:center;flex-wrap:wrap}
-.brand{font-weight:700;font-size:1.1rem;text-decoration:none;color:#1d2330}
-.who{color:#4f5668;font-size:.9rem}
+.menu-toggle,.menu-button{display:none}
+.brand{font-weight:700;font-size:1.1rem;text-decoration:none;color:var(--fg)}
+.who{color:var(--muted);font-size:.9rem}
 main{max-width:960px;margin:1.5rem auto;padding:0 1rem}
-footer{max-width:960px;margin:2rem auto;padding:1rem;color:#4f5668;font-size:.9rem;border-top:1px solid #e2e5ee}
+footer{max-width:960px;margin:2rem auto;padding:1rem;color:var(--muted);font-size:.9rem;border-top:1px solid var(--border)}
 footer nav{display:flex;gap:1rem;flex-wrap:wrap}
-.card{background:#fff;border:1px solid #e2e5ee;border-radius:8px;padding:1.25rem 1.5rem;margin-bottom:1rem}
+.card{background:var(--card);border:1px solid var(--border);border-radius:8px;padding:1.25rem 1.5rem;margin-bottom:1rem;min-width:0}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(220px,1fr));gap:1rem;margin-bottom:1rem}
 .grid .card{margin:0}
+.split{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:1rem}
+.split>div{min-width:0}
 .hero{padding:1.5rem 0}
 .hero h1{font-size:2rem;margin:.2rem 0 .6rem}
-.button,button{display:inline-block;background:#3552d4;color:#fff;border:0;border-radius:6px;padding:.5rem 1rem;font:inherit;cursor:pointer;text-decoration:none}
-button.secondary{background:#e8ebf5;color:#1d2330}
-button.danger{background:#c0392b}
-button.link{background:none;color:#3552d4;padding:0;text-decoration:underline}
+.button,button{display:inline-block;background:var(--accent);color:var(--on-accent);border:0;border-radius:6px;padding:.5rem 1rem;font:inherit;cursor:pointer;text-decoration:none}
+button.secondary{background:var(--secondary);color:var(--fg)}
+button.danger{background:var(--danger);color:#fff}
+button.link{background:none;color:var(--link);padding:0;text-decoration:underline}
 form.inline{display:inline}
 form.stack{display:flex;flex-direction:column;gap:.75rem;max-width:420px}
 form.row{display:flex;gap:.75rem;flex-wrap:wrap;align-items:flex-end}
 label{display:flex;flex-direction:column;gap:.25rem;font-weight:600;font-size:.9rem}
-input,select{font:inherit;padding:.45rem .6rem;border:1px solid #c9cedb;border-radius:6px;font-weight:400}
-table{border-collapse:collapse;width:100%}
-th,td{text-align:left;padding:.45rem .5rem;border-bottom:1px solid #eceef4;font-size:.92rem}
-th{color:#4f5668;font-weight:600}
-pre{background:#1d2330;color:#e8ebf5;padding:.75rem 1rem;border-radius:6px;overflow-x:auto}
-code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace}
-.error{color:#b42318;font-weight:600}
-.notice{background:#fff7e0;border:1px solid #f0d58a;border-radius:8px;padding:.75rem 1rem;margin-bottom:1rem}
-.success{background:#e8f7ee;border:1px solid #9fd8b5;border-radius:8px;padding:.75rem 1rem;margin-bottom:1rem}
-.muted{color:#4f5668}
-.balance{font-size:2rem;font-weight:700}
-.key{font-size:1.05rem;word-break:break-all;background:#f0f2f8;padding:.6rem;border-radius:6px}
-.status-revoked,.status-suspended{color:#b42318}
-.scroll{overflow-x:auto}
+input,select{font:inherit;padding:.45rem .6rem;border:1px solid var(--input-border);border-radius:6px;font-weight:400;background:var(--card);color:var(--fg);max-width:100%}
+table{border-collapse:collapse;width:100%;position:relative}
+th,td{text-align:left;padding:.45rem .5rem;border-bottom:1px solid var(--row);font-size:.92rem}
+th{color:var(--muted);font-weight:600}
+pre{background:var(--pre-bg);color:var(--pre-fg);padding:.75rem 1rem;border-radius:6px;overflow-x:auto;max-width:100%}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;overflow-wrap:anywhere}
+.error{color:var(--error);font-weight:600}
+.notice{background:var(--notice-bg);border:1px solid var(--notice-border);border-radius:8px;padding:.75rem 1rem;margin-bottom:1rem}
+.success{background:var(--success-bg);border:1px solid var(--success-border);border-radius:8px;padding:.75rem 1rem;margin-bottom:1rem}
+.muted,.hint{color:var(--muted)}
+.balance{font-size:2rem;font-weight:700;margin:.25rem 0}
+.key{font-size:1.05rem;word-break:break-all;background:var(--code-bg);padding:.6rem;border-radius:6px}
+.status-revoked,.status-suspended,.status-terminated{color:var(--error)}
+.scroll{overflow-x:auto;max-width:100%}
 .qr svg{background:#fff;padding:4px;max-width:100%;height:auto}
 ul.codes{columns:2;font-size:1.05rem}
 table.facts th{width:12rem}
-@media print{header.top,footer,nav.sub,.no-print{display:none}.card{border:0}body{background:#fff}}
+nav.periods{display:flex;gap:1rem;flex-wrap:wrap;margin-bottom:.5rem}
+svg text{fill:var(--muted)}
+.visually-hidden{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap}
+:focus-visible{outline:2px solid var(--link);outline-offset:2px}
+@media (max-width:720px){
+header.top{padding:.6rem 1rem}
+.menu-toggle{display:block;position:absolute;opacity:0;width:1px;height:1px}
+.menu-button{display:inline-block;border:1px solid var(--border);border-radius:6px;padding:.35rem .8rem;font-weight:600;cursor:pointer}
+.menu-toggle:focus-visible+.menu-button{outline:2px solid var(--link)}
+header.top nav{display:none;width:100%;flex-direction:column;align-items:flex-start;gap:.6rem;padding:.5rem 0}
+.menu-toggle:checked~nav{display:flex}
+main{margin:1rem auto;padding:0 .6rem}
+.card{padding:1rem}
+.hero h1{font-size:1.6rem}
+table{display:block;overflow-x:auto;white-space:nowrap}
+td form.row{flex-wrap:nowrap}
+form.stack{max-width:100%}
+}
+@media print{header.top,footer,nav.sub,.no-print{display:none}.card{border:0}body{background:#fff;color:#000}}
 "#;

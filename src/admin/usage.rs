@@ -163,9 +163,9 @@ pub fn chart(state: &AppState, days: &[DailyUsage], from_ms: i64, to_ms: i64) ->
                         }
                     }
                 }
-                text x=(pad) y=(h + 18.0) font-size="11" fill="#6b7385" { (format_date(from_ms)) }
-                text x=(w) y=(h + 18.0) font-size="11" fill="#6b7385" text-anchor="end" { (format_date(to_ms - DAY_MS)) }
-                text x=(pad) y="12" font-size="11" fill="#6b7385" { "max " (NanoUsd::from_nanos(max)) " / day" }
+                text x=(pad) y=(h + 18.0) font-size="11" { (format_date(from_ms)) }
+                text x=(w) y=(h + 18.0) font-size="11" text-anchor="end" { (format_date(to_ms - DAY_MS)) }
+                text x=(pad) y="12" font-size="11" { "max " (NanoUsd::from_nanos(max)) " / day" }
             }
             figcaption {
                 "Spend " (format_date(from_ms)) " to " (format_date(to_ms - DAY_MS)) ": " strong #usage-total { (total) }

@@ -88,6 +88,8 @@ pub struct Stack {
     pub outbox: PathBuf,
     pub stripe: StripeFake,
     pub mock: Mock,
+    /// The conf both processes run with (for CLI calls against the same store).
+    pub conf_path: PathBuf,
     logs: Vec<(&'static str, PathBuf)>,
     _admin: Proc,
     _gateway: Proc,
@@ -170,6 +172,7 @@ impl Stack {
             outbox,
             stripe,
             mock,
+            conf_path: conf.path.clone(),
             logs: vec![("duang-admin", admin_log), ("duang-gateway", gateway_log)],
             _admin: admin,
             _gateway: gateway,
@@ -307,30 +310,92 @@ impl Drop for Chromedriver {
     }
 }
 
-/// Selenium's log call, which chromedriver answers with the browser console's entries since the
-/// last call.
+/// A chromedriver extension command: a POST to `session/{id}/{path}` with a JSON body. Used for
+/// Selenium's log call (`se/log`, the browser console's entries since the last call) and for
+/// Chrome DevTools Protocol commands (`goog/cdp/execute`: device metrics for the phone width,
+/// emulated media for dark mode).
 #[derive(Debug)]
-struct BrowserLog;
+struct SessionPost {
+    path: &'static str,
+    body: Value,
+}
 
-impl WebDriverCompatibleCommand for BrowserLog {
+impl WebDriverCompatibleCommand for SessionPost {
     fn endpoint(
         &self,
         base_url: &url::Url,
         session_id: Option<&str>,
     ) -> Result<url::Url, url::ParseError> {
         base_url.join(&format!(
-            "session/{}/se/log",
-            session_id.unwrap_or_default()
+            "session/{}/{}",
+            session_id.unwrap_or_default(),
+            self.path
         ))
     }
 
     fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
-        (
-            http::Method::POST,
-            Some(json!({"type": "browser"}).to_string()),
-        )
+        (http::Method::POST, Some(self.body.to_string()))
     }
 }
+
+/// A phone's viewport: 390 CSS pixels wide (an iPhone 12 to 15).
+pub const PHONE: (u32, u32) = (390, 844);
+
+/// axe-core's script, installed once from the npm registry into `target/axe` (a missing `npm`
+/// fails the test, naming it).
+pub fn axe_source() -> String {
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/axe");
+    let script = dir.join("node_modules/axe-core/axe.min.js");
+    if !script.is_file() {
+        let npm = required("npm", "npm");
+        std::fs::create_dir_all(&dir).expect("target/axe");
+        let out = Command::new(npm)
+            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+            .arg(&dir)
+            .arg("axe-core@4.14.1")
+            .output()
+            .expect("run npm");
+        assert!(
+            out.status.success() && script.is_file(),
+            "npm install axe-core failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::read_to_string(&script).expect("axe.min.js")
+}
+
+/// What [`Browser::overflowing`] runs: elements wider than the viewport, outside any element
+/// that scrolls sideways itself (a table that scrolls inside its card is fine).
+const OVERFLOW_JS: &str = r#"
+const vw = document.documentElement.clientWidth;
+const bad = [];
+if (document.documentElement.scrollWidth > vw) bad.push('the page scrolls sideways: ' + document.documentElement.scrollWidth + ' > ' + vw);
+for (const e of document.body.querySelectorAll('*')) {
+  let p = e.parentElement, inside = false;
+  while (p && p !== document.body) {
+    const ox = getComputedStyle(p).overflowX;
+    if (ox === 'auto' || ox === 'scroll' || ox === 'hidden') { inside = true; break; }
+    p = p.parentElement;
+  }
+  if (inside) continue;
+  const r = e.getBoundingClientRect();
+  if (r.width > 0 && r.height > 0 && (r.right > vw + 1 || r.left < -1)) {
+    bad.push(e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') + (e.className && typeof e.className === 'string' ? '.' + e.className.split(' ').join('.') : '') + ' spans ' + Math.round(r.left) + '..' + Math.round(r.right));
+  }
+}
+if (document.documentElement.scrollWidth > vw && bad.length === 1) {
+  // Something inside a scroller escapes it (an absolutely positioned child): name the widest.
+  const wide = [...document.body.querySelectorAll('*')]
+    .map(e => [e, e.getBoundingClientRect().right])
+    .filter(([e, right]) => right > vw + 1 && right <= document.documentElement.scrollWidth + 1)
+    .sort((a, b) => b[1] - a[1]).slice(0, 3)
+    .map(([e, right]) => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') + '.' + (typeof e.className === 'string' ? e.className : '') + ' in ' + (e.parentElement ? e.parentElement.tagName.toLowerCase() + '.' + e.parentElement.className : '') + ' ends at ' + Math.round(right));
+  bad.push('widest: ' + wide.join(', '));
+}
+return bad.slice(0, 12);
+"#;
 
 /// One headless Chromium session.
 pub struct Browser {
@@ -435,6 +500,84 @@ impl Browser {
     }
 
     /// The element's visible text.
+    async fn cdp(&self, cmd: &str, params: Value) {
+        self.client
+            .issue_cmd(SessionPost {
+                path: "goog/cdp/execute",
+                body: json!({"cmd": cmd, "params": params}),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CDP {cmd}: {e}"));
+    }
+
+    /// Emulates a phone (390 px wide, touch), or back to the window.
+    pub async fn phone(&self, on: bool) {
+        if on {
+            self.cdp(
+                "Emulation.setDeviceMetricsOverride",
+                json!({"width": PHONE.0, "height": PHONE.1, "deviceScaleFactor": 1, "mobile": true}),
+            )
+            .await;
+        } else {
+            self.cdp("Emulation.clearDeviceMetricsOverride", json!({}))
+                .await;
+        }
+    }
+
+    /// Emulates `prefers-color-scheme: dark` (or the default).
+    pub async fn dark(&self, on: bool) {
+        let value = if on { "dark" } else { "" };
+        self.cdp(
+            "Emulation.setEmulatedMedia",
+            json!({"features": [{"name": "prefers-color-scheme", "value": value}]}),
+        )
+        .await;
+    }
+
+    /// Runs a script in the page and returns its value.
+    pub async fn run_js(&self, script: &str) -> Value {
+        self.client
+            .execute(script, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("script failed: {e}"))
+    }
+
+    /// The page's elements wider than the viewport (see [`OVERFLOW_JS`]).
+    pub async fn overflowing(&self) -> Vec<String> {
+        match self.run_js(OVERFLOW_JS).await {
+            Value::Array(v) => v
+                .into_iter()
+                .map(|x| x.as_str().unwrap_or_default().to_owned())
+                .collect(),
+            other => vec![format!("(unexpected answer {other})")],
+        }
+    }
+
+    /// axe-core's critical and serious violations on the page (WCAG 2.1 A and AA rules), one
+    /// line each with the rule, its impact and the first elements it names.
+    pub async fn axe_violations(&self, axe: &str) -> Vec<String> {
+        self.run_js(&format!("{axe}\n;return true;")).await;
+        let result = self
+            .client
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa', 'best-practice']}})
+                   .then(r => done(r.violations.filter(v => v.impact === 'critical' || v.impact === 'serious')
+                     .map(v => v.id + ' (' + v.impact + '): ' + v.help + ' — ' + v.nodes.slice(0, 3).map(n => n.target.join(' ')).join(', '))))
+                   .catch(e => done(['axe failed: ' + e]));",
+                vec![],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("axe: {e}"));
+        match result {
+            Value::Array(v) => v
+                .into_iter()
+                .map(|x| x.as_str().unwrap_or_default().to_owned())
+                .collect(),
+            other => vec![format!("(unexpected axe answer {other})")],
+        }
+    }
+
     /// An attribute of the element (empty when it has none).
     pub async fn attr(&self, selector: &str, name: &str) -> String {
         self.find(selector)
@@ -503,7 +646,14 @@ impl Browser {
 
     /// The console's entries since the last call (`level: message`).
     pub async fn console(&self) -> Vec<String> {
-        match self.client.issue_cmd(BrowserLog).await {
+        match self
+            .client
+            .issue_cmd(SessionPost {
+                path: "se/log",
+                body: json!({"type": "browser"}),
+            })
+            .await
+        {
             Ok(Value::Array(entries)) => entries
                 .iter()
                 .map(|e| {
