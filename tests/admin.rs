@@ -1197,6 +1197,8 @@ async fn two_factor_enrols_and_guards_log_in_resets_and_sensitive_actions(backen
     .await;
     let mut b = admin.browser([10, 0, 0, 1]);
     b.sign_up("ivy@example.com").await;
+    let mut earlier = admin.browser([10, 0, 0, 9]);
+    earlier.log_in("ivy@example.com").await;
     let page = b.get("/account/security").await;
     assert_eq!(page.status, StatusCode::OK);
     assert!(page.body.contains("Off."), "{}", page.body);
@@ -1229,6 +1231,16 @@ async fn two_factor_enrols_and_guards_log_in_resets_and_sensitive_actions(backen
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let codes = recovery_codes(&r);
     assert_eq!(codes.len(), 10);
+    assert_eq!(
+        earlier.get("/dashboard").await.status,
+        StatusCode::SEE_OTHER,
+        "a browser signed in with the password alone is signed out"
+    );
+    assert_eq!(
+        b.get("/dashboard").await.status,
+        StatusCode::OK,
+        "this one stays"
+    );
     let page = b.get("/account/security").await;
     assert!(page.body.contains("On."));
     assert_eq!(text_of(&page, "recovery-left"), "10");

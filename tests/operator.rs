@@ -478,6 +478,12 @@ async fn revenue_margin_and_upstream_health_come_from_the_records(backend: Backe
             rec(0, "budget", "openai", 200, 1, 3_000_000, 1_000_000),
             rec(1, "budget", "openai", 502, 1, 0, 0),
             rec(2, "premium", "anthropic", 200, 2, 9_000_000, 4_000_000),
+            // Refused before it had a tier (an unknown model): traffic, but no tier's revenue.
+            UsageRecord {
+                provider: None,
+                upstream_model: None,
+                ..rec(3, "", "none", 404, 0, 0, 0)
+            },
         ])
         .await
         .expect("usage");
@@ -503,7 +509,12 @@ async fn revenue_margin_and_upstream_health_come_from_the_records(backend: Backe
         ),
         (Some("20.00"), Some("0.012"), Some("0.005"), Some("0.007"))
     );
-    assert_eq!(d["requests"], 3);
+    assert_eq!(d["requests"], 4);
+    assert_eq!(
+        v["tiers"].as_array().map(Vec::len),
+        Some(2),
+        "no blank-tier row: {v}"
+    );
     assert_eq!(
         v["tiers"][0],
         json!({"tier": "budget", "requests": 2, "billed_usd": "0.003", "provider_cost_usd": "0.001", "margin_usd": "0.002"})

@@ -8,6 +8,7 @@
 //!   recovery code finishes the log-in. The JSON API takes `totp_code` in the log-in body.
 //! - Sensitive actions (creating a key, asking for a refund, changing the password) ask for a
 //!   code again when the session's last one is older than `admin.two_factor_reauth_minutes`.
+//! - Turning it on ends the account's other sessions (signed in with the password alone).
 //! - Operators: the operator pages stay closed until the operator has turned 2FA on.
 //!
 //! A code is accepted once: for a step later than the last one taken (so a code seen over a
@@ -434,10 +435,10 @@ pub async fn enable(
         ));
     }
     state.limits.login_account.clear(&key);
-    state
-        .store
-        .mark_second_factor(&session_hash(&v.session_id))
-        .await?;
+    let this = session_hash(&v.session_id);
+    state.store.mark_second_factor(&this).await?;
+    // Browsers signed in with the password alone (someone else's, perhaps) must log in again.
+    state.store.end_other_sessions(account.id, &this).await?;
     Ok(codes)
 }
 

@@ -214,6 +214,19 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Ends every session of the account but `keep` (by its hash): after 2FA is turned on, a
+    /// browser signed in before with the password alone must log in again.
+    pub async fn end_other_sessions(&self, account_id: i64, keep: &str) -> Result<u64, StoreError> {
+        Ok(
+            sqlx::query("DELETE FROM web_sessions WHERE account_id = $1 AND token_hash <> $2")
+                .bind(account_id)
+                .bind(keep)
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        )
+    }
+
     /// Records that the session passed the second factor now.
     pub async fn mark_second_factor(&self, token_hash: &str) -> Result<(), StoreError> {
         sqlx::query("UPDATE web_sessions SET second_factor_at = $1 WHERE token_hash = $2")
