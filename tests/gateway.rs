@@ -674,6 +674,21 @@ async fn models_need_a_key_and_show_what_it_may_use(backend: Backend) {
         }
         r.send()
     };
+    // Readiness, free and without a key: started, worker running, store answering.
+    let r = get("/readyz", None).await.expect("readyz");
+    assert_eq!(r.status(), 200);
+    let ready: Value = r.json().await.expect("json");
+    assert_eq!(
+        (&ready["status"], &ready["store"]),
+        (&json!("ready"), &json!("ok")),
+        "{ready}"
+    );
+    assert!(
+        ready["worker_beat_age_ms"]
+            .as_i64()
+            .is_some_and(|a| a < 30_000),
+        "{ready}"
+    );
     for key in [None, Some("sk-relay_not-a-real-key-at-all-000000000000")] {
         let (s, e) = error_of(get("/v1/models", key).await.expect("models")).await;
         assert_eq!((s, e["code"].as_str()), (401, Some("invalid_api_key")));

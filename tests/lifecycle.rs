@@ -809,9 +809,39 @@ async fn a_store_outage_loses_no_usage() {
         .await
         .expect("text");
     assert!(backlog(&metrics) >= 30, "{metrics}");
+    // Readiness tells the truth: the store is down, settlements go to the journal, so the node
+    // still takes traffic for the keys it knows.
+    let readyz = format!("{}/readyz", node.base);
+    let ready = poll_json(&relay.client, &readyz, |v| v["store"] == "unavailable").await;
+    assert_eq!(ready.0, 200, "{}", ready.1);
+    assert_eq!(
+        (&ready.1["status"], &ready.1["journal"]),
+        (&json!("ready"), &json!("ok"))
+    );
+    // A key the node has never seen cannot be checked: 503 store_unavailable at once, not after
+    // the store's pool gives up (10 s).
+    let stranger = duang::keys::generate().plaintext.expose().clone();
+    let asked = Instant::now();
+    let s = send(
+        relay.client.clone(),
+        node.base.clone(),
+        stranger,
+        json_body(0),
+    )
+    .await;
+    let waited = asked.elapsed();
+    assert_eq!(s.status, 503, "{}", s.body);
+    assert!(s.body.contains("store_unavailable"), "{}", s.body);
+    eprintln!("a never-seen key during the outage was answered in {waited:?}");
+    assert!(
+        waited < Duration::from_secs(5),
+        "{waited:?}: it waited on the store"
+    );
     // The outage lasts longer than the writer's old retry budget (about 6 s).
     tokio::time::sleep(Duration::from_secs(8)).await;
     proxy.restore();
+    let ready = poll_json(&relay.client, &readyz, |v| v["store"] == "ok").await;
+    assert_eq!(ready.0, 200, "{}", ready.1);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let recorded = records(&relay).await;
@@ -1060,4 +1090,28 @@ async fn a_rolling_deploy_loses_nothing(backend: Backend) {
     );
     drop(new);
     relay.credit().await;
+}
+
+/// GETs `url` until its JSON answer satisfies `done` (within 30 s); the status and the JSON.
+async fn poll_json(
+    client: &reqwest::Client,
+    url: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> (u16, serde_json::Value) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(url).send().await {
+            let status = r.status().as_u16();
+            if let Ok(v) = r.json::<serde_json::Value>().await
+                && done(&v)
+            {
+                return (status, v);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{url} never answered as expected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

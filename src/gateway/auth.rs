@@ -40,7 +40,14 @@ pub struct Caller {
 pub struct KeyCache {
     known: RwLock<HashMap<String, Arc<KeyAuth>>>,
     unknown: RwLock<HashMap<String, ()>>,
+    /// When a store look-up last failed with nothing succeeding since (0: the store answers).
+    /// While it is down a key the cache has never seen is refused at once with 503, instead of
+    /// waiting on the store's pool; the worker's refresh (every [`REFRESH_EVERY`]) clears it.
+    store_down_since_ms: std::sync::atomic::AtomicI64,
 }
+
+/// The longest a key the cache has never seen waits for the store before its 503.
+pub const MISS_LOOKUP_TIMEOUT: Duration = Duration::from_millis(750);
 
 /// The key a request presents: `Authorization: Bearer …`, or `x-api-key` for clients that send it.
 pub fn presented_key(req: &pingora::http::RequestHeader) -> Option<&str> {
@@ -83,6 +90,34 @@ impl KeyCache {
             for e in entries {
                 known.insert(e.key_hash.clone(), Arc::new(e));
             }
+        }
+    }
+
+    /// A store call failed (a look-up, a refresh): the store counts as down from now.
+    pub fn store_failed(&self) {
+        let now = crate::time::now_ms().max(1);
+        let _ = self.store_down_since_ms.compare_exchange(
+            0,
+            now,
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        );
+    }
+
+    /// A store call succeeded: it is up.
+    pub fn store_answered(&self) {
+        self.store_down_since_ms
+            .store(0, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Since when the store has been failing (`None`: it answers).
+    pub fn store_down_since(&self) -> Option<i64> {
+        match self
+            .store_down_since_ms
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            0 => None,
+            t => Some(t),
         }
     }
 
@@ -142,20 +177,38 @@ impl KeyCache {
                     return Err(invalid());
                 }
                 let store = store.ok_or(ApiError::StoreUnavailable)?;
+                // The store is known to be down: answer now, not after the pool's timeout.
+                if self.store_down_since().is_some() {
+                    return Err(ApiError::StoreUnavailable);
+                }
                 // Boxed, in a statement of its own: the rare slow path keeps its state out of
                 // `chat::start`'s, which every request allocates.
-                let looking_up = Box::pin(store.key_auth_by_hash(&hash));
+                let looking_up = Box::pin(tokio::time::timeout(
+                    MISS_LOOKUP_TIMEOUT,
+                    store.key_auth_by_hash(&hash),
+                ));
                 match looking_up.await {
-                    Ok(Some(found)) => {
+                    Ok(Ok(Some(found))) => {
+                        self.store_answered();
                         self.upsert(vec![found]);
                         self.get(&hash).ok_or(ApiError::Internal)?
                     }
-                    Ok(None) => {
+                    Ok(Ok(None)) => {
+                        self.store_answered();
                         self.remember_unknown(hash);
                         return Err(invalid());
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
+                        self.store_failed();
                         tracing::error!(error = %e, "auth cache miss: store look-up failed");
+                        return Err(ApiError::StoreUnavailable);
+                    }
+                    Err(_) => {
+                        self.store_failed();
+                        tracing::error!(
+                            timeout_ms = MISS_LOOKUP_TIMEOUT.as_millis() as u64,
+                            "auth cache miss: the store did not answer in time"
+                        );
                         return Err(ApiError::StoreUnavailable);
                     }
                 }

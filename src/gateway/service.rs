@@ -59,7 +59,8 @@ fn observe(gw: &Gateway, path: &str, ctx: &RequestCtx) {
         | "/v1/models"
         | "/v1/completions"
         | "/v1/messages/count_tokens"
-        | "/healthz" => path,
+        | "/healthz"
+        | "/readyz" => path,
         p if p.starts_with("/v1/models/") => "/v1/models/{id}",
         _ => "other",
     };
@@ -92,6 +93,7 @@ fn known_path(p: &str) -> bool {
     matches!(
         p,
         "/healthz"
+            | "/readyz"
             | "/v1/models"
             | "/v1/chat/completions"
             | "/v1/messages"
@@ -143,7 +145,7 @@ impl ProxyHttp for GatewayService {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
-        if !self.gateway.ready.is_set() && path != "/healthz" {
+        if !self.gateway.ready.is_set() && path != "/healthz" && path != "/readyz" {
             // Starting: wait for the store and the caches rather than refuse (boxed, in a block:
             // the rare wait keeps its state out of this future).
             let ready = {
@@ -192,6 +194,12 @@ impl ProxyHttp for GatewayService {
                 ctx.status = 204;
                 let answering = Box::pin(preflight(&self.gateway, session, &origin));
                 answering.await?;
+                Ok(())
+            }
+            ("GET", "/readyz") => {
+                let (status, body) = self.gateway.readiness();
+                let responding = Box::pin(write_json(session, ctx, status, Bytes::from(body)));
+                responding.await?;
                 Ok(())
             }
             ("GET", "/healthz") => {

@@ -47,12 +47,18 @@ pub struct Gateway {
     /// Set by the worker once the store is connected and the caches warm: requests that arrive
     /// before (the listener is open from the start) wait for it.
     pub ready: super::drain::Flag,
+    /// When the worker's loop last went round (see [`Gateway::readiness`]).
+    pub worker_beat_ms: AtomicI64,
     /// Graceful shutdown's switches (see `drain`).
     pub drain: Arc<super::drain::Drain>,
     /// Chat requests between their start and their settlement's hand-off to the writer: what a
     /// drain waits for.
     in_flight: AtomicI64,
 }
+
+/// A worker that has not gone round its loop for this long is stalled (a store call can hold it
+/// for the pool's acquire timeout, 10 s).
+const WORKER_STALLED_MS: i64 = 30_000;
 
 /// A settlement on its way to the writer, with where it was journaled.
 pub struct Queued {
@@ -104,6 +110,7 @@ impl Gateway {
                 .map(|t| super::metrics::TierMetrics::new(&t.name))
                 .collect(),
             ready: super::drain::Flag::default(),
+            worker_beat_ms: AtomicI64::new(crate::time::now_ms()),
             drain: Arc::default(),
             in_flight: AtomicI64::new(0),
             conf,
@@ -125,6 +132,42 @@ impl Gateway {
         } else {
             (503, br#"{"status":"starting"}"#)
         }
+    }
+
+    /// `/readyz`'s answer, for a load balancer or an orchestrator deciding where to send
+    /// traffic: 200 `ready` when the gateway is started, not draining, its worker is running and
+    /// either the store answers or settlements go to a healthy journal (cached keys are then
+    /// served and their usage waits on disk); 503 with the reason otherwise.
+    pub fn readiness(&self) -> (u16, Vec<u8>) {
+        let now = crate::time::now_ms();
+        let beat = self.worker_beat_ms.load(Ordering::Acquire);
+        let store_down = self.keys.store_down_since();
+        let journal_ok = self.journal.get().is_some();
+        let (status, reason) = if self.drain.draining.is_set() {
+            (503, "draining")
+        } else if !self.ready.is_set() {
+            (503, "starting")
+        } else if now - beat > WORKER_STALLED_MS {
+            (503, "worker_stalled")
+        } else if store_down.is_some() && !journal_ok {
+            (503, "store_unavailable")
+        } else {
+            (200, "ready")
+        };
+        let body = serde_json::json!({
+            "status": reason,
+            "store": if store_down.is_some() { "unavailable" } else { "ok" },
+            "store_down_since_ms": store_down,
+            "journal": if journal_ok { "ok" } else { "none" },
+            "worker_beat_age_ms": now - beat,
+        });
+        (status, body.to_string().into_bytes())
+    }
+
+    /// The worker's loop went round (every key-cache refresh).
+    pub fn worker_beat(&self) {
+        self.worker_beat_ms
+            .store(crate::time::now_ms(), Ordering::Release);
     }
 
     /// Counts a chat request until its settlement is queued for the writer.

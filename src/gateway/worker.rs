@@ -251,8 +251,13 @@ impl BackgroundService for Worker {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = refresh.tick() => {
-                    if let Err(e) = refresher.pass(&gw.keys, &store).await {
-                        tracing::warn!(error = %e, "refreshing the key cache failed");
+                    gw.worker_beat();
+                    match refresher.pass(&gw.keys, &store).await {
+                        Ok(_) => gw.keys.store_answered(),
+                        Err(e) => {
+                            gw.keys.store_failed();
+                            tracing::warn!(error = %e, "refreshing the key cache failed");
+                        }
                     }
                 }
                 _ = idle.tick() => return_idle(gw, &store).await,
@@ -299,7 +304,22 @@ impl BackgroundService for MetricsServer {
         };
         let gw = self.gateway.clone();
         let health = self.gateway.clone();
+        let ready = self.gateway.clone();
         let app = axum::Router::new()
+            .route(
+                "/readyz",
+                axum::routing::get(move || {
+                    let (status, body) = ready.readiness();
+                    async move {
+                        (
+                            axum::http::StatusCode::from_u16(status)
+                                .unwrap_or(axum::http::StatusCode::SERVICE_UNAVAILABLE),
+                            [(axum::http::header::CONTENT_TYPE, "application/json")],
+                            body,
+                        )
+                    }
+                }),
+            )
             .route(
                 "/healthz",
                 axum::routing::get(move || {
