@@ -818,6 +818,13 @@ async fn a_store_outage_loses_no_usage() {
         (&ready.1["status"], &ready.1["journal"]),
         (&json!("ready"), &json!("ok"))
     );
+    let own = poll_json(
+        &relay.client,
+        &node.metrics.replace("/metrics", "/readyz"),
+        |v| v["store"] == "unavailable",
+    )
+    .await;
+    assert_eq!(own.0, 200, "the process's own readiness, on metrics_listen");
     // A key the node has never seen cannot be checked: 503 store_unavailable at once, not after
     // the store's pool gives up (10 s).
     let stranger = duang::keys::generate().plaintext.expose().clone();
