@@ -25,6 +25,7 @@ support::on_both_stores!(
     https_upstreams_trust_the_providers_own_ca,
     a_keys_spend_cap_stops_it_before_it_is_passed,
     models_need_a_key_and_show_what_it_may_use,
+    the_request_head_is_judged_before_the_body,
 );
 
 fn chat(model: &str) -> Value {
@@ -779,4 +780,55 @@ async fn models_need_a_key_and_show_what_it_may_use(backend: Backend) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Sends raw bytes on a fresh connection, half-closes it, and reads until the gateway closes it
+/// (a guard of 10 s against a gateway that never answers).
+async fn raw_exchange(base: &str, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    // Nothing more comes from this client: the body a head declared is never sent.
+    s.shutdown().await.expect("half-close");
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(
+        read.is_ok(),
+        "no answer, or the connection was kept open: {}",
+        String::from_utf8_lossy(&out)
+    );
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What the request head alone decides, on a real socket: a declared body over the limit is
+/// answered 413 before any of it is sent (and the connection closed), and an HTTP/1.1 request
+/// without `Host` is a 400; HTTP/1.0 needs no `Host`.
+async fn the_request_head_is_judged_before_the_body(backend: Backend) {
+    let relay = Relay::start(backend, "1").await;
+    let too_big = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{{\"model\":",
+        relay.key
+    );
+    let answer = raw_exchange(&relay.base, too_big.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(answer.contains("request_too_large"), "{answer}");
+    let no_host = raw_exchange(
+        &relay.base,
+        b"GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(no_host.starts_with("HTTP/1.1 400"), "{no_host}");
+    assert!(no_host.contains("Host header"), "{no_host}");
+    let old = raw_exchange(&relay.base, b"GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert!(old.contains(" 200 "), "{old}");
+    assert_eq!(
+        relay.mock.stats().await["requests"],
+        0,
+        "nothing reached the upstream"
+    );
 }

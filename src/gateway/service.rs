@@ -88,6 +88,49 @@ async fn models(gw: &Gateway, session: &Session) -> std::result::Result<Bytes, A
     }
 }
 
+/// What the request head alone refuses, before any of the body is read: an HTTP/1.1 request
+/// without `Host` (RFC 9112, section 3.2: 400), and a declared `Content-Length` above
+/// `gateway.max_request_body_bytes` (413).
+fn refused_by_head(req: &pingora::http::RequestHeader, limit: u64) -> Option<ApiError> {
+    if req.version == http::Version::HTTP_11 && !req.headers.contains_key(http::header::HOST) {
+        return Some(ApiError::InvalidRequest {
+            message: "An HTTP/1.1 request must carry a Host header (RFC 9112, section 3.2).".into(),
+            param: None,
+        });
+    }
+    let declared = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    declared
+        .filter(|n| *n > limit)
+        .map(|_| ApiError::BodyTooLarge { limit_bytes: limit })
+}
+
+/// A refused request is answered at once, before its body, with `Connection: close`. What the
+/// client goes on sending is then read and dropped, up to [`LINGER_BYTES`] and for up to
+/// [`LINGER`]: a client that writes its whole body before reading (most HTTP libraries) still
+/// gets the answer instead of a reset connection; a client that trickles is cut off.
+const LINGER_BYTES: u64 = 64 * 1024 * 1024;
+const LINGER: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn refuse_by_head(session: &mut Session, ctx: &mut RequestCtx, e: ApiError) -> Result<()> {
+    session.set_keepalive(None);
+    write_error(session, ctx, &e).await?;
+    let mut seen = 0u64;
+    let lingering = tokio::time::timeout(LINGER, async {
+        while seen < LINGER_BYTES {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => seen += chunk.len() as u64,
+                _ => break,
+            }
+        }
+    });
+    let _ = lingering.await;
+    Ok(())
+}
+
 /// The routes served, by path: what a wrong method on one of them is told.
 fn known_path(p: &str) -> bool {
     matches!(
@@ -145,6 +188,13 @@ impl ProxyHttp for GatewayService {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
+        let limit = self.gateway.conf.gateway.max_request_body_bytes.get();
+        if let Some(e) = refused_by_head(session.req_header(), limit) {
+            let refusing = Box::pin(refuse_by_head(session, ctx, e));
+            refusing.await?;
+            observe(&self.gateway, &path, ctx);
+            return Ok(true);
+        }
         if !self.gateway.ready.is_set() && path != "/healthz" && path != "/readyz" {
             // Starting: wait for the store and the caches rather than refuse (boxed, in a block:
             // the rare wait keeps its state out of this future).
