@@ -831,4 +831,39 @@ async fn the_request_head_is_judged_before_the_body(backend: Backend) {
         0,
         "nothing reached the upstream"
     );
+
+    // An idle kept-alive connection is closed after `gateway.keepalive_idle_s` (1 s here): the
+    // answer comes, the connection stays open for the next request, then the gateway closes it.
+    let node = relay
+        .node_on_store(&relay.t.url, "keepalive_idle_s = 1")
+        .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(node.base.trim_start_matches("http://"))
+        .await
+        .expect("connect");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .await
+        .expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("connection: close"),
+        "kept alive: {text}"
+    );
+    assert_eq!(
+        closed,
+        Ok(true),
+        "the idle connection was closed by the gateway"
+    );
 }

@@ -265,6 +265,12 @@ impl Checker<'_> {
             1 << 30,
             "bytes (1 GiB)",
         );
+        let keepalive = self.positive::<u64>(
+            "gateway.keepalive_idle_s",
+            g.keepalive_idle_s,
+            3600,
+            "seconds (an hour)",
+        );
         let threads = self.positive::<u32>("gateway.threads", g.threads, 256, "threads");
         let grace = self.duration_ms(
             "gateway.graceful_shutdown_timeout_ms",
@@ -343,6 +349,7 @@ impl Checker<'_> {
             metrics_listen: metrics_listen?,
             public_base_url: public_base_url?,
             max_request_body_bytes: NonZeroU64::new(max_body?)?,
+            keepalive_idle_s: keepalive?,
             threads: NonZeroU32::new(threads?)?,
             graceful_shutdown_timeout: grace?,
         })

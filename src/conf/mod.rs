@@ -83,6 +83,8 @@ pub struct GatewayConf {
     pub metrics_listen: SocketAddr,
     pub public_base_url: Url,
     pub max_request_body_bytes: NonZeroU64,
+    /// A kept-alive client connection with no new request for this long is closed.
+    pub keepalive_idle_s: u64,
     pub threads: NonZeroU32,
     pub graceful_shutdown_timeout: Duration,
     /// This node's stable name (default `{hostname}:{listen port}`); each process adds its start

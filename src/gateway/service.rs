@@ -188,6 +188,9 @@ impl ProxyHttp for GatewayService {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
+        // An idle kept-alive connection is closed after this long (unless the client asked for
+        // `Connection: close`, which stays).
+        session.set_keepalive(Some(self.gateway.conf.gateway.keepalive_idle_s));
         let limit = self.gateway.conf.gateway.max_request_body_bytes.get();
         if let Some(e) = refused_by_head(session.req_header(), limit) {
             let refusing = Box::pin(refuse_by_head(session, ctx, e));
