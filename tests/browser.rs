@@ -375,10 +375,10 @@ async fn a_new_customer_signs_up_pays_and_uses_the_api_in_a_real_browser() {
 
     // 10. An operator (made with the CLI) must turn on 2FA before the operator pages open;
     //     then every operator page passes the same checks.
-    let made = std::process::Command::new(support::ADMIN_BIN)
-        .arg("--conf")
-        .arg(&stack.conf_path)
-        .args([
+    let made = support::run(
+        support::ADMIN_BIN,
+        &stack.conf_path,
+        &[
             "account",
             "create",
             "--email",
@@ -386,20 +386,10 @@ async fn a_new_customer_signs_up_pays_and_uses_the_api_in_a_real_browser() {
             "--operator",
             "--verified",
             "--password-stdin",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write;
-            c.stdin
-                .take()
-                .expect("stdin")
-                .write_all(format!("{PASSWORD}\n").as_bytes())?;
-            c.wait()
-        })
-        .expect("duang-admin account create");
-    assert!(made.success());
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    );
+    assert_eq!(made.code, 0, "{}", made.stderr);
     b.open("/login?next=/operator").await;
     b.type_into("input[name=email]", "op@example.com").await;
     b.type_into("input[name=password]", PASSWORD).await;

@@ -8,46 +8,8 @@ use duang::money::NanoUsd;
 use duang::store::AccountRef;
 use sqlx::Row;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
-use support::{ADMIN_BIN, GATEWAY_BIN, TestStore, write_conf};
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(bin: &str, conf: &Path, args: &[&str], stdin: Option<&str>) -> Run {
-    let mut cmd = Command::new(bin);
-    cmd.arg("--conf").arg(conf).args(args);
-    cmd.env("RUST_LOG", "warn").env("USER", "tester");
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
-    if let Some(input) = stdin {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write stdin");
-    }
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = child.wait_with_output().expect("wait");
-    Run {
-        code: status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-    }
-}
+use std::process::{Command, Stdio};
+use support::{ADMIN_BIN, GATEWAY_BIN, Run, TestStore, run, write_conf};
 
 fn admin(conf: &Path, args: &[&str]) -> Run {
     run(ADMIN_BIN, conf, args, None)

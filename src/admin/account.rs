@@ -142,9 +142,9 @@ pub async fn send_verification(state: &AppState, account: &Account) -> Result<()
 }
 
 fn link(state: &AppState, path: &str, token: &str) -> String {
-    let base = state.conf.admin.public_url.as_str().trim_end_matches('/');
     format!(
-        "{base}{path}?token={}",
+        "{}?token={}",
+        notify::url(state, path),
         url::form_urlencoded::byte_serialize(token.as_bytes()).collect::<String>()
     )
 }
@@ -336,18 +336,13 @@ pub async fn reset_password(
         .check_link("reset", &t, &bound, now_ms())
         .map_err(|e| link_refused(e, "reset"))?;
     // The mailbox alone does not change the password of an account with 2FA on.
-    let two_factor = state.store.two_factor(t.account_id).await?;
-    if two_factor.is_some_and(|t| t.enabled()) {
-        let code = totp_code.map(str::trim).filter(|c| !c.is_empty());
-        match code {
-            Some(c) => super::security::check_code(state, t.account_id, c).await?,
-            None => {
-                return Err(AdminError::SecondFactor(
-                    "This account has two-factor authentication on: enter a code from your authenticator app, or a recovery code.".into(),
-                ));
-            }
-        }
-    }
+    super::security::require_code_if_on(
+        state,
+        t.account_id,
+        totp_code,
+        "This account has two-factor authentication on: enter a code from your authenticator app, or a recovery code.",
+    )
+    .await?;
     let hash = hash_password(password).await?;
     state
         .store
@@ -555,11 +550,12 @@ async fn second_step(
     v: &Visitor,
     account: &Account,
 ) -> Result<Option<String>, AdminError> {
-    match state.store.two_factor(account.id).await? {
-        Some(t) if t.enabled() => Ok(Some(
+    if super::security::is_on(state, account.id).await? {
+        Ok(Some(
             super::security::login_ticket(state, v, account).await?,
-        )),
-        _ => Ok(None),
+        ))
+    } else {
+        Ok(None)
     }
 }
 
@@ -776,27 +772,13 @@ pub async fn api_login(
 ) -> Result<Response, ApiError> {
     let account = authenticate(&state, &f.email, &f.password, &client_ip(&ext)).await?;
     let account = state.store.with_leases(account).await?;
-    let two_factor = state
-        .store
-        .two_factor(account.id)
-        .await?
-        .is_some_and(|t| t.enabled());
-    if two_factor {
-        match f
-            .totp_code
-            .as_deref()
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-        {
-            Some(code) => super::security::check_code(&state, account.id, code).await?,
-            None => {
-                return Err(AdminError::SecondFactor(
-                    "This account has two-factor authentication on: send `totp_code` (a code from the authenticator app, or a recovery code) with the e-mail and password.".into(),
-                )
-                .into());
-            }
-        }
-    }
+    let two_factor = super::security::require_code_if_on(
+        &state,
+        account.id,
+        f.totp_code.as_deref(),
+        "This account has two-factor authentication on: send `totp_code` (a code from the authenticator app, or a recovery code) with the e-mail and password.",
+    )
+    .await?;
     let (id, cookie) = start_session(&state, &v, &account, two_factor).await?;
     Ok(with_cookie(
         StatusCode::OK,

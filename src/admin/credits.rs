@@ -115,9 +115,8 @@ pub async fn start_checkout(
         )));
     }
     let cents = amount_cents(state, r)?;
-    let base = state.conf.admin.public_url.as_str().trim_end_matches('/');
-    let success = format!("{base}/credits/success?session_id={{CHECKOUT_SESSION_ID}}");
-    let cancel = format!("{base}/credits?cancelled=1");
+    let success = super::notify::url(state, "/credits/success?session_id={CHECKOUT_SESSION_ID}");
+    let cancel = super::notify::url(state, "/credits?cancelled=1");
     let name = format!(
         "{} credits ({})",
         state.conf.brand.product_name,

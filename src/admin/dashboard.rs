@@ -18,7 +18,6 @@ use serde_json::{Value, json};
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct Notices {
-    welcome: Option<String>,
     sent: Option<String>,
     /// The period of the spend chart and tables: 7, 14 (default), 30 or 90 days.
     days: Option<i64>,
@@ -95,9 +94,6 @@ pub async fn dashboard(
     };
     page(&state, "Dashboard", Some(&s.visitor), html! {
         h1.visually-hidden { "Dashboard" }
-        @if n.welcome.is_some() {
-            p.success { "Welcome! We sent a verification link to " (a.email) "." }
-        }
         @if n.sent.is_some() {
             p.success { "We sent a new verification link to " (a.email) "." }
         }

@@ -56,14 +56,14 @@ impl Mailer {
         Ok(Mailer { from, transport })
     }
 
-    /// Sends a mail with a plain-text part and, when given, an HTML alternative. `purpose`
-    /// names the outbox file (`verify`, `reset`, `receipt`, …).
+    /// Sends a mail with a plain-text part and its HTML alternative. `purpose` names the outbox
+    /// file (`verify`, `reset`, `receipt`, …).
     pub async fn send(
         &self,
         to: &str,
         subject: &str,
         text: String,
-        html: Option<String>,
+        html: String,
         purpose: &str,
     ) -> Result<Sent, String> {
         let to_box: Mailbox = to
@@ -73,11 +73,9 @@ impl Mailer {
             .from(self.from.clone())
             .to(to_box)
             .subject(subject);
-        let message = match html {
-            Some(html) => message.multipart(MultiPart::alternative_plain_html(text, html)),
-            None => message.body(text),
-        }
-        .map_err(|e| format!("cannot build the mail: {e}"))?;
+        let message = message
+            .multipart(MultiPart::alternative_plain_html(text, html))
+            .map_err(|e| format!("cannot build the mail: {e}"))?;
         match &self.transport {
             Transport::Smtp(t) => {
                 t.send(message).await.map_err(|e| format!("SMTP: {e}"))?;

@@ -122,7 +122,7 @@ pub async fn send(
             to,
             &letter.subject,
             letter.text(product, support),
-            Some(letter.html(product, support)),
+            letter.html(product, support),
             purpose,
         )
         .await

@@ -39,16 +39,50 @@ fn code_needed() -> AdminError {
     )
 }
 
+/// Counts one code attempt against the account's limit (wrong codes count like wrong
+/// passwords); the limiter key, to clear on success.
+fn take_code_attempt(state: &AppState, account_id: i64) -> Result<String, AdminError> {
+    let key = format!("2fa:{account_id}");
+    state.limits.login_account.take(&key).map_err(|s| {
+        super::account::too_many(s, "Too many wrong authentication codes for this account")
+    })?;
+    Ok(key)
+}
+
+/// Whether the account has two-factor authentication on.
+pub async fn is_on(state: &AppState, account_id: i64) -> Result<bool, AdminError> {
+    Ok(state
+        .store
+        .two_factor(account_id)
+        .await?
+        .is_some_and(|t| t.enabled()))
+}
+
+/// For an account with 2FA on, `code` must be a good code (without one: `missing`, as a
+/// [`AdminError::SecondFactor`]). Whether 2FA is on.
+pub async fn require_code_if_on(
+    state: &AppState,
+    account_id: i64,
+    code: Option<&str>,
+    missing: &str,
+) -> Result<bool, AdminError> {
+    if !is_on(state, account_id).await? {
+        return Ok(false);
+    }
+    match code.map(str::trim).filter(|c| !c.is_empty()) {
+        Some(c) => check_code(state, account_id, c).await?,
+        None => return Err(AdminError::SecondFactor(missing.into())),
+    }
+    Ok(true)
+}
+
 /// Checks a TOTP code or a recovery code for an account with 2FA on, and spends it.
 pub async fn check_code(state: &AppState, account_id: i64, code: &str) -> Result<(), AdminError> {
     let code = code.trim();
     if code.is_empty() {
         return Err(code_needed());
     }
-    let key = format!("2fa:{account_id}");
-    state.limits.login_account.take(&key).map_err(|s| {
-        super::account::too_many(s, "Too many wrong authentication codes for this account")
-    })?;
+    let key = take_code_attempt(state, account_id)?;
     let Some(tf) = state
         .store
         .two_factor(account_id)
@@ -363,7 +397,20 @@ fn recovery_page(state: &AppState, s: &SignedIn, codes: &[String], first: bool) 
     )
 }
 
-async fn new_recovery_codes(state: &AppState, account_id: i64) -> Result<Vec<String>, AdminError> {
+/// New recovery codes for an account with 2FA on, after the second factor (the old ones stop).
+async fn new_recovery_codes(
+    state: &AppState,
+    s: &SignedIn,
+    code: Option<&str>,
+) -> Result<Vec<String>, AdminError> {
+    if !s.visitor.two_factor {
+        return Err(AdminError::invalid(
+            "totp_code",
+            "Two-factor authentication is not on for this account.",
+        ));
+    }
+    step_up(state, &s.visitor, code).await?;
+    let account_id = s.account.id;
     let codes = totp::recovery_codes();
     let hashes: Vec<String> = codes.iter().map(|c| totp::recovery_hash(c)).collect();
     state
@@ -409,10 +456,7 @@ pub async fn enable(
             )
         })?;
     let secret = Secret::from_base32(&pending.secret).ok_or(AdminError::Internal)?;
-    let key = format!("2fa:{}", account.id);
-    state.limits.login_account.take(&key).map_err(|s| {
-        super::account::too_many(s, "Too many wrong authentication codes for this account")
-    })?;
+    let key = take_code_attempt(state, account.id)?;
     let step = secret
         .matching_step(code, now_ms() / 1000)
         .ok_or_else(|| {
@@ -491,18 +535,7 @@ pub async fn recovery_submit(
     s: SignedIn,
     Form(f): Form<CodeForm>,
 ) -> Response {
-    let done = async {
-        if !s.visitor.two_factor {
-            return Err(AdminError::invalid(
-                "totp_code",
-                "Two-factor authentication is not on for this account.",
-            ));
-        }
-        step_up(&state, &s.visitor, f.totp_code.as_deref()).await?;
-        new_recovery_codes(&state, s.account.id).await
-    }
-    .await;
-    match done {
+    match new_recovery_codes(&state, &s, f.totp_code.as_deref()).await {
         Ok(codes) => recovery_page(&state, &s, &codes, false).into_response(),
         Err(e) => show_security(&state, &s, e.status(), None, Some(&e.message())).await,
     }
@@ -659,14 +692,6 @@ pub async fn api_recovery(
     s: SignedIn,
     Json(f): Json<CodeForm>,
 ) -> Result<Json<Value>, ApiError> {
-    if !s.visitor.two_factor {
-        return Err(AdminError::invalid(
-            "totp_code",
-            "Two-factor authentication is not on for this account.",
-        )
-        .into());
-    }
-    step_up(&state, &s.visitor, f.totp_code.as_deref()).await?;
-    let codes = new_recovery_codes(&state, s.account.id).await?;
+    let codes = new_recovery_codes(&state, &s, f.totp_code.as_deref()).await?;
     Ok(Json(json!({"recovery_codes": codes})))
 }

@@ -62,7 +62,9 @@ fn image_parts(messages: &[Value]) -> u64 {
 const DRAIN_MAX: u64 = 64 * 1024 * 1024;
 
 /// Reads the request body; a body larger than `limit` is refused with 413 (and drained, so the
-/// client can read the answer).
+/// client can read the answer). A declared `Content-Length` above the limit never gets here:
+/// the service refuses it from the head (`service::refused_by_head`); this catches a chunked
+/// body that grows past it.
 pub async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, ApiError> {
     let declared = session
         .req_header()
@@ -70,12 +72,8 @@ pub async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, ApiEr
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let mut too_large = declared.is_some_and(|n| n > limit);
-    let capacity = if too_large {
-        0
-    } else {
-        declared.unwrap_or(4096).min(limit) as usize
-    };
+    let mut too_large = false;
+    let capacity = declared.unwrap_or(4096).min(limit) as usize;
     let mut buf = BytesMut::with_capacity(capacity);
     let mut seen: u64 = 0;
     loop {

@@ -258,3 +258,44 @@ macro_rules! on_both_stores {
     reason = "each test binary uses a different part of this module"
 )]
 pub(crate) use on_both_stores;
+
+/// What a binary run with `--conf` printed, and its exit code.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `bin --conf CONF ARGS…`, with `stdin` written to it when given.
+pub fn run(bin: &str, conf: &Path, args: &[&str], stdin: Option<&str>) -> Run {
+    use std::process::{Command, Output, Stdio};
+    let mut cmd = Command::new(bin);
+    cmd.arg("--conf").arg(conf).args(args);
+    cmd.env("RUST_LOG", "warn").env("USER", "tester");
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    }
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().expect("wait");
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
