@@ -28,6 +28,11 @@ support::on_both_stores!(
     the_request_head_is_judged_before_the_body,
 );
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_layer_holds_against_slow_and_odd_clients() {
+    the_http_layer_holds(Backend::Sqlite).await;
+}
+
 fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "Say ok in one word."}]})
 }
@@ -866,4 +871,212 @@ async fn the_request_head_is_judged_before_the_body(backend: Backend) {
         Ok(true),
         "the idle connection was closed by the gateway"
     );
+}
+
+/// Reads from `s` until the gateway closes the connection (a guard of 10 s against one that
+/// never does): what it said, and whether it closed.
+async fn read_until_closed(s: &mut tokio::net::TcpStream) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+/// Reads one whole answer with a `content-length` from a kept-alive connection.
+async fn read_one_answer(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().expect("length"))
+                })
+                .expect("content-length");
+            if got.len() >= end + 4 + len {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("an answer within 10 s")
+            .expect("read");
+        assert!(n > 0, "closed before a whole answer: {text}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The HTTP layer's bounds, on real sockets (1 s for a head and for a body, 2 KiB heads, four
+/// connections): a head trickled byte by byte is cut off with 408 while it is still coming; a
+/// kept-alive connection idle for longer than that still takes its next request (the head's
+/// clock starts at its first byte); an oversized head gets 431; a body that stops coming gets
+/// 408; the fifth connection gets 503 `too_many_connections` and a closed one frees its place;
+/// pipelined requests are answered in order, bodies included.
+async fn the_http_layer_holds(backend: Backend) {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let relay = Relay::start(backend, "1").await;
+    let node = relay
+        .node_on_store(
+            &relay.t.url,
+            "header_read_timeout_ms = 1000\nbody_read_timeout_ms = 1000\nmax_header_bytes = 2048\nmax_client_connections = 4",
+        )
+        .await;
+    let addr = node.base.trim_start_matches("http://").to_owned();
+
+    // Slowloris: one byte every 100 ms never completes the head; the gateway answers 408 and
+    // closes while the client is still sending.
+    let mut s = TcpStream::connect(&addr).await.expect("connect");
+    let head = b"GET /healthz HTTP/1.1\r\nHost: relay\r\nX-Slow: ";
+    let started = Instant::now();
+    let mut cut = false;
+    for i in 0..100 {
+        let byte = if i < head.len() { head[i] } else { b'a' };
+        if s.write_all(&[byte]).await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if started.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+    }
+    let (said, closed) = read_until_closed(&mut s).await;
+    assert!(closed, "the trickling connection was closed: {said}");
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(said.contains("request_timeout"), "{said}");
+    assert!(
+        cut || started.elapsed() <= Duration::from_secs(4),
+        "the gateway waited for the trickle to end"
+    );
+
+    // A kept-alive connection: idle for 1.5 s (past the head timeout, inside keepalive_idle_s)
+    // between two requests, both answered.
+    let mut s = TcpStream::connect(&addr).await.expect("connect");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(read_one_answer(&mut s).await.starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let (said, _) = read_until_closed(&mut s).await;
+    assert!(said.starts_with("HTTP/1.1 200"), "{said}");
+
+    // A head over max_header_bytes.
+    let mut s = TcpStream::connect(&addr).await.expect("connect");
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: relay\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(3000)
+    );
+    s.write_all(big.as_bytes()).await.expect("write");
+    let (said, closed) = read_until_closed(&mut s).await;
+    assert!(closed && said.starts_with("HTTP/1.1 431"), "{said}");
+    assert!(said.contains("request_header_too_large"), "{said}");
+
+    // A body that stops coming: 408 after body_read_timeout_ms, then the connection closes.
+    let mut s = TcpStream::connect(&addr).await.expect("connect");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{{\"model\":",
+        relay.key
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    let (said, closed) = read_until_closed(&mut s).await;
+    assert!(closed && said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(said.contains("\"code\":\"request_timeout\""), "{said}");
+    assert!(said.contains("body"), "{said}");
+
+    // Four connections held open (kept alive after one request each); the fifth is refused.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(&addr).await.expect("connect");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+            .await
+            .expect("write");
+        assert!(read_one_answer(&mut s).await.starts_with("HTTP/1.1 200"));
+        held.push(s);
+    }
+    let mut s = TcpStream::connect(&addr).await.expect("connect");
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .await
+        .expect("write");
+    let (said, closed) = read_until_closed(&mut s).await;
+    assert!(closed && said.starts_with("HTTP/1.1 503"), "{said}");
+    assert!(said.contains("too_many_connections"), "{said}");
+    assert!(
+        said.to_ascii_lowercase().contains("retry-after: 1"),
+        "{said}"
+    );
+    let metrics = reqwest::get(&node.metrics)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("duang_client_connections 4")
+            && metrics.contains("duang_client_connections_refused_total 1"),
+        "{metrics}"
+    );
+    // One closes: its place is given back once the gateway sees it go.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut s = TcpStream::connect(&addr).await.expect("connect");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let (said, _) = read_until_closed(&mut s).await;
+        if said.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(said.starts_with("HTTP/1.1 503"), "{said}");
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's place never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Pipelining: three requests in one write (two with bodies), three answers in order.
+    let mut s = held.pop().expect("a held connection");
+    let body = serde_json::to_string(&chat("budget")).expect("json");
+    let one = |last: bool| {
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{body}",
+            relay.key,
+            body.len(),
+            if last { "Connection: close\r\n" } else { "" }
+        )
+    };
+    let pipelined = format!(
+        "{}GET /readyz HTTP/1.1\r\nHost: relay\r\n\r\n{}",
+        one(false),
+        one(true)
+    );
+    s.write_all(pipelined.as_bytes()).await.expect("write");
+    let (said, closed) = read_until_closed(&mut s).await;
+    assert!(closed, "{said}");
+    let answers: Vec<&str> = said.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 3, "{said}");
+    assert!(answers[0].starts_with("200") && answers[0].contains("chat.completion"));
+    assert!(answers[1].starts_with("200") && answers[1].contains("\"status\":\"ready\""));
+    assert!(answers[2].starts_with("200") && answers[2].contains("chat.completion"));
+    drop(held);
 }

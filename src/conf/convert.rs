@@ -271,6 +271,36 @@ impl Checker<'_> {
             3600,
             "seconds (an hour)",
         );
+        let header_timeout: Option<u64> = self.positive(
+            "gateway.header_read_timeout_ms",
+            g.header_read_timeout_ms,
+            600_000,
+            "ms (ten minutes)",
+        );
+        let body_timeout: Option<u64> = self.positive(
+            "gateway.body_read_timeout_ms",
+            g.body_read_timeout_ms,
+            3_600_000,
+            "ms (an hour)",
+        );
+        let max_header = if (1024..=1024 * 1024).contains(&g.max_header_bytes) {
+            Some(g.max_header_bytes as usize)
+        } else {
+            self.err(
+                "gateway.max_header_bytes",
+                format!(
+                    "{} is out of range: expected 1024 to 1048576 bytes (Pingora reads no head larger than 1 MiB)",
+                    g.max_header_bytes
+                ),
+            );
+            None
+        };
+        let max_connections: Option<usize> = self.positive(
+            "gateway.max_client_connections",
+            g.max_client_connections,
+            1_000_000,
+            "connections",
+        );
         let threads = self.positive::<u32>("gateway.threads", g.threads, 256, "threads");
         let grace = self.duration_ms(
             "gateway.graceful_shutdown_timeout_ms",
@@ -350,6 +380,10 @@ impl Checker<'_> {
             public_base_url: public_base_url?,
             max_request_body_bytes: NonZeroU64::new(max_body?)?,
             keepalive_idle_s: keepalive?,
+            header_read_timeout: Duration::from_millis(header_timeout?),
+            body_read_timeout: Duration::from_millis(body_timeout?),
+            max_header_bytes: max_header?,
+            max_client_connections: max_connections?,
             threads: NonZeroU32::new(threads?)?,
             graceful_shutdown_timeout: grace?,
         })

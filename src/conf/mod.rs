@@ -85,6 +85,15 @@ pub struct GatewayConf {
     pub max_request_body_bytes: NonZeroU64,
     /// A kept-alive client connection with no new request for this long is closed.
     pub keepalive_idle_s: u64,
+    /// A request's line and headers must arrive whole within this, counted from the
+    /// connection's start for its first request and from the first byte for later ones.
+    pub header_read_timeout: Duration,
+    /// A request's whole body must arrive within this after its head.
+    pub body_read_timeout: Duration,
+    /// The most a request's line and headers may take.
+    pub max_header_bytes: usize,
+    /// Client connections this process holds open at once; past it a new one is answered 503.
+    pub max_client_connections: usize,
     pub threads: NonZeroU32,
     pub graceful_shutdown_timeout: Duration,
     /// This node's stable name (default `{hostname}:{listen port}`); each process adds its start

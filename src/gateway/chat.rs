@@ -124,7 +124,12 @@ async fn start(
             &conf.admin.support_email,
         )
         .await?;
-    let body = read_body(session, conf.gateway.max_request_body_bytes.get()).await;
+    let body = read_body(
+        session,
+        conf.gateway.max_request_body_bytes.get(),
+        conf.gateway.body_read_timeout,
+    )
+    .await;
     let started = async {
         let mut req = parse_request(conf, ctx.dialect, body?)?;
         ctx.stream = req.stream;

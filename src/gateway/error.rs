@@ -41,6 +41,12 @@ pub enum ApiError {
     },
     /// The body is larger than the conf allows.
     BodyTooLarge { limit_bytes: u64 },
+    /// The request line and headers are larger than `gateway.max_header_bytes`.
+    HeadTooLarge { limit_bytes: usize },
+    /// The client did not send the request's head (or body) within the conf's time.
+    RequestTimeout { part: &'static str, limit_ms: u64 },
+    /// This process holds `gateway.max_client_connections` already.
+    TooManyConnections { limit: usize },
     /// The balance cannot cover the request's worst case.
     InsufficientCredits { needed: NanoUsd, available: NanoUsd },
     /// The key's own spend cap (set by its owner) cannot cover the request's worst case.
@@ -98,7 +104,9 @@ impl ApiError {
             | ApiError::NotServed { .. }
             | ApiError::ModelNotFound { .. } => 404,
             ApiError::MethodNotAllowed { .. } => 405,
+            ApiError::RequestTimeout { .. } => 408,
             ApiError::BodyTooLarge { .. } => 413,
+            ApiError::HeadTooLarge { .. } => 431,
             ApiError::RateLimited { .. } => 429,
             ApiError::Upstream { status, .. } => *status,
             ApiError::Internal => 500,
@@ -108,6 +116,7 @@ impl ApiError {
             ApiError::NoUpstream { .. }
             | ApiError::StoreUnavailable
             | ApiError::ShuttingDown
+            | ApiError::TooManyConnections { .. }
             | ApiError::LimiterUnavailable => 503,
             ApiError::UpstreamTimeout { .. } => 504,
         }
@@ -122,6 +131,8 @@ impl ApiError {
             | ApiError::ModelNotFound { .. }
             | ApiError::InvalidRequest { .. }
             | ApiError::BodyTooLarge { .. }
+            | ApiError::HeadTooLarge { .. }
+            | ApiError::RequestTimeout { .. }
             | ApiError::MissingKey
             | ApiError::InvalidKey { .. } => "invalid_request_error",
             ApiError::KeySuspended { .. }
@@ -141,6 +152,7 @@ impl ApiError {
             | ApiError::LimiterUnavailable
             | ApiError::StoreUnavailable
             | ApiError::ShuttingDown
+            | ApiError::TooManyConnections { .. }
             | ApiError::Internal => "api_error",
         };
         k.to_owned()
@@ -155,7 +167,8 @@ impl ApiError {
             ApiError::NotFound { .. }
             | ApiError::NotServed { .. }
             | ApiError::ModelNotFound { .. } => "not_found_error",
-            ApiError::BodyTooLarge { .. } => "request_too_large",
+            ApiError::BodyTooLarge { .. } | ApiError::HeadTooLarge { .. } => "request_too_large",
+            ApiError::RequestTimeout { .. } => "timeout_error",
             ApiError::MissingKey | ApiError::InvalidKey { .. } => "authentication_error",
             ApiError::KeySuspended { .. }
             | ApiError::AccountBlocked { .. }
@@ -169,6 +182,7 @@ impl ApiError {
             ApiError::NoUpstream { .. }
             | ApiError::StoreUnavailable
             | ApiError::ShuttingDown
+            | ApiError::TooManyConnections { .. }
             | ApiError::LimiterUnavailable => "overloaded_error",
             ApiError::UpstreamUnavailable { .. }
             | ApiError::UpstreamIncomplete { .. }
@@ -220,6 +234,9 @@ impl ApiError {
             ApiError::ModelNotFound { .. } => "model_not_found",
             ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::BodyTooLarge { .. } => "request_too_large",
+            ApiError::HeadTooLarge { .. } => "request_header_too_large",
+            ApiError::RequestTimeout { .. } => "request_timeout",
+            ApiError::TooManyConnections { .. } => "too_many_connections",
             ApiError::InsufficientCredits { .. } => "insufficient_quota",
             ApiError::SpendCapReached { .. } => "spend_cap_reached",
             ApiError::NoUpstream { .. } => "no_upstream",
@@ -250,6 +267,9 @@ impl ApiError {
             ApiError::ModelNotFound { model, known } => format!("The model `{model}` does not exist. Available models: {known}."),
             ApiError::InvalidRequest { message, .. } => message.clone(),
             ApiError::BodyTooLarge { limit_bytes } => format!("The request body is larger than the limit of {limit_bytes} bytes."),
+            ApiError::HeadTooLarge { limit_bytes } => format!("The request line and headers are larger than the limit of {limit_bytes} bytes."),
+            ApiError::RequestTimeout { part, limit_ms } => format!("The request's {part} did not arrive within {limit_ms} ms, so the connection was closed."),
+            ApiError::TooManyConnections { limit } => format!("This server holds its limit of {limit} client connections. Retry shortly, or reuse a kept-alive connection."),
             ApiError::InsufficientCredits { needed, available } => format!(
                 "Insufficient credits: this request can cost up to {needed} (its prompt plus its max_tokens), but your available balance is {available}. Add credits, or lower max_tokens."
             ),
@@ -302,6 +322,29 @@ impl ApiError {
     /// The same error as one SSE event, for a stream that already started.
     pub fn sse_event(&self) -> Bytes {
         Bytes::from(format!("data: {}\n\n", self.value()))
+    }
+
+    /// The whole HTTP/1.1 answer, for a connection that has no request session to answer through
+    /// (refused before or while its head is read): JSON body, `Connection: close`.
+    pub fn raw_response(&self) -> Vec<u8> {
+        let body = self.body();
+        let status = self.status();
+        let reason = http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("Error");
+        let retry = if status == 503 {
+            "retry-after: 1\r\n"
+        } else {
+            ""
+        };
+        let mut out = format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{retry}\r\n",
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        out
     }
 
     /// A 400 for a bad field.

@@ -34,6 +34,10 @@ pub struct Metrics {
     pub platform_loss_nano: prometheus::IntCounter,
     /// Leases returned because their instance stopped renewing (swept by this node).
     pub leases_swept: prometheus::IntCounter,
+    /// Client connections open on this process.
+    pub client_connections: IntGauge,
+    /// Client connections refused at `gateway.max_client_connections`.
+    pub client_connections_refused: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -118,7 +122,20 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     )
     .expect("valid metric");
     r.register(Box::new(swept.clone())).expect("unique metric");
+    let refused = IntCounter::new(
+        "duang_client_connections_refused_total",
+        "Client connections answered 503 because gateway.max_client_connections were open",
+    )
+    .expect("valid metric");
+    r.register(Box::new(refused.clone()))
+        .expect("unique metric");
     Metrics {
+        client_connections: gauge(
+            &r,
+            "duang_client_connections",
+            "Client connections open on this gateway process",
+        ),
+        client_connections_refused: refused,
         usage_backlog: gauge(
             &r,
             "duang_usage_backlog",

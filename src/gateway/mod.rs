@@ -16,6 +16,7 @@
 
 pub mod auth;
 mod chat;
+pub mod conn;
 pub mod ctx;
 pub mod dialect;
 pub mod drain;
@@ -114,10 +115,12 @@ pub fn build_server(conf: Arc<Conf>) -> Result<(Server, Arc<Gateway>), String> {
         },
     );
     server.add_service(worker);
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        GatewayService::new(gateway),
-        "duang gateway",
+    // The proxy behind the client-connection bounds (`conn`): head timeout and size, a cap on
+    // open connections, pipelining.
+    let app = pingora::proxy::http_proxy(&server.configuration, GatewayService::new(gateway));
+    let mut proxy = pingora::services::listening::Service::new(
+        "duang gateway".to_owned(),
+        conn::Connections::new(app, conn::Bounds::of(&conf.gateway)),
     );
     // No read buffer on client connections: Pingora's default keeps a zero-filled 64 KiB one per
     // connection, which was most of what an idle stream cost. Headers and bodies are read into

@@ -65,7 +65,25 @@ const DRAIN_MAX: u64 = 64 * 1024 * 1024;
 /// client can read the answer). A declared `Content-Length` above the limit never gets here:
 /// the service refuses it from the head (`service::refused_by_head`); this catches a chunked
 /// body that grows past it.
-pub async fn read_body(session: &mut Session, limit: u64) -> Result<Bytes, ApiError> {
+pub async fn read_body(
+    session: &mut Session,
+    limit: u64,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ApiError> {
+    match tokio::time::timeout(timeout, read_bounded(session, limit)).await {
+        Ok(read) => read,
+        Err(_) => {
+            // What is left of the body will not be read: the connection cannot be reused.
+            session.set_keepalive(None);
+            Err(ApiError::RequestTimeout {
+                part: "body",
+                limit_ms: timeout.as_millis() as u64,
+            })
+        }
+    }
+}
+
+async fn read_bounded(session: &mut Session, limit: u64) -> Result<Bytes, ApiError> {
     let declared = session
         .req_header()
         .headers

@@ -186,6 +186,7 @@ impl ProxyHttp for GatewayService {
     // `async_trait`) is sized for its largest state and an open stream keeps it whole, so only
     // the chat route's small outer future is awaited in place.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        super::conn::head_done(session);
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
         // An idle kept-alive connection is closed after this long (unless the client asked for
