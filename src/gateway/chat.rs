@@ -232,12 +232,7 @@ async fn start(
             MAX_JSON_ANSWER,
         )
         .await?;
-        METRICS
-            .upstream_latency
-            .with_label_values(&[
-                answer.upstream.provider_name.as_str(),
-                answer.upstream.model.as_str(),
-            ])
+        gw.tier_metrics[req.tier].upstream_latency[answer.upstream]
             .observe(answer.first_byte.duration_since(sent_at).as_secs_f64());
         drop(for_messages);
         req.sent();

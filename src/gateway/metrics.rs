@@ -223,6 +223,8 @@ pub struct TierMetrics {
     pub latency: [Histogram; 4],
     /// Answers with status 200, by chat route.
     pub ok: [IntCounter; 4],
+    /// Time to an upstream's answer, by the tier's upstream (its index in the tier).
+    pub upstream_latency: Vec<Histogram>,
 }
 
 /// The chat routes, in the order of [`TierMetrics::latency`] and [`TierMetrics::ok`].
@@ -234,9 +236,19 @@ pub const CHAT_ROUTES: [&str; 4] = [
 ];
 
 impl TierMetrics {
-    pub fn new(tier: &str) -> TierMetrics {
+    pub fn new(tier: &crate::conf::Tier) -> TierMetrics {
         let m = &*METRICS;
+        let upstream_latency = tier
+            .upstreams
+            .iter()
+            .map(|u| {
+                m.upstream_latency
+                    .with_label_values(&[u.provider_name.as_str(), u.model.as_str()])
+            })
+            .collect();
+        let tier = tier.name.as_str();
         TierMetrics {
+            upstream_latency,
             input_tokens: m.tokens.with_label_values(&[tier, "input"]),
             output_tokens: m.tokens.with_label_values(&[tier, "output"]),
             billed_nano: m.billed_nano.with_label_values(&[tier]),

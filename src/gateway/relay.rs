@@ -128,11 +128,12 @@ pub fn relay<'a>(
     mut answer: Answer,
 ) -> impl std::future::Future<Output = Outcome> + Send + 'a {
     async move {
-        let p = &gw.conf.providers[answer.upstream.provider];
+        let u = &gw.conf.tiers[req.tier].upstreams[answer.upstream];
+        let p = &gw.conf.providers[u.provider];
         let mut out = Outcome {
             status: answer.status,
-            provider: Some(answer.upstream.provider_name.clone()),
-            model: Some(answer.upstream.model.clone()),
+            provider: Some(u.provider_name.clone()),
+            model: Some(u.model.clone()),
             attempts: answer.attempts,
             ..Outcome::answered(answer.status)
         };
@@ -183,11 +184,7 @@ pub fn relay<'a>(
         }
         out.provider_cost = out
             .usage
-            .cost(
-                &answer.upstream.cost,
-                &answer.upstream.cache,
-                Rounding::Conservative,
-            )
+            .cost(&u.cost, &u.cache, Rounding::Conservative)
             .unwrap_or(NanoUsd::ZERO);
         let released = Box::pin(upstream::release(&gw.connector, answer));
         released.await;
@@ -294,7 +291,7 @@ async fn relay_stream(
     out: &mut Outcome,
     stream: &mut Stream<'_>,
 ) {
-    let p = &gw.conf.providers[answer.upstream.provider];
+    let p = &gw.conf.providers[gw.conf.tiers[req.tier].upstreams[answer.upstream].provider];
     if client_left(session) {
         // Gone while the upstream prepared its answer: nothing reached the client, nothing is
         // billed.

@@ -6,7 +6,7 @@ use super::spend::SpendBook;
 use super::upstream::Endpoint;
 use crate::conf::Conf;
 use crate::store::{Settlement, Store};
-use pingora::connectors::http::Connector;
+use pingora::connectors::TransportConnector;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::mpsc;
@@ -30,7 +30,7 @@ pub struct Gateway {
     /// (bounded: a request that finds it full waits, see `writer`).
     pub settlements: mpsc::Sender<Queued>,
     pub(super) settlements_rx: Mutex<Option<mpsc::Receiver<Queued>>>,
-    pub connector: Connector,
+    pub connector: TransportConnector,
     /// One per provider, in conf order.
     pub endpoints: Vec<Endpoint>,
     /// One weighted-pick counter per tier.
@@ -91,7 +91,7 @@ impl Gateway {
             limits: super::limits::Limiter::new(&conf),
             settlements: tx,
             settlements_rx: Mutex::new(Some(rx)),
-            connector: Connector::new(None),
+            connector: TransportConnector::new(None),
             endpoints: conf.providers.iter().map(Endpoint::new).collect(),
             picks: conf.tiers.iter().map(|_| AtomicU64::new(0)).collect(),
             health: super::health::HealthBook::new(&conf),
@@ -107,7 +107,7 @@ impl Gateway {
             tier_metrics: conf
                 .tiers
                 .iter()
-                .map(|t| super::metrics::TierMetrics::new(&t.name))
+                .map(super::metrics::TierMetrics::new)
                 .collect(),
             ready: super::drain::Flag::default(),
             worker_beat_ms: AtomicI64::new(crate::time::now_ms()),

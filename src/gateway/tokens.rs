@@ -57,13 +57,26 @@ pub fn tokenizer() -> Option<&'static tiktoken_rs::CoreBPE> {
     BPE.get_or_init(|| tiktoken_rs::o200k_base().ok()).as_ref()
 }
 
+/// A JSON key (with its quotes) searched for in raw event text, its searcher built once:
+/// `memchr::memmem::find` builds one on every call, and on a stream's short events building it
+/// cost more than searching (see BENCHMARKS.md, "The data plane at the limit").
+pub type Key = std::sync::LazyLock<memchr::memmem::Finder<'static>>;
+
+pub static CONTENT: Key = Key::new(|| memchr::memmem::Finder::new(b"\"content\""));
+pub static TEXT: Key = Key::new(|| memchr::memmem::Finder::new(b"\"text\""));
+pub static DELTA: Key = Key::new(|| memchr::memmem::Finder::new(b"\"delta\""));
+pub static MODEL: Key = Key::new(|| memchr::memmem::Finder::new(b"\"model\""));
+pub static USAGE: Key = Key::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+pub static ERROR: Key = Key::new(|| memchr::memmem::Finder::new(b"\"error\""));
+
 /// Appends the string value of each `key` in some JSON text to `out`, as a JSON literal (a
 /// `null` or non-string value is skipped), joined by commas. Keys only: a quote inside a JSON
 /// string is escaped, so `"key"` followed by a colon cannot come from inside a value.
-pub fn push_literals(json: &[u8], key: &[u8], out: &mut Vec<u8>) {
+pub fn push_literals(json: &[u8], key: &Key, out: &mut Vec<u8>) {
     let mut rest = json;
-    while let Some(at) = memchr::memmem::find(rest, key) {
-        rest = &rest[at + key.len()..];
+    let key: &memchr::memmem::Finder<'static> = key;
+    while let Some(at) = key.find(rest) {
+        rest = &rest[at + key.needle().len()..];
         let Some(value) = rest.trim_ascii_start().strip_prefix(b":") else {
             continue;
         };

@@ -1,7 +1,8 @@
 //! Step 5: pick an upstream and send the request, moving on to the next one in the tier's list
 //! on a connect error, a timeout, a 429 or a 5xx, as long as nothing has reached the client.
 //!
-//! Connections come from Pingora's own HTTP connector (pooled, kept alive). Addresses are resolved
+//! Connections come from Pingora's transport connector (pooled, kept alive); the request is
+//! written whole in one write, the answer read with Pingora's HTTP/1 client. Addresses are resolved
 //! off the request path (Pingora's peer constructor would resolve with a blocking call).
 
 use super::dialect::Dialect;
@@ -9,9 +10,9 @@ use super::error::ApiError;
 use super::health::{Health, retry_after};
 use crate::conf::{Conf, Provider, Upstream};
 use bytes::Bytes;
-use pingora::connectors::http::Connector;
-use pingora::http::RequestHeader;
+use pingora::connectors::TransportConnector;
 use pingora::protocols::http::client::HttpSession;
+use pingora::protocols::http::v1::client::HttpSession as Http1Session;
 use pingora::protocols::tls::CaType;
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::utils::tls::{WrappedX509, parse_x509};
@@ -142,7 +143,8 @@ pub fn order(
 pub struct Answer {
     pub session: HttpSession,
     pub peer: Arc<HttpPeer>,
-    pub upstream: Upstream,
+    /// Which of the tier's upstreams answered (an index into its `upstreams`).
+    pub upstream: usize,
     pub status: u16,
     pub attempts: u32,
     pub first_byte: Instant,
@@ -179,79 +181,120 @@ fn peer_for(ep: &Endpoint, p: &Provider) -> Option<Arc<HttpPeer>> {
     Some(peer)
 }
 
-fn request_header(
+/// The whole request as it goes on the wire, head and body in one buffer, so it leaves in one
+/// write: Pingora's HTTP/1 client writes and flushes the head on its own and then the body,
+/// which cost a second system call and a second wake-up of the upstream per request.
+fn request_wire(
     ep: &Endpoint,
     p: &Provider,
     speaks: Dialect,
-    body_len: usize,
+    body: &[u8],
     stream: bool,
-) -> pingora::Result<RequestHeader> {
-    let anthropic = speaks == Dialect::Messages;
-    let path = format!("{}{}", ep.base_path, speaks.path());
-    // Names in lower case: the header stays in the session as long as the answer, and keeping
-    // their case would take a second map.
-    let mut h = RequestHeader::build_no_case("POST", path.as_bytes(), Some(8))?;
-    let host = if (ep.tls && ep.port == 443) || (!ep.tls && ep.port == 80) {
-        ep.host.clone()
+) -> Result<Vec<u8>, String> {
+    use std::io::Write;
+    let mut w = Vec::with_capacity(384 + body.len());
+    let _ = write!(
+        w,
+        "POST {}{} HTTP/1.1\r\nhost: ",
+        ep.base_path,
+        speaks.path()
+    );
+    if (ep.tls && ep.port == 443) || (!ep.tls && ep.port == 80) {
+        w.extend_from_slice(ep.host.as_bytes());
     } else {
-        format!("{}:{}", ep.host, ep.port)
-    };
-    h.insert_header("host", host)?;
-    h.insert_header("content-type", "application/json")?;
-    h.insert_header("content-length", body_len.to_string())?;
-    h.insert_header(
-        "accept",
+        let _ = write!(w, "{}:{}", ep.host, ep.port);
+    }
+    let _ = write!(
+        w,
+        "\r\ncontent-type: application/json\r\ncontent-length: {}\r\naccept: {}\r\n",
+        body.len(),
         if stream {
             "text/event-stream"
         } else {
             "application/json"
-        },
-    )?;
-    // Compression must never touch an event stream.
-    h.insert_header("accept-encoding", "identity")?;
-    h.insert_header(
-        "user-agent",
-        concat!("duang-relay/", env!("CARGO_PKG_VERSION")),
-    )?;
-    if anthropic {
-        h.insert_header("anthropic-version", super::dialect::messages::VERSION)?;
-        if let Some(key) = &p.api_key {
-            h.insert_header("x-api-key", key.expose().as_str())?;
         }
-    } else if let Some(key) = &p.api_key {
-        h.insert_header("authorization", format!("Bearer {}", key.expose()))?;
+    );
+    // Compression must never touch an event stream.
+    w.extend_from_slice(b"accept-encoding: identity\r\n");
+    w.extend_from_slice(
+        concat!(
+            "user-agent: duang-relay/",
+            env!("CARGO_PKG_VERSION"),
+            "\r\n"
+        )
+        .as_bytes(),
+    );
+    let key = p.api_key.as_ref().map(|k| k.expose().as_str());
+    // A key is the one value from outside the conf's checks (an environment variable): one
+    // with a line break would end the head early.
+    if key.is_some_and(|k| k.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f)) {
+        return Err(format!(
+            "the API key of provider {:?} has a control character (a line break?)",
+            p.name
+        ));
     }
-    Ok(h)
+    match (speaks == Dialect::Messages, key) {
+        (true, key) => {
+            let _ = write!(
+                w,
+                "anthropic-version: {}\r\n",
+                super::dialect::messages::VERSION
+            );
+            if let Some(key) = key {
+                let _ = write!(w, "x-api-key: {key}\r\n");
+            }
+        }
+        (false, Some(key)) => {
+            let _ = write!(w, "authorization: Bearer {key}\r\n");
+        }
+        (false, None) => {}
+    }
+    w.extend_from_slice(b"\r\n");
+    w.extend_from_slice(body);
+    Ok(w)
 }
 
 async fn attempt(
-    connector: &Connector,
+    connector: &TransportConnector,
     ep: &Endpoint,
     p: &Provider,
     speaks: Dialect,
     body: Bytes,
     stream: bool,
 ) -> Result<(HttpSession, Arc<HttpPeer>), AttemptError> {
+    use tokio::io::AsyncWriteExt;
     let peer = peer_for(ep, p)
         .ok_or_else(|| AttemptError::Connect(format!("{} does not resolve", ep.host)))?;
+    let wire = request_wire(ep, p, speaks, &body, stream).map_err(AttemptError::Connect)?;
+    drop(body);
     // A pooled connection the server closed meanwhile fails on first use: try once more, fresh.
     for try_no in 0..2 {
-        let (mut session, reused) = connector
-            .get_http_session(&*peer)
+        let (mut conn, reused) = connector
+            .get_stream(&*peer)
             .await
             .map_err(|e| classify(&e, &ep.host))?;
-        let header = request_header(ep, p, speaks, body.len(), stream)
-            .map_err(|e| AttemptError::Connect(e.to_string()))?;
-        session.set_write_timeout(Some(p.first_byte_timeout));
-        session.set_read_timeout(Some(p.first_byte_timeout));
-        let sent = async {
-            session.write_request_header(Box::new(header)).await?;
-            session.write_request_body(body.clone(), true).await?;
-            session.finish_request_body().await?;
-            session.read_response_header().await
-        }
+        let written = tokio::time::timeout(p.first_byte_timeout, async {
+            conn.write_all(&wire).await?;
+            conn.flush().await
+        })
         .await;
-        match sent {
+        let failed = match written {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(AttemptError::Connect(format!(
+                "{}: write error: {e}",
+                ep.host
+            ))),
+            Err(_) => Some(AttemptError::Timeout(format!("{}: WriteTimedout", ep.host))),
+        };
+        if let Some(e) = failed {
+            if reused && try_no == 0 && !matches!(e, AttemptError::Timeout(_)) {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut session = HttpSession::H1(Http1Session::new_with_options(conn, &*peer));
+        session.set_read_timeout(Some(p.first_byte_timeout));
+        match session.read_response_header().await {
             Ok(()) => return Ok((session, peer)),
             Err(e)
                 if reused
@@ -330,7 +373,7 @@ pub async fn read_body(
 )]
 pub async fn send(
     conf: &Conf,
-    connector: &Connector,
+    connector: &TransportConnector,
     endpoints: &[Endpoint],
     upstreams: &[Upstream],
     order: &[usize],
@@ -419,7 +462,7 @@ pub async fn send(
                 return Ok(Answer {
                     session,
                     peer,
-                    upstream: u.clone(),
+                    upstream: i,
                     status,
                     attempts,
                     first_byte: Instant::now(),
@@ -443,13 +486,19 @@ pub async fn send(
 }
 
 /// Returns a finished session to the pool (only when its response was read to the end).
-pub async fn release(connector: &Connector, mut answer: Answer) {
-    if answer.session.response_done() {
-        connector
-            .release_http_session(answer.session, &*answer.peer, Some(POOL_IDLE))
-            .await;
+pub async fn release(connector: &TransportConnector, answer: Answer) {
+    let Answer {
+        mut session, peer, ..
+    } = answer;
+    if session.response_done()
+        && let HttpSession::H1(mut h1) = session
+    {
+        h1.respect_keepalive();
+        if let Some(stream) = h1.reuse().await {
+            connector.release_stream(stream, peer.reuse_hash(), Some(POOL_IDLE));
+        }
     } else {
-        answer.session.shutdown().await;
+        session.shutdown().await;
     }
 }
 

@@ -28,8 +28,8 @@ pub fn usage_of(v: &Value) -> Option<Usage> {
     })
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    memchr::memmem::find(hay, needle).is_some()
+fn contains(hay: &[u8], key: &crate::gateway::tokens::Key) -> bool {
+    key.find(hay).is_some()
 }
 
 /// An error object sent in a stream, as our error.
@@ -60,7 +60,9 @@ pub fn pass(
     if data == b"[DONE]" {
         return Ok((true, true));
     }
-    if contains(data, b"\"usage\"") || contains(data, b"\"error\"") {
+    if contains(data, &crate::gateway::tokens::USAGE)
+        || contains(data, &crate::gateway::tokens::ERROR)
+    {
         let v: Value = serde_json::from_slice(data).map_err(|_| Fault::Malformed)?;
         if let Some(e) = v.get("error").filter(|e| e.is_object()) {
             return Err(Fault::Upstream(stream_error(e)));
@@ -76,7 +78,7 @@ pub fn pass(
     } else if serde_json::from_slice::<serde::de::IgnoredAny>(data).is_err() {
         return Err(Fault::Malformed);
     }
-    tally.content(data, b"\"content\"");
+    tally.content(data, &crate::gateway::tokens::CONTENT);
     Ok((true, false))
 }
 

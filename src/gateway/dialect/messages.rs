@@ -691,7 +691,7 @@ pub fn pass(ev: &Event, tally: &mut Tally) -> Result<bool, Fault> {
                 return Err(Fault::Malformed);
             }
             if name == b"content_block_delta" {
-                tally.content(&data, b"\"text\"");
+                tally.content(&data, &crate::gateway::tokens::TEXT);
             }
             Ok(false)
         }
@@ -721,7 +721,7 @@ pub fn pass(ev: &Event, tally: &mut Tally) -> Result<bool, Fault> {
                 "message_stop" => Ok(true),
                 "error" => Err(Fault::Upstream(super::chat::stream_error(&v["error"]))),
                 "content_block_delta" => {
-                    tally.content(&data, b"\"text\"");
+                    tally.content(&data, &crate::gateway::tokens::TEXT);
                     Ok(false)
                 }
                 _ => Ok(false),

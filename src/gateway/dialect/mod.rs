@@ -160,10 +160,9 @@ pub fn json_answer(
 /// Output text of a whole chat completion without `usage`, counted.
 pub fn counted_json_output_tokens(client: Dialect, body: &[u8]) -> u64 {
     let mut list = Vec::new();
-    let key: &[u8] = match client {
-        Dialect::Chat => b"\"content\"",
-        Dialect::Messages => b"\"text\"",
-        Dialect::Responses => b"\"text\"",
+    let key = match client {
+        Dialect::Chat => &super::tokens::CONTENT,
+        Dialect::Messages | Dialect::Responses => &super::tokens::TEXT,
         // Embeddings have no output tokens.
         Dialect::Embeddings => return 0,
     };
@@ -188,12 +187,12 @@ pub fn escaped(name: &str) -> Box<[u8]> {
 /// Appends `json` to `out` with every `"model"` key's value replaced by `escaped` (the inside
 /// of a JSON string); returns whether there was one (when not, nothing is appended).
 fn rename_model_into(json: &[u8], escaped: &[u8], out: &mut BytesMut) -> bool {
-    const KEY: &[u8] = b"\"model\"";
+    let key = &*super::tokens::MODEL;
     let mut done = 0;
     let mut from = 0;
     let mut found = false;
-    while let Some(at) = memchr::memmem::find(&json[from..], KEY) {
-        let after_key = from + at + KEY.len();
+    while let Some(at) = key.find(&json[from..]) {
+        let after_key = from + at + key.needle().len();
         from = after_key;
         let rest = &json[after_key..];
         let Some(value) = rest.trim_ascii_start().strip_prefix(b":") else {
@@ -269,7 +268,7 @@ impl Tally {
     }
 
     /// A content event: its `key` strings are the text to count if no usage comes.
-    fn content(&mut self, json: &[u8], key: &[u8]) {
+    fn content(&mut self, json: &[u8], key: &super::tokens::Key) {
         self.events += 1;
         if self.usage.is_none() {
             push_literals(json, key, &mut self.uncounted);

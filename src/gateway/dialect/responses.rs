@@ -399,7 +399,7 @@ pub fn pass(ev: &Event, tally: &mut Tally) -> Result<bool, Fault> {
         if serde_json::from_slice::<serde::de::IgnoredAny>(&data).is_err() {
             return Err(Fault::Malformed);
         }
-        tally.content(&data, b"\"delta\"");
+        tally.content(&data, &crate::gateway::tokens::DELTA);
         return Ok(false);
     }
     let v: Value = serde_json::from_slice(&data).map_err(|_| Fault::Malformed)?;
@@ -437,7 +437,7 @@ pub fn pass(ev: &Event, tally: &mut Tally) -> Result<bool, Fault> {
             code: v["code"].as_str().map(str::to_owned),
         })),
         "response.output_text.delta" | "response.function_call_arguments.delta" => {
-            tally.content(&data, b"\"delta\"");
+            tally.content(&data, &crate::gateway::tokens::DELTA);
             Ok(false)
         }
         _ => Ok(false),
