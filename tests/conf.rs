@@ -433,6 +433,32 @@ fn limits_and_addresses_are_checked() {
         e.starts_with("test.toml: gateway.max_request_body_bytes: 0 is out of range"),
         "{e}"
     );
+    // The HTTP layer's bounds, each named with its range and unit.
+    for (line, bad, expected) in [
+        (
+            "header_read_timeout_ms = 10000",
+            "header_read_timeout_ms = 0",
+            "test.toml: gateway.header_read_timeout_ms: 0 is out of range: expected 1 to 600000 ms (ten minutes)",
+        ),
+        (
+            "body_read_timeout_ms = 60000",
+            "body_read_timeout_ms = -1",
+            "test.toml: gateway.body_read_timeout_ms: -1 is out of range: expected 1 to 3600000 ms (an hour)",
+        ),
+        (
+            "max_header_bytes = 65536",
+            "max_header_bytes = 100",
+            "test.toml: gateway.max_header_bytes: 100 is out of range: expected 1024 to 1048576 bytes (Pingora reads no head larger than 1 MiB)",
+        ),
+        (
+            "max_client_connections = 10000",
+            "max_client_connections = 0",
+            "test.toml: gateway.max_client_connections: 0 is out of range: expected 1 to 1000000 connections",
+        ),
+    ] {
+        let e = err(&shipped_with(line, bad), &[]);
+        assert_eq!(e, expected);
+    }
     let e = err(
         &shipped_with(
             "min_custom_amount_cents = 500",
