@@ -433,6 +433,12 @@ fn limits_and_addresses_are_checked() {
         e.starts_with("test.toml: gateway.max_request_body_bytes: 0 is out of range"),
         "{e}"
     );
+    // A provider key pasted with its line break would end each request's head early.
+    let e = err(&shipped_conf_text(), &[("OPENAI_API_KEY", "sk-test\n")]);
+    assert!(
+        e.contains("providers.openai.api_key_env: environment variable OPENAI_API_KEY holds a control character"),
+        "{e}"
+    );
     // The HTTP layer's bounds, each named with its range and unit.
     for (line, bad, expected) in [
         (

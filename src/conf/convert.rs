@@ -751,6 +751,16 @@ impl Checker<'_> {
         };
         let base_url = self.http_url(&format!("{at}.base_url"), &p.base_url);
         let api_key = p.api_key_env.as_deref().and_then(|v| self.env_var(v));
+        // The key goes into each request's head as it is: a line break (a key pasted with its
+        // newline) would end the head early.
+        if let (Some(key), Some(var)) = (&api_key, &p.api_key_env)
+            && key.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+        {
+            self.err(
+                format!("{at}.api_key_env"),
+                format!("environment variable {var} holds a control character (a line break?); set it to the key alone"),
+            );
+        }
         let enabled = match (p.enabled, &p.api_key_env) {
             (Some(false), _) => false,
             (Some(true), Some(var)) if api_key.is_none() => {
