@@ -27,6 +27,7 @@ use pingora::protocols::{
     UniqueID, UniqueIDType,
 };
 use pingora::server::ShutdownWatch;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -300,8 +301,6 @@ impl AsyncRead for Guarded {
         }
     }
 }
-
-use std::future::Future;
 
 impl AsyncWrite for Guarded {
     fn poll_write(
