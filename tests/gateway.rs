@@ -1023,12 +1023,7 @@ async fn the_http_layer_holds(backend: Backend) {
         said.to_ascii_lowercase().contains("retry-after: 1"),
         "{said}"
     );
-    let metrics = reqwest::get(&node.metrics)
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = node.metrics_text().await;
     assert!(
         metrics.contains("duang_client_connections 4")
             && metrics.contains("duang_client_connections_refused_total 1"),

@@ -802,12 +802,7 @@ async fn a_store_outage_loses_no_usage() {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     };
-    let metrics = reqwest::get(&node.metrics)
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = node.metrics_text().await;
     assert!(backlog(&metrics) >= 30, "{metrics}");
     // Readiness tells the truth: the store is down, settlements go to the journal, so the node
     // still takes traffic for the keys it knows.
@@ -864,12 +859,7 @@ async fn a_store_outage_loses_no_usage() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(records(&relay).await.len(), ids.len());
-    let metrics = reqwest::get(&node.metrics)
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = node.metrics_text().await;
     assert_eq!(backlog(&metrics), 0, "{metrics}");
     relay.credit().await;
 }

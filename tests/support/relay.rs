@@ -321,6 +321,16 @@ pub struct Node {
 }
 
 impl Node {
+    /// This process's Prometheus text.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(&self.metrics)
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
     /// Writes a conf for a new node (its own ports, `gateway_extra` lines in its `[gateway]`)
     /// and starts it; waits until it is ready.
     async fn spawn<F: Fn(u16, u16, &str) -> String + ?Sized>(
