@@ -787,3 +787,52 @@ fn the_brand_and_its_policy_files_are_checked() {
         "{e}"
     );
 }
+
+/// A reload takes prices, upstreams and limits; listeners, the store, threads and Redis need a
+/// restart, and the refusal names each one changed.
+#[test]
+fn a_reload_names_the_settings_only_a_restart_applies() {
+    let running = parse_conf(&shipped_conf_text(), &[]).expect("shipped");
+    let reloadable = shipped_with(
+        "input_usd_per_mtok = \"0.12\"",
+        "input_usd_per_mtok = \"0.13\"",
+    )
+    .replace("requests_per_minute = 600", "requests_per_minute = 601")
+    .replace(
+        "max_request_body_bytes = 10485760",
+        "max_request_body_bytes = 1048576",
+    );
+    let new = parse_conf(&reloadable, &[]).expect("edited");
+    assert_eq!(new.tiers[0].prices.input.usd_per_mtok_string(), "0.13");
+    assert!(running.restart_only_changes(&new).is_empty());
+    assert_eq!(running.reload_refusal(&new), None);
+
+    let restart = shipped_conf_text()
+        .replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:8090\"")
+        .replace("threads = 1", "threads = 4")
+        .replace(
+            "url = \"sqlite://data/duang.db\"",
+            "url = \"sqlite://other.db\"",
+        )
+        .replace(
+            "# url = \"redis://127.0.0.1:6379\"",
+            "url = \"redis://127.0.0.1:6379\"",
+        );
+    let new = parse_conf(&restart, &[]).expect("edited");
+    assert_eq!(
+        running.restart_only_changes(&new),
+        // The default node_id is the hostname and the listen port.
+        [
+            "gateway.listen",
+            "gateway.threads",
+            "gateway.node_id",
+            "store.url",
+            "redis"
+        ]
+    );
+    let refusal = running.reload_refusal(&new).expect("refused");
+    assert!(
+        refusal.contains("gateway.listen, gateway.threads, gateway.node_id, store.url, redis take effect only when the process restarts"),
+        "{refusal}"
+    );
+}

@@ -730,7 +730,212 @@ async fn a_spend_cap_holds_across_two_nodes(backend: Backend) {
     assert!(billed <= cap, "billed {billed} past the cap {cap}");
 }
 
+/// The budget tier's prices in the test conf, and the same tier at twice the prices.
+const BUDGET_AT_12: &str =
+    "[tiers.budget]\ninput_usd_per_mtok = \"0.12\"\noutput_usd_per_mtok = \"0.48\"";
+const BUDGET_AT_24: &str =
+    "[tiers.budget]\ninput_usd_per_mtok = \"0.24\"\noutput_usd_per_mtok = \"0.96\"";
+
+/// Rewrites the node's conf file (each `from` → `to`) and asks it to reload: its answer.
+async fn reload_with(relay: &Relay, edits: &[(&str, &str)]) -> (u16, Value) {
+    let mut text = std::fs::read_to_string(&relay.conf).expect("conf");
+    for (from, to) in edits {
+        assert!(text.contains(from), "the conf has no {from:?}");
+        text = text.replacen(from, to, 1);
+    }
+    std::fs::write(&relay.conf, text).expect("write conf");
+    let r = relay
+        .client
+        .post(relay.metrics.replace("/metrics", "/-/reload"))
+        .send()
+        .await
+        .expect("reload");
+    let status = r.status().as_u16();
+    (status, r.json().await.expect("json"))
+}
+
+/// One request of the load: what the client saw, and when it was sent and answered in full.
+struct Timed {
+    seen: Seen,
+    sent: Instant,
+    done: Instant,
+}
+
+/// A price change under load (SIGHUP's path, `POST /-/reload`): every request is billed at
+/// exactly one of the two prices, by when it was admitted (streams open across the reload keep
+/// the old one to their end); none fails. Then a conf that does not validate and one that
+/// changes a restart-only setting are refused with the reason, and the running prices stay.
+async fn a_price_change_mid_run_bills_each_request_at_one_price(backend: Backend) {
+    let relay = Relay::start(backend, "100").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for i in 0..6 {
+        let (client, base, key) = (relay.client.clone(), relay.base.clone(), relay.key.clone());
+        let (stop, done) = (stop.clone(), done.clone());
+        load.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                n += 1;
+                let body = if (i + n).is_multiple_of(2) {
+                    stream_body(3, 5)
+                } else {
+                    json_body(5)
+                };
+                let sent = Instant::now();
+                let s = send(client.clone(), base.clone(), key.clone(), body).await;
+                seen.push(Timed {
+                    seen: s,
+                    sent,
+                    done: Instant::now(),
+                });
+                done.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            }
+            seen
+        }));
+    }
+    let wait_for = |n: usize| {
+        let done = done.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while done.load(std::sync::atomic::Ordering::Acquire) < n {
+                assert!(Instant::now() < deadline, "the load stalled below {n}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_for(30).await;
+    // Two slow streams admitted before the reload and still open after it.
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            spawn_send(
+                &relay,
+                relay.base.clone(),
+                relay.key.clone(),
+                stream_body(4, 300),
+            )
+        })
+        .collect();
+    streams_open(&relay, 2).await;
+    let asked = Instant::now();
+    let (status, answer) = reload_with(&relay, &[(BUDGET_AT_12, BUDGET_AT_24)]).await;
+    let applied = Instant::now();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["status"], "reloaded");
+    let after = done.load(std::sync::atomic::Ordering::Acquire);
+    wait_for(after + 30).await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let mut timed = Vec::new();
+    for t in load {
+        timed.extend(t.await.expect("load task"));
+    }
+    let slow: Vec<Seen> = futures_util::future::join_all(slow)
+        .await
+        .into_iter()
+        .map(|t| t.expect("slow stream"))
+        .collect();
+
+    let price = |r: &duang::store::UsageRecord, (inp, out): (i64, i64)| {
+        NanoUsd::from_nanos(r.input_tokens * inp + r.output_tokens * out)
+    };
+    let (old, new) = ((120, 480), (240, 960));
+    let (mut at_old, mut at_new) = (0, 0);
+    for t in &timed {
+        assert!(
+            complete(&t.seen),
+            "a request failed around the reload: {} {}",
+            t.seen.status,
+            t.seen.body
+        );
+        let r = record_of(&relay, &t.seen.request_id).await;
+        assert!(r.output_tokens > 0, "{r:?}");
+        if r.billed == price(&r, old) {
+            at_old += 1;
+            assert!(
+                t.sent < applied,
+                "sent after the reload was applied, billed at the old price: {r:?}"
+            );
+        } else if r.billed == price(&r, new) {
+            at_new += 1;
+            assert!(
+                t.done > asked,
+                "answered before the reload was asked, billed at the new price: {r:?}"
+            );
+        } else {
+            panic!("billed at neither price: {r:?}");
+        }
+    }
+    assert!(at_old >= 30 && at_new >= 30, "old {at_old}, new {at_new}");
+    for s in &slow {
+        assert!(complete(s), "{} {}", s.status, s.body);
+        let r = record_of(&relay, &s.request_id).await;
+        assert_eq!(
+            r.billed,
+            price(&r, old),
+            "a stream admitted before the reload is billed at the prices it was admitted at"
+        );
+    }
+
+    // A conf that does not validate: refused with the message a start gives; nothing changes.
+    let (status, answer) = reload_with(
+        &relay,
+        &[(
+            "output_usd_per_mtok = \"0.96\"",
+            "output_usd_per_mtok = \"lots\"",
+        )],
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    let reason = answer["reason"].as_str().expect("reason");
+    let check = std::process::Command::new(support::GATEWAY_BIN)
+        .arg("--conf")
+        .arg(&relay.conf)
+        .arg("check-conf")
+        .output()
+        .expect("check-conf");
+    assert!(!check.status.success());
+    assert_eq!(
+        reason.trim(),
+        String::from_utf8_lossy(&check.stderr).trim(),
+        "the reload's refusal is the start's message"
+    );
+    assert!(
+        reason.contains("tiers.budget.output_usd_per_mtok"),
+        "{reason}"
+    );
+    // A restart-only setting (with the price made valid again): refused, naming it.
+    let (status, answer) = reload_with(
+        &relay,
+        &[
+            (
+                "output_usd_per_mtok = \"lots\"",
+                "output_usd_per_mtok = \"0.96\"",
+            ),
+            ("[gateway]\n", "[gateway]\nthreads = 2\n"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    let reason = answer["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("gateway.threads") && reason.contains("restart"),
+        "{reason}"
+    );
+    let s = ask(&relay, json_body(5)).await;
+    assert!(complete(&s));
+    let r = record_of(&relay, &s.request_id).await;
+    assert_eq!(r.billed, price(&r, new), "the running conf stays");
+    let metrics = relay.metrics_text().await;
+    assert!(
+        metrics.contains("duang_conf_reloads_total{result=\"ok\"} 1")
+            && metrics.contains("duang_conf_reloads_total{result=\"refused\"} 2"),
+        "{metrics}"
+    );
+}
+
 on_both_stores!(
+    a_price_change_mid_run_bills_each_request_at_one_price,
     a_rolling_deploy_loses_nothing,
     holds_cover_images_and_usage_above_a_hold_is_billed,
     a_client_gone_before_the_first_byte_is_not_billed,

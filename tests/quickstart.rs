@@ -39,11 +39,17 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
-    let dir = tempfile::tempdir().expect("dir");
-    let db = dir.path().join("data/duang.db");
-    let conf = write_conf(dir.path(), &format!("sqlite://{}", db.display()));
+/// `duang-admin up` on the shipped conf with its store at `db`, ready.
+struct Up {
+    conf: support::TestConf,
+    child: Child,
+    client: reqwest::Client,
+    gateway: String,
+    admin: String,
+}
+
+async fn up(dir: &std::path::Path, db: &std::path::Path) -> Up {
+    let conf = write_conf(dir, &format!("sqlite://{}", db.display()));
     let mut child = Command::new(ADMIN_BIN)
         .arg("--conf")
         .arg(&conf.path)
@@ -58,6 +64,26 @@ async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
     let admin = format!("http://127.0.0.1:{}", conf.admin_port);
     wait_ready(&client, &format!("{gateway}/healthz"), &mut child).await;
     wait_ready(&client, &format!("{admin}/healthz"), &mut child).await;
+    Up {
+        conf,
+        child,
+        client,
+        gateway,
+        admin,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = dir.path().join("data/duang.db");
+    let Up {
+        conf,
+        mut child,
+        client,
+        gateway,
+        admin,
+    } = up(dir.path(), &db).await;
     assert!(db.exists(), "the embedded store is created on first start");
 
     // The model list needs a key, as OpenAI's does.
@@ -265,4 +291,207 @@ async fn up_serves_gateway_and_admin_and_stops_on_sigterm() {
         proof.holds() && proof.leased == duang::money::NanoUsd::ZERO,
         "{proof:?}"
     );
+}
+
+/// `duang-admin reload` and SIGHUP, as an operator changes a price on the quick start: both the
+/// gateway (its model list and its billing) and the admin server (its pricing page) take the new
+/// conf; a conf that does not validate is refused by both, and the running one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changes_prices_on_the_running_relay() {
+    let dir = tempfile::tempdir().expect("dir");
+    let db = dir.path().join("data/duang.db");
+    let Up {
+        conf,
+        mut child,
+        client,
+        gateway,
+        admin,
+    } = up(dir.path(), &db).await;
+    let cli = |args: &[&str]| {
+        Command::new(ADMIN_BIN)
+            .arg("--conf")
+            .arg(&conf.path)
+            .args(args)
+            .output()
+            .expect("cli")
+    };
+    let out = cli(&[
+        "account",
+        "create",
+        "--email",
+        "op@example.com",
+        "--verified",
+    ]);
+    assert!(out.status.success());
+    assert!(
+        cli(&["credits", "grant", "op@example.com", "--usd", "5"])
+            .status
+            .success()
+    );
+    let out = cli(&["key", "create", "op@example.com", "--name", "ci"]);
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    // What the gateway and the admin show for the budget tier's input price.
+    let shown = || {
+        let (client, gateway, admin, key) = (&client, &gateway, &admin, &key);
+        async move {
+            let models: serde_json::Value = client
+                .get(format!("{gateway}/v1/models/budget"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("model")
+                .json()
+                .await
+                .expect("json");
+            let page = client
+                .get(format!("{admin}/pricing"))
+                .send()
+                .await
+                .expect("pricing")
+                .text()
+                .await
+                .expect("page");
+            let price = models["pricing"]["input_usd_per_mtok"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            (price, page)
+        }
+    };
+    let (price, page) = shown().await;
+    assert_eq!(price, "0.12");
+    assert!(page.contains("$0.12 / 1M tokens"));
+    let set_budget_input = |from: &str, to: &str| {
+        let text = std::fs::read_to_string(&conf.path).expect("conf");
+        let (from, to) = (
+            format!("input_usd_per_mtok = \"{from}\"\noutput_usd_per_mtok = \"0.48\""),
+            format!("input_usd_per_mtok = \"{to}\"\noutput_usd_per_mtok = \"0.48\""),
+        );
+        assert!(text.contains(&from));
+        std::fs::write(&conf.path, text.replacen(&from, &to, 1)).expect("write conf");
+    };
+
+    // `duang-admin reload`: both processes answer, and both show the new price.
+    set_budget_input("0.12", "0.77");
+    let out = cli(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains(&format!(
+            "gateway 127.0.0.1:{}: reloaded",
+            conf.metrics_port
+        )) && said.contains(&format!(
+            "admin http://127.0.0.1:{}: reloaded",
+            conf.admin_port
+        )),
+        "{said}"
+    );
+    let (price, page) = shown().await;
+    assert_eq!(price, "0.77");
+    assert!(
+        page.contains("$0.77 / 1M tokens"),
+        "the pricing page shows the new price"
+    );
+    // A request is billed at it: 0.77 per million input tokens, 0.48 per million output tokens.
+    let r: serde_json::Value = client
+        .post(format!("{gateway}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "budget", "messages": [{"role": "user", "content": "Say ok."}], "max_tokens": 20}))
+        .send()
+        .await
+        .expect("completion")
+        .json()
+        .await
+        .expect("json");
+    let (inp, out_t) = (
+        r["usage"]["prompt_tokens"].as_i64().expect("prompt tokens"),
+        r["usage"]["completion_tokens"]
+            .as_i64()
+            .expect("completion tokens"),
+    );
+    let store = duang::store::Store::open(&support::store_conf(
+        &format!("sqlite://{}", db.display()),
+        duang::conf::Backend::Sqlite,
+    ))
+    .await
+    .expect("store");
+    let account = store
+        .account(&duang::store::AccountRef::Email("op@example.com".into()))
+        .await
+        .expect("account");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let billed = loop {
+        let rows = store.usage_page(account.id, None, 10).await.expect("usage");
+        if let Some(row) = rows.first() {
+            break row.billed;
+        }
+        assert!(Instant::now() < deadline, "the request was never recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(billed.nanos(), inp * 770 + out_t * 480);
+
+    // A conf that does not validate: the CLI says why and asks nobody (exit 2, as check-conf);
+    // a SIGHUP makes both processes refuse it. Nothing changes.
+    set_budget_input("0.77", "cheap");
+    let out = cli(&["reload"]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("tiers.budget.input_usd_per_mtok"), "{said}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("signal");
+    let metrics = format!("http://127.0.0.1:{}/metrics", conf.metrics_port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !client
+        .get(&metrics)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+        .contains("duang_conf_reloads_total{result=\"refused\"} 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never refused the bad conf"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (price, page) = shown().await;
+    assert_eq!(price, "0.77");
+    assert!(page.contains("$0.77 / 1M tokens"));
+
+    // SIGHUP to `up` reloads both: the admin itself and the gateway it started.
+    set_budget_input("cheap", "0.66");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("signal");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (price, page) = shown().await;
+        if price == "0.66" && page.contains("$0.66 / 1M tokens") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload both: {price}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store.close().await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("signal");
+    assert!(wait_exit(&mut child).success());
 }

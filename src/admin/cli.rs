@@ -52,6 +52,22 @@ pub enum Command {
     /// Gateway instances and the credit they hold leased; release a gone instance's leases.
     #[command(subcommand)]
     Leases(LeasesCmd),
+    /// Make the running gateway(s) and admin server reread the conf file (as SIGHUP does): new
+    /// requests use it, requests in flight finish under the old one. A conf that does not
+    /// validate, or that changes a setting only a restart applies, is refused and the running
+    /// conf stays; each process's answer is printed.
+    Reload {
+        /// A gateway's metrics listener (`gateway.metrics_listen` of its conf), HOST:PORT;
+        /// repeat for several nodes. Default: this conf's.
+        #[arg(long = "gateway", value_name = "HOST:PORT")]
+        gateways: Vec<String>,
+        /// The admin server's base URL. Default: http:// and this conf's `admin.listen`.
+        #[arg(long, value_name = "URL")]
+        admin: Option<String>,
+        /// Reload the gateways only.
+        #[arg(long)]
+        no_admin: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -209,6 +225,17 @@ pub async fn run_store_command(conf: &Conf, command: Command) -> anyhow::Result<
         store.close().await;
         return result;
     }
+    if let Command::Reload {
+        gateways,
+        admin,
+        no_admin,
+    } = command
+    {
+        let key = crate::admin::server::signing_key(conf, &store).await;
+        store.close().await;
+        let key = key.map_err(|e| anyhow::anyhow!("cannot read the admin's signing key: {e}"))?;
+        return reload(conf, &key, gateways, (!no_admin).then_some(admin)).await;
+    }
     let result = dispatch(&store, command).await;
     store.close().await;
     result
@@ -304,7 +331,11 @@ async fn dispatch(store: &Store, command: Command) -> anyhow::Result<()> {
             }
             println!("ok: every account's balance equals its ledger sum");
         }
-        Command::Up | Command::Serve | Command::CheckConf | Command::Leases(_) => {
+        Command::Up
+        | Command::Serve
+        | Command::CheckConf
+        | Command::Leases(_)
+        | Command::Reload { .. } => {
             unreachable!("handled before the store command dispatch")
         }
     }
@@ -653,4 +684,68 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
+}
+
+/// `duang-admin reload`: asks each gateway (over its metrics listener) and the admin server
+/// (with a token signed by the admin's key, valid for a minute) to reread the conf, and prints
+/// each answer; fails when any process refused or could not be reached.
+async fn reload(
+    conf: &Conf,
+    signing_key: &str,
+    gateways: Vec<String>,
+    admin: Option<Option<String>>,
+) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let gateways = if gateways.is_empty() {
+        vec![conf.gateway.metrics_listen.to_string()]
+    } else {
+        gateways
+    };
+    let mut asks: Vec<(String, reqwest::RequestBuilder)> = gateways
+        .iter()
+        .map(|g| {
+            let url = format!("http://{g}/-/reload");
+            (format!("gateway {g}"), client.post(url))
+        })
+        .collect();
+    if let Some(admin) = admin {
+        let base = admin.unwrap_or_else(|| format!("http://{}", conf.admin.listen));
+        let token = crate::admin::signing::Signer::new(signing_key.as_bytes()).link_token(
+            crate::admin::server::RELOAD_TOKEN_PURPOSE,
+            0,
+            crate::time::now_ms() + 60_000,
+            "",
+        );
+        let url = format!("{}/-/reload", base.trim_end_matches('/'));
+        asks.push((format!("admin {base}"), client.post(url).bearer_auth(token)));
+    }
+    let mut failed = 0;
+    for (who, ask) in asks {
+        match ask.send().await {
+            Err(e) => {
+                failed += 1;
+                println!("{who}: unreachable ({e})");
+            }
+            Ok(resp) => {
+                let code = resp.status();
+                let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                if code.is_success() {
+                    println!("{who}: reloaded");
+                    for w in body["warnings"].as_array().into_iter().flatten() {
+                        println!("  warning: {}", w.as_str().unwrap_or_default());
+                    }
+                } else {
+                    failed += 1;
+                    let reason = body["reason"].as_str().unwrap_or("no reason given");
+                    println!("{who}: refused ({code}): {reason}");
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} process(es) did not reload; the ones that refused keep their running conf");
+    }
+    Ok(())
 }

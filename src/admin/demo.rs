@@ -4,7 +4,7 @@
 //! provider keys. It is labelled as a demo in every
 //! answer and in the conf, and drops out of a tier as soon as a real provider there is enabled.
 
-use super::server::AppState;
+use super::server::Live;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{StatusCode, header};
@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 const ANSWER: &str = "Hello from the Duang Duang LOCAL DEMO upstream. Set a provider key in the \
                       environment (see conf/duang.toml) to get real model answers.";
 
-pub fn router() -> Router<AppState> {
+pub fn router() -> Router<Live> {
     Router::new()
         .route("/chat/completions", post(chat))
         .route("/embeddings", post(embeddings))

@@ -292,12 +292,12 @@ pub async fn low_balance_pass(state: &AppState) -> Result<usize, AdminError> {
 }
 
 /// Runs [`low_balance_pass`] every `every` until the process ends.
-pub async fn low_balance_loop(state: AppState, every: std::time::Duration) {
+pub async fn low_balance_loop(live: super::server::Live, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = low_balance_pass(&state).await {
+        if let Err(e) = low_balance_pass(&live.state()).await {
             tracing::warn!(error = ?e, "low-balance pass failed; trying again next minute");
         }
     }

@@ -32,7 +32,7 @@ pub struct ApiRoute {
     pub body: &'static [Field],
     /// The success status and what it returns.
     pub ok: (u16, &'static str),
-    pub handler: MethodRouter<AppState>,
+    pub handler: MethodRouter<super::server::Live>,
 }
 
 const DATES: &[Field] = &[

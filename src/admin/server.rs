@@ -58,13 +58,7 @@ impl AppState {
     /// Builds the state: the signing key from `admin.secret_env`, or the one kept in the store
     /// (made on first start).
     pub async fn new(conf: Arc<Conf>, store: Store) -> Result<AppState, String> {
-        let key = match &conf.admin.signing_secret {
-            Some(s) => s.expose().clone(),
-            None => store
-                .setting_or_init("signing_key", || hex::encode(rand::random::<[u8; 32]>()))
-                .await
-                .map_err(|e| e.to_string())?,
-        };
+        let key = signing_key(&conf, &store).await?;
         let mailer = Mailer::new(&conf.mail)?;
         Ok(AppState {
             signer: Arc::new(Signer::new(key.as_bytes())),
@@ -76,9 +70,144 @@ impl AppState {
             store,
         })
     }
+
+    /// The state for a reloaded `conf`: its mailer, Stripe client and page policy made anew;
+    /// the store, the signing key and the log-in limits kept.
+    fn reloaded(&self, conf: Arc<Conf>) -> Result<AppState, String> {
+        Ok(AppState {
+            mailer: Arc::new(Mailer::new(&conf.mail)?),
+            stripe: conf.stripe.as_ref().map(|s| Arc::new(StripeClient::new(s))),
+            csp: web::content_security_policy(&conf).into(),
+            conf,
+            store: self.store.clone(),
+            signer: self.signer.clone(),
+            limits: self.limits.clone(),
+        })
+    }
+}
+
+/// The key that signs e-mailed links, CSRF tokens and reload requests: `admin.secret_env`'s, or
+/// the one kept in the store (made on first start).
+pub async fn signing_key(conf: &Conf, store: &Store) -> Result<String, String> {
+    match &conf.admin.signing_secret {
+        Some(s) => Ok(s.expose().clone()),
+        None => store
+            .setting_or_init("signing_key", || hex::encode(rand::random::<[u8; 32]>()))
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// What the router serves from: the current [`AppState`], replaced whole by a conf reload
+/// (SIGHUP or `duang-admin reload`). Each request takes the state current when it arrives.
+#[derive(Clone)]
+pub struct Live(Arc<arc_swap::ArcSwap<AppState>>);
+
+impl axum::extract::FromRef<Live> for AppState {
+    fn from_ref(live: &Live) -> AppState {
+        AppState::clone(&live.0.load())
+    }
+}
+
+/// What a reload did: the new conf's warnings, or why it was refused (the running conf stays).
+pub type Reloaded = Result<Vec<String>, String>;
+
+impl Live {
+    pub fn new(state: AppState) -> Live {
+        Live(Arc::new(arc_swap::ArcSwap::from_pointee(state)))
+    }
+
+    pub fn state(&self) -> AppState {
+        AppState::clone(&self.0.load())
+    }
+
+    /// Rereads the conf file the admin started with: refused, with the messages a start gives,
+    /// when it does not validate or changes a setting only a restart applies.
+    pub fn reload(&self) -> Reloaded {
+        let current = self.state();
+        let path = std::path::Path::new(&current.conf.source);
+        let new = Conf::load(path).map_err(|e| e.to_string())?;
+        if let Some(refusal) = current.conf.reload_refusal(&new) {
+            return Err(refusal);
+        }
+        let warnings = new.warnings.clone();
+        let next = current.reloaded(Arc::new(new))?;
+        self.0.store(Arc::new(next));
+        Ok(warnings)
+    }
+
+    /// Reloads, logging the outcome.
+    pub fn reload_logged(&self) -> Reloaded {
+        let r = self.reload();
+        match &r {
+            Ok(warnings) => {
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                tracing::info!("admin: conf reloaded");
+            }
+            Err(reason) => tracing::error!("admin: conf reload refused: {reason}"),
+        }
+        r
+    }
+}
+
+/// The purpose a reload request's token is signed for (see `duang-admin reload`).
+pub const RELOAD_TOKEN_PURPOSE: &str = "conf-reload";
+
+/// `POST /-/reload`, from `duang-admin reload`: authorized by a short-lived token signed with
+/// the admin's signing key (which only the operator's machines hold), answered like the
+/// gateway's: 200 `reloaded` with warnings, 409 `refused` with the reason.
+async fn reload_submit(
+    State(live): State<Live>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    let state = live.state();
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|t| super::signing::LinkToken::parse(t.trim()).ok());
+    let authorized = token.is_some_and(|t| {
+        state
+            .signer
+            .check_link(RELOAD_TOKEN_PURPOSE, &t, "", crate::time::now_ms())
+            .is_ok()
+    });
+    if !authorized {
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(serde_json::json!({
+                "status": "unauthorized",
+                "reason": "a reload needs a token signed with the admin's key: run `duang-admin reload`",
+            })),
+        )
+            .into_response();
+    }
+    let l = live.clone();
+    let r = tokio::task::spawn_blocking(move || l.reload_logged())
+        .await
+        .unwrap_or_else(|e| Err(format!("the reload failed: {e}")));
+    match r {
+        Ok(warnings) => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({ "status": "reloaded", "warnings": warnings })),
+        )
+            .into_response(),
+        Err(reason) => (
+            StatusCode::CONFLICT,
+            axum::Json(serde_json::json!({ "status": "refused", "reason": reason })),
+        )
+            .into_response(),
+    }
 }
 
 pub fn app(state: AppState) -> Router {
+    live_app(Live::new(state))
+}
+
+/// The router over a [`Live`] state (what `serve` runs, so a reload reaches every handler).
+pub fn live_app(live: Live) -> Router {
     let site = Router::new()
         .route("/", get(pages::home))
         .route("/pricing", get(pages::pricing))
@@ -167,7 +296,7 @@ pub fn app(state: AppState) -> Router {
         .merge(api_router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            live.clone(),
             web::session_layer,
         ));
     Router::new()
@@ -177,17 +306,19 @@ pub fn app(state: AppState) -> Router {
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         // Outside the session layer: Stripe signs its requests instead of sending a CSRF token.
         .route("/stripe/webhook", post(credits::webhook))
+        // Outside the session layer too: `duang-admin reload` signs its request.
+        .route("/-/reload", post(reload_submit))
         .nest("/demo/v1", super::demo::router())
         .merge(site)
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            live.clone(),
             web::security_headers,
         ))
-        .with_state(state)
+        .with_state(live)
 }
 
 /// The JSON API, from the table that also describes it (`openapi.rs`).
-fn api_router() -> Router<AppState> {
+fn api_router() -> Router<Live> {
     super::openapi::routes()
         .into_iter()
         .fold(Router::new(), |r, route| r.route(route.path, route.handler))
@@ -221,17 +352,17 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Serves until `shutdown` resolves.
 pub async fn serve(
-    state: AppState,
+    live: Live,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let notices = tokio::spawn(super::notify::low_balance_loop(
-        state.clone(),
+        live.clone(),
         Duration::from_secs(60),
     ));
     let served = axum::serve(
         listener,
-        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        live_app(live).into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await;

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use duang::admin::cli::{Cli, Command, run_store_command, shutdown_signal};
-use duang::admin::server::{AppState, serve};
+use duang::admin::server::{AppState, Live, serve};
 use duang::conf::Conf;
 use duang::store::Store;
 use std::path::Path;
@@ -93,8 +93,34 @@ async fn serve_admin(conf: Conf) -> anyhow::Result<()> {
     let state = AppState::new(Arc::new(conf), store)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
-    serve(state, listener, shutdown_signal()).await?;
+    let live = Live::new(state);
+    let hangups = tokio::spawn(reload_on_hangup(live.clone(), None));
+    serve(live, listener, shutdown_signal()).await?;
+    hangups.abort();
     Ok(())
+}
+
+/// SIGHUP rereads the conf (`systemctl reload`, `kill -HUP`); under `up` it is passed on to the
+/// gateway, so one signal reloads the whole relay.
+async fn reload_on_hangup(live: Live, gateway_pid: Option<u32>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; reload with `duang-admin reload`");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        if let Some(pid) = gateway_pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGHUP,
+            );
+        }
+        let l = live.clone();
+        let _ = tokio::task::spawn_blocking(move || l.reload_logged()).await;
+    }
 }
 
 /// The quick start: one process tree with the admin server here and the gateway as a child.
@@ -128,8 +154,10 @@ async fn up(conf_path: &Path, conf: Conf) -> anyhow::Result<()> {
     let state = AppState::new(Arc::new(conf), store)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
+    let live = Live::new(state);
+    let hangups = tokio::spawn(reload_on_hangup(live.clone(), child.id()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(state, listener, async move {
+    let server = tokio::spawn(serve(live, listener, async move {
         let _ = stop_rx.await;
     }));
     let outcome = tokio::select! {
@@ -144,6 +172,7 @@ async fn up(conf_path: &Path, conf: Conf) -> anyhow::Result<()> {
         );
     }
     let _ = child.wait().await;
+    hangups.abort();
     let _ = stop_tx.send(());
     let _ = server.await;
     outcome

@@ -472,4 +472,88 @@ impl Conf {
     pub fn tier(&self, name: &str) -> Option<&Tier> {
         self.tiers.iter().find(|t| t.name == name)
     }
+
+    /// The settings that differ between this running conf and `new` and that a reload cannot
+    /// apply (a listener, the store, the process's threads and its node identity, Redis, the
+    /// client-connection bounds, the admin's listener and signing key): each as its conf key.
+    /// Everything else (tiers, prices, upstreams and weights, provider timeouts and cool-downs,
+    /// limits and key caps, body size and timeout, CORS, brand, mail, Stripe) a reload applies.
+    /// Why `new` cannot replace this running conf by a reload, if it cannot: the restart-only
+    /// settings it changes, named.
+    pub fn reload_refusal(&self, new: &Conf) -> Option<String> {
+        let restart = self.restart_only_changes(new);
+        (!restart.is_empty()).then(|| {
+            format!(
+                "{}: not reloaded: {} take{} effect only when the process restarts (restart it, or put the running value back); the running conf stays",
+                self.source,
+                restart.join(", "),
+                if restart.len() == 1 { "s" } else { "" },
+            )
+        })
+    }
+
+    pub fn restart_only_changes(&self, new: &Conf) -> Vec<&'static str> {
+        let (a, b) = (&self.gateway, &new.gateway);
+        let redis = |c: &Conf| {
+            c.redis.as_ref().map(|r| {
+                (
+                    r.url.expose().clone(),
+                    r.key_prefix.clone(),
+                    r.on_outage,
+                    r.timeout,
+                )
+            })
+        };
+        let secret = |c: &Conf| c.admin.signing_secret.as_ref().map(|s| s.expose().clone());
+        [
+            ("gateway.listen", a.listen != b.listen),
+            (
+                "gateway.metrics_listen",
+                a.metrics_listen != b.metrics_listen,
+            ),
+            ("gateway.threads", a.threads != b.threads),
+            (
+                "gateway.keepalive_idle_s",
+                a.keepalive_idle_s != b.keepalive_idle_s,
+            ),
+            (
+                "gateway.header_read_timeout_ms",
+                a.header_read_timeout != b.header_read_timeout,
+            ),
+            (
+                "gateway.max_header_bytes",
+                a.max_header_bytes != b.max_header_bytes,
+            ),
+            (
+                "gateway.max_client_connections",
+                a.max_client_connections != b.max_client_connections,
+            ),
+            (
+                "gateway.graceful_shutdown_timeout_ms",
+                a.graceful_shutdown_timeout != b.graceful_shutdown_timeout,
+            ),
+            ("gateway.node_id", a.node_id != b.node_id),
+            ("gateway.journal_dir", a.journal_dir != b.journal_dir),
+            (
+                "gateway.journal_fsync_interval_ms",
+                a.journal_fsync_interval != b.journal_fsync_interval,
+            ),
+            ("gateway.lease_expiry_ms", a.lease_expiry != b.lease_expiry),
+            ("gateway.reuse_port", a.reuse_port != b.reuse_port),
+            (
+                "store.url",
+                self.store.url.expose() != new.store.url.expose(),
+            ),
+            (
+                "store.max_connections",
+                self.store.max_connections != new.store.max_connections,
+            ),
+            ("redis", redis(self) != redis(new)),
+            ("admin.listen", self.admin.listen != new.admin.listen),
+            ("admin.secret_env", secret(self) != secret(new)),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
 }

@@ -11,6 +11,7 @@ use super::metrics::METRICS;
 use super::relay::{MAX_JSON_ANSWER, Outcome, relay};
 use super::request::{ChatRequest, parse_request, read_body};
 use super::respond::write_body;
+use super::routing::Routing;
 use super::state::Gateway;
 use super::upstream::{self, Answer};
 use crate::money::{NanoUsd, Rounding};
@@ -20,6 +21,7 @@ use std::time::Instant;
 
 pub async fn handle(
     gw: &Gateway,
+    live: &Routing,
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(), ApiError> {
@@ -35,7 +37,7 @@ pub async fn handle(
     // Until this request's settlement is queued for the writer: what a graceful shutdown waits for.
     let _in_flight = gw.request_started();
     let (caller, started) = {
-        let starting = Box::pin(start(gw, session, ctx));
+        let starting = Box::pin(start(gw, live, session, ctx));
         starting.await
     }?;
     let result = match started {
@@ -43,10 +45,10 @@ pub async fn handle(
         // this future's state.
         Ok(Started { req, answer, cost }) => {
             let out = {
-                let relaying = Box::pin(relay(gw, session, ctx, &req, answer));
+                let relaying = Box::pin(relay(gw, live, session, ctx, &req, answer));
                 relaying.await
             };
-            Ok(cost.settle(&gw.conf, req.tier, out))
+            Ok(cost.settle(&live.conf, req.tier, out))
         }
         Err(e) => Err(e),
     };
@@ -54,7 +56,7 @@ pub async fn handle(
         Ok(o) => (o, Ok(())),
         Err(e) => (Outcome::failed(&e), Err(e)),
     };
-    let recording = Box::pin(record(gw, session, ctx, &caller, outcome));
+    let recording = Box::pin(record(gw, live, session, ctx, &caller, outcome));
     recording.await;
     result
 }
@@ -109,10 +111,11 @@ impl Held {
 /// recorded.
 async fn start(
     gw: &Gateway,
+    live: &Routing,
     session: &mut Session,
     ctx: &mut RequestCtx,
 ) -> Result<(super::auth::Caller, Result<Started, ApiError>), ApiError> {
-    let conf = &gw.conf;
+    let conf = &live.conf;
     let now = crate::time::now_ms();
     let presented = super::auth::presented_key(session.req_header()).map(str::to_owned);
     let caller = gw
@@ -202,21 +205,21 @@ async fn start(
             .credit
             .hold(caller.account_id, worst, gw.store(), &gw.instance_id, now)
             .await?;
-        let health = gw.health.tier(req.tier);
-        let order = upstream::order(&tier.upstreams, &gw.picks[req.tier], health, now);
+        let health = live.health.tier(req.tier);
+        let order = upstream::order(&tier.upstreams, &live.picks[req.tier], health, now);
         if order.is_empty() {
             return Err(ApiError::NoUpstream {
                 tier: tier.name.clone(),
             });
         }
         let sent_at = Instant::now();
-        gw.tier_metrics[req.tier]
+        live.tier_metrics[req.tier]
             .overhead
             .observe(ctx.started.elapsed().as_secs_f64());
         let answer = upstream::send(
             conf,
             &gw.connector,
-            &gw.endpoints,
+            &live.endpoints,
             &tier.upstreams,
             &order,
             health,
@@ -232,7 +235,7 @@ async fn start(
             MAX_JSON_ANSWER,
         )
         .await?;
-        gw.tier_metrics[req.tier].upstream_latency[answer.upstream]
+        live.tier_metrics[req.tier].upstream_latency[answer.upstream]
             .observe(answer.first_byte.duration_since(sent_at).as_secs_f64());
         drop(for_messages);
         req.sent();
@@ -254,6 +257,7 @@ async fn start(
 /// crash after the client has the whole answer cannot lose it), then queued for the writer.
 async fn record(
     gw: &Gateway,
+    live: &Routing,
     session: &mut Session,
     ctx: &RequestCtx,
     caller: &super::auth::Caller,
@@ -263,7 +267,7 @@ async fn record(
     // All the request costs: what its lease pays and what is left for the balance.
     let charged = o.billed.checked_add(o.over_hold).unwrap_or(o.billed);
     if let Some(t) = ctx.tier {
-        let m = &gw.tier_metrics[t];
+        let m = &live.tier_metrics[t];
         m.input_tokens.inc_by(o.usage.input_tokens);
         m.output_tokens.inc_by(o.usage.output_tokens);
         m.billed_nano.inc_by(charged.nanos().max(0) as u64);
@@ -276,7 +280,7 @@ async fn record(
         key_id: caller.key_id,
         tier: ctx
             .tier
-            .map(|t| gw.conf.tiers[t].name.clone())
+            .map(|t| live.conf.tiers[t].name.clone())
             .unwrap_or_default(),
         provider: o.provider,
         upstream_model: o.model,

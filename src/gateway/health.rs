@@ -75,6 +75,29 @@ impl HealthBook {
         }
     }
 
+    /// Carries `before`'s state (made for `old`) over to the upstreams of `conf` that are the
+    /// same tier, provider and model: a reload does not forget that an upstream is cooling down.
+    pub fn take_over(&self, conf: &Conf, before: &HealthBook, old: &Conf) {
+        for (t, tier) in conf.tiers.iter().enumerate() {
+            let Some(ot) = old.tiers.iter().position(|o| o.name == tier.name) else {
+                continue;
+            };
+            for (u, up) in tier.upstreams.iter().enumerate() {
+                let same = old.tiers[ot]
+                    .upstreams
+                    .iter()
+                    .position(|o| o.provider_name == up.provider_name && o.model == up.model);
+                if let Some(ou) = same {
+                    let (from, to) = (&before.tiers[ot][ou], &self.tiers[t][u]);
+                    to.failures
+                        .store(from.failures.load(Ordering::Relaxed), Ordering::Relaxed);
+                    to.until_ms
+                        .store(from.until_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
     pub fn tier(&self, tier: usize) -> &[Health] {
         &self.tiers[tier]
     }

@@ -38,6 +38,10 @@ pub struct Metrics {
     pub client_connections: IntGauge,
     /// Client connections refused at `gateway.max_client_connections`.
     pub client_connections_refused: IntCounter,
+    /// Conf reloads, by result (`ok` or `refused`).
+    pub conf_reloads: IntCounterVec,
+    /// When the running conf was loaded (start or last reload), Unix seconds.
+    pub conf_loaded: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -199,6 +203,17 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ),
         holds_in_flight: holds,
         usage_queue,
+        conf_reloads: counter(
+            &r,
+            "duang_conf_reloads_total",
+            "Conf reloads (SIGHUP or POST /-/reload), by result: ok, or refused (the running conf stays)",
+            &["result"],
+        ),
+        conf_loaded: gauge(
+            &r,
+            "duang_conf_loaded_timestamp_seconds",
+            "When the running conf was loaded (start or last reload), Unix seconds",
+        ),
         overhead: histogram(
             &r,
             "duang_gateway_overhead_seconds",

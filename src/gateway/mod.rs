@@ -32,6 +32,7 @@ pub mod relay;
 pub mod request;
 pub mod respond;
 pub mod room;
+pub mod routing;
 mod service;
 pub mod spend;
 pub mod state;
@@ -96,6 +97,9 @@ pub fn build_server(conf: Arc<Conf>) -> Result<(Server, Arc<Gateway>), String> {
     let mut server = Server::new_with_opt_and_conf(None, server_conf);
     server.bootstrap();
     let gateway = Gateway::new(conf.clone());
+    metrics::METRICS
+        .conf_loaded
+        .set(crate::time::now_ms() / 1000);
     if let Some(root) = nodes::journal_root(&conf) {
         let fingerprint = nodes::store_fingerprint(&conf);
         let local = nodes::open_local(&root, &gateway.instance_id, &fingerprint).map_err(|e| {

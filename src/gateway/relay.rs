@@ -9,10 +9,11 @@ use super::dialect::{self, Dialect, Fault, Stream};
 use super::error::ApiError;
 use super::request::ChatRequest;
 use super::respond::{response_header, write_body, write_error};
+use super::routing::Routing;
 use super::state::Gateway;
 use super::tokens::Usage;
 use super::upstream::{self, Answer};
-use crate::conf::ResponseModel;
+use crate::conf::{Provider, ResponseModel};
 use crate::money::{NanoUsd, Rounding};
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -122,14 +123,15 @@ fn upstream_retry(answer: &Answer) -> Option<super::ctx::RetryAfter> {
 )]
 pub fn relay<'a>(
     gw: &'a Gateway,
+    live: &'a Routing,
     session: &'a mut Session,
     ctx: &'a mut RequestCtx,
     req: &'a ChatRequest,
     mut answer: Answer,
 ) -> impl std::future::Future<Output = Outcome> + Send + 'a {
     async move {
-        let u = &gw.conf.tiers[req.tier].upstreams[answer.upstream];
-        let p = &gw.conf.providers[u.provider];
+        let u = &live.conf.tiers[req.tier].upstreams[answer.upstream];
+        let p = &live.conf.providers[u.provider];
         let mut out = Outcome {
             status: answer.status,
             provider: Some(u.provider_name.clone()),
@@ -160,12 +162,12 @@ pub fn relay<'a>(
             refused.await;
             return out;
         }
-        let tier = &gw.conf.tiers[req.tier];
+        let tier = &live.conf.tiers[req.tier];
         let speaks = Dialect::of_upstream(p, req.client);
         if req.stream {
-            let shown = gw.shown_models[req.tier].as_deref();
+            let shown = live.shown_models[req.tier].as_deref();
             let mut stream = Stream::new(req.client, speaks, req.client_wants_usage, shown);
-            relay_stream(gw, session, ctx, req, &mut answer, &mut out, &mut stream).await;
+            relay_stream(gw, session, ctx, req, p, &mut answer, &mut out, &mut stream).await;
         } else {
             let shown = match tier.response_model {
                 ResponseModel::Tier => Some(tier.name.as_str()),
@@ -282,16 +284,20 @@ fn fault_error(f: Fault, provider: &str) -> ApiError {
     }
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the parts of one request, each borrowed for the stream's length"
+)]
 async fn relay_stream(
     gw: &Gateway,
     session: &mut Session,
     ctx: &mut RequestCtx,
     req: &ChatRequest,
+    p: &Provider,
     answer: &mut Answer,
     out: &mut Outcome,
     stream: &mut Stream<'_>,
 ) {
-    let p = &gw.conf.providers[gw.conf.tiers[req.tier].upstreams[answer.upstream].provider];
     if client_left(session) {
         // Gone while the upstream prepared its answer: nothing reached the client, nothing is
         // billed.

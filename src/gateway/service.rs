@@ -6,6 +6,7 @@ use super::ctx::RequestCtx;
 use super::dialect::Dialect;
 use super::error::ApiError;
 use super::respond::{write_error, write_json};
+use super::routing::Routing;
 use super::state::Gateway;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -31,13 +32,13 @@ impl GatewayService {
 /// Request metrics, with the route label limited to the routes we serve. A chat request that
 /// named a tier (only the chat routes do) uses its tier's handles looked up at start; anything
 /// else goes by its labels.
-fn observe(gw: &Gateway, path: &str, ctx: &RequestCtx) {
+fn observe(live: &Routing, path: &str, ctx: &RequestCtx) {
     let m = &*super::metrics::METRICS;
     let elapsed = ctx.started.elapsed().as_secs_f64();
     let status = ctx.status;
     let chat_route = super::metrics::CHAT_ROUTES.iter().position(|r| *r == path);
     if let (Some(t), Some(r)) = (ctx.tier, chat_route) {
-        let tm = &gw.tier_metrics[t];
+        let tm = &live.tier_metrics[t];
         tm.latency[r].observe(elapsed);
         if let Some(first) = ctx.first_byte {
             tm.ttft
@@ -47,7 +48,7 @@ fn observe(gw: &Gateway, path: &str, ctx: &RequestCtx) {
             tm.ok[r].inc();
         } else {
             m.requests
-                .with_label_values(&[path, gw.conf.tiers[t].name.as_str(), &status.to_string()])
+                .with_label_values(&[path, live.conf.tiers[t].name.as_str(), &status.to_string()])
                 .inc();
         }
         return;
@@ -71,7 +72,11 @@ fn observe(gw: &Gateway, path: &str, ctx: &RequestCtx) {
 }
 
 /// `GET /v1/models[/{id}]` for the key presented.
-async fn models(gw: &Gateway, session: &Session) -> std::result::Result<Bytes, ApiError> {
+async fn models(
+    gw: &Gateway,
+    live: &Routing,
+    session: &Session,
+) -> std::result::Result<Bytes, ApiError> {
     let presented = super::auth::presented_key(session.req_header());
     let caller = gw
         .keys
@@ -79,12 +84,12 @@ async fn models(gw: &Gateway, session: &Session) -> std::result::Result<Bytes, A
             presented,
             gw.store(),
             crate::time::now_ms(),
-            &gw.conf.admin.support_email,
+            &live.conf.admin.support_email,
         )
         .await?;
     match session.req_header().uri.path().strip_prefix("/v1/models/") {
-        None => Ok(super::models::list(&gw.models, &caller)),
-        Some(id) => super::models::retrieve(&gw.models, &caller, id),
+        None => Ok(super::models::list(&live.models, &caller)),
+        Some(id) => super::models::retrieve(&live.models, &caller, id),
     }
 }
 
@@ -146,7 +151,7 @@ fn known_path(p: &str) -> bool {
 }
 
 /// A CORS preflight for an allowed origin: 204 with what the SDKs send (`[gateway.cors]`).
-async fn preflight(gw: &Gateway, session: &mut Session, origin: &str) -> Result<()> {
+async fn preflight(live: &Routing, session: &mut Session, origin: &str) -> Result<()> {
     let mut h = ResponseHeader::build_no_case(204, Some(8))?;
     h.insert_header("access-control-allow-origin", origin)?;
     h.insert_header("vary", "origin")?;
@@ -164,7 +169,7 @@ async fn preflight(gw: &Gateway, session: &mut Session, origin: &str) -> Result<
     h.insert_header("access-control-allow-headers", asked)?;
     h.insert_header(
         "access-control-max-age",
-        gw.conf.gateway.cors.max_age_s.to_string(),
+        live.conf.gateway.cors.max_age_s.to_string(),
     )?;
     h.insert_header("content-length", "0")?;
     session.write_response_header(Box::new(h), true).await
@@ -187,16 +192,18 @@ impl ProxyHttp for GatewayService {
     // the chat route's small outer future is awaited in place.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         super::conn::head_done(session);
+        // The conf this request runs under, to its end (a reload changes nothing for it).
+        let live = self.gateway.routing();
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
         // An idle kept-alive connection is closed after this long (unless the client asked for
         // `Connection: close`, which stays).
-        session.set_keepalive(Some(self.gateway.conf.gateway.keepalive_idle_s));
-        let limit = self.gateway.conf.gateway.max_request_body_bytes.get();
+        session.set_keepalive(Some(live.conf.gateway.keepalive_idle_s));
+        let limit = live.conf.gateway.max_request_body_bytes.get();
         if let Some(e) = refused_by_head(session.req_header(), limit) {
             let refusing = Box::pin(refuse_by_head(session, ctx, e));
             refusing.await?;
-            observe(&self.gateway, &path, ctx);
+            observe(&live, &path, ctx);
             return Ok(true);
         }
         if !self.gateway.ready.is_set() && path != "/healthz" && path != "/readyz" {
@@ -212,17 +219,17 @@ impl ProxyHttp for GatewayService {
             if !ready {
                 let writing = Box::pin(write_error(session, ctx, &ApiError::StoreUnavailable));
                 writing.await?;
-                observe(&self.gateway, &path, ctx);
+                observe(&live, &path, ctx);
                 return Ok(true);
             }
         }
-        if !self.gateway.conf.gateway.cors.allowed_origins.is_empty()
+        if !live.conf.gateway.cors.allowed_origins.is_empty()
             && let Some(origin) = session
                 .req_header()
                 .headers
                 .get("origin")
                 .and_then(|v| v.to_str().ok())
-                .filter(|o| self.gateway.conf.gateway.cors.allows(o))
+                .filter(|o| live.conf.gateway.cors.allows(o))
         {
             ctx.set_cors_origin(origin);
         }
@@ -237,7 +244,7 @@ impl ProxyHttp for GatewayService {
                     "/v1/embeddings" => Dialect::Embeddings,
                     _ => Dialect::Chat,
                 };
-                let r = super::chat::handle(&self.gateway, session, ctx).await;
+                let r = super::chat::handle(&self.gateway, &live, session, ctx).await;
                 if r.is_ok() && ctx.status == 0 {
                     ctx.status = 200;
                 }
@@ -246,7 +253,7 @@ impl ProxyHttp for GatewayService {
             ("OPTIONS", p) if known_path(p) && ctx.cors_origin().is_some() => {
                 let origin = ctx.cors_origin().unwrap_or_default().to_owned();
                 ctx.status = 204;
-                let answering = Box::pin(preflight(&self.gateway, session, &origin));
+                let answering = Box::pin(preflight(&live, session, &origin));
                 answering.await?;
                 Ok(())
             }
@@ -264,7 +271,7 @@ impl ProxyHttp for GatewayService {
                 Ok(())
             }
             ("GET", p) if p == "/v1/models" || p.starts_with("/v1/models/") => {
-                let models = Box::pin(models(&self.gateway, session));
+                let models = Box::pin(models(&self.gateway, &live, session));
                 match models.await {
                     Ok(body) => {
                         let responding = Box::pin(write_json(session, ctx, 200, body));
@@ -292,7 +299,7 @@ impl ProxyHttp for GatewayService {
             let writing = Box::pin(write_error(session, ctx, &e));
             writing.await?;
         }
-        observe(&self.gateway, &path, ctx);
+        observe(&live, &path, ctx);
         Ok(true)
     }
 

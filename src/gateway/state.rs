@@ -2,17 +2,17 @@
 
 use super::auth::KeyCache;
 use super::hold::CreditBook;
+use super::routing::Routing;
 use super::spend::SpendBook;
-use super::upstream::Endpoint;
 use crate::conf::Conf;
 use crate::store::{Settlement, Store};
+use arc_swap::ArcSwap;
 use pingora::connectors::TransportConnector;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::mpsc;
 
 pub struct Gateway {
-    pub conf: Arc<Conf>,
     /// This process's name as a lease holder: the node id and its start (see `nodes`).
     pub instance_id: String,
     /// Settlements are journaled here before the answer's last bytes go out (`None`: an
@@ -31,19 +31,11 @@ pub struct Gateway {
     pub settlements: mpsc::Sender<Queued>,
     pub(super) settlements_rx: Mutex<Option<mpsc::Receiver<Queued>>>,
     pub connector: TransportConnector,
-    /// One per provider, in conf order.
-    pub endpoints: Vec<Endpoint>,
-    /// One weighted-pick counter per tier.
-    pub picks: Vec<AtomicU64>,
-    /// Cool-down state of every tier's upstreams.
-    pub health: super::health::HealthBook,
-    /// Each tier's `/v1/models` object, in conf order.
-    pub models: Vec<serde_json::Value>,
-    /// What each tier's answers show in `model`, as the inside of a JSON string (`None`: the
-    /// upstream's own), made once rather than per stream.
-    pub shown_models: Vec<Option<Box<[u8]>>>,
-    /// Each tier's metric handles, in conf order.
-    pub tier_metrics: Vec<super::metrics::TierMetrics>,
+    /// The conf and what is made from it for requests, replaced whole by a reload: read it once
+    /// per request with [`Gateway::routing`].
+    pub(super) routing: ArcSwap<Routing>,
+    /// Reloads one at a time.
+    pub(super) reloading: Mutex<()>,
     /// Set by the worker once the store is connected and the caches warm: requests that arrive
     /// before (the listener is open from the start) wait for it.
     pub ready: super::drain::Flag,
@@ -92,29 +84,24 @@ impl Gateway {
             settlements: tx,
             settlements_rx: Mutex::new(Some(rx)),
             connector: TransportConnector::new(None),
-            endpoints: conf.providers.iter().map(Endpoint::new).collect(),
-            picks: conf.tiers.iter().map(|_| AtomicU64::new(0)).collect(),
-            health: super::health::HealthBook::new(&conf),
-            models: super::models::model_objects(&conf),
-            shown_models: conf
-                .tiers
-                .iter()
-                .map(|t| match t.response_model {
-                    crate::conf::ResponseModel::Tier => Some(super::dialect::escaped(&t.name)),
-                    crate::conf::ResponseModel::Upstream => None,
-                })
-                .collect(),
-            tier_metrics: conf
-                .tiers
-                .iter()
-                .map(super::metrics::TierMetrics::new)
-                .collect(),
+            routing: ArcSwap::from_pointee(Routing::new(conf, None)),
+            reloading: Mutex::new(()),
             ready: super::drain::Flag::default(),
             worker_beat_ms: AtomicI64::new(crate::time::now_ms()),
             drain: Arc::default(),
             in_flight: AtomicI64::new(0),
-            conf,
         })
+    }
+
+    /// The current conf and routing: a request takes it once, when it arrives, and keeps it.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.load_full()
+    }
+
+    /// The current conf. Settings a reload cannot change ([`Conf::restart_only_changes`]) are
+    /// the ones this process started with.
+    pub fn conf(&self) -> Arc<Conf> {
+        self.routing.load().conf.clone()
     }
 
     pub fn store(&self) -> Option<&Store> {

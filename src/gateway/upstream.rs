@@ -367,7 +367,7 @@ pub async fn read_body(
 pub async fn send(
     conf: &Conf,
     connector: &TransportConnector,
-    endpoints: &[Endpoint],
+    endpoints: &[std::sync::Arc<Endpoint>],
     upstreams: &[Upstream],
     order: &[usize],
     health: &[Health],

@@ -29,7 +29,7 @@ pub struct Worker {
 
 async fn connect(gw: &Gateway) -> Store {
     loop {
-        match Store::open(&gw.conf.store).await {
+        match Store::open(&gw.conf().store).await {
             Ok(store) => return store,
             Err(e) => {
                 tracing::error!(error = %e, "gateway: store unavailable; retrying");
@@ -40,7 +40,8 @@ async fn connect(gw: &Gateway) -> Store {
 }
 
 fn resolve_all(gw: &Arc<Gateway>) {
-    for (p, ep) in gw.conf.providers.iter().zip(&gw.endpoints) {
+    let live = gw.routing();
+    for (p, ep) in live.conf.providers.iter().zip(&live.endpoints) {
         if p.enabled && !ep.resolve() {
             tracing::error!(provider = %p.name, host = %ep.host, "cannot resolve the provider's host; will retry");
         }
@@ -57,7 +58,7 @@ async fn recover(gw: &Gateway, store: &Store) {
     let Some(own) = gw.journal.get() else {
         return;
     };
-    let fingerprint = super::nodes::store_fingerprint(&gw.conf);
+    let fingerprint = super::nodes::store_fingerprint(&gw.conf());
     super::nodes::recover_orphans(&own.dir, &fingerprint, store).await;
 }
 
@@ -76,7 +77,7 @@ struct Beat {
 /// One heartbeat: renew this instance, fence or unfence its credit, sweep instances that stopped.
 async fn heartbeat(gw: &Gateway, store: &Store, beat: &mut Beat) {
     let now = crate::time::now_ms();
-    let expiry_ms = gw.conf.gateway.lease_expiry.as_millis() as i64;
+    let expiry_ms = gw.conf().gateway.lease_expiry.as_millis() as i64;
     match store.heartbeat(&gw.instance_id, now).await {
         Ok(true) => {
             if now - beat.last_ok_ms > 2 * super::nodes::HEARTBEAT_EVERY.as_millis() as i64 {
@@ -90,7 +91,7 @@ async fn heartbeat(gw: &Gateway, store: &Store, beat: &mut Beat) {
             gw.spend.forget_all();
             tracing::error!(instance = %gw.instance_id, %forgotten, "this instance was swept (no heartbeat for the lease expiry): its leases went back to the balances; leasing anew");
             if store
-                .register_instance(&gw.instance_id, &gw.conf.gateway.node_id, now)
+                .register_instance(&gw.instance_id, &gw.conf().gateway.node_id, now)
                 .await
                 .is_ok()
             {
@@ -129,7 +130,7 @@ async fn heartbeat(gw: &Gateway, store: &Store, beat: &mut Beat) {
 async fn drain(gw: &Gateway, store: &Store, writer: tokio::sync::oneshot::Receiver<usize>) {
     let d = &gw.drain;
     let started = Instant::now();
-    let deadline = started + gw.conf.gateway.graceful_shutdown_timeout;
+    let deadline = started + gw.conf().gateway.graceful_shutdown_timeout;
     tracing::info!(in_flight = gw.requests_in_flight(), "draining");
     let settled_by = |until: Instant| async move {
         while gw.requests_in_flight() > 0 && Instant::now() < until {
@@ -201,7 +202,7 @@ impl BackgroundService for Worker {
         while let Err(e) = store
             .register_instance(
                 &gw.instance_id,
-                &gw.conf.gateway.node_id,
+                &gw.conf().gateway.node_id,
                 crate::time::now_ms(),
             )
             .await
@@ -240,7 +241,7 @@ impl BackgroundService for Worker {
         let mut idle = tokio::time::interval(Duration::from_secs(5));
         let mut resolve = tokio::time::interval(RESOLVE_EVERY);
         let mut beats = tokio::time::interval(super::nodes::HEARTBEAT_EVERY);
-        let mut fsync = tokio::time::interval(gw.conf.gateway.journal_fsync_interval);
+        let mut fsync = tokio::time::interval(gw.conf().gateway.journal_fsync_interval);
         let started_ms = crate::time::now_ms();
         let mut beat = Beat {
             last_ok_ms: started_ms,
@@ -294,7 +295,9 @@ pub struct MetricsServer {
 #[async_trait]
 impl BackgroundService for MetricsServer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let addr = self.gateway.conf.gateway.metrics_listen;
+        // First: SIGHUP's default action ends the process.
+        tokio::spawn(reload_on_hangup(self.gateway.clone()));
+        let addr = self.gateway.conf().gateway.metrics_listen;
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,
             Err(e) => {
@@ -305,7 +308,15 @@ impl BackgroundService for MetricsServer {
         let gw = self.gateway.clone();
         let health = self.gateway.clone();
         let ready = self.gateway.clone();
+        let reload = self.gateway.clone();
         let app = axum::Router::new()
+            .route(
+                "/-/reload",
+                axum::routing::post(move || {
+                    let gw = reload.clone();
+                    async move { reload_answer(&reloaded(gw).await) }
+                }),
+            )
             .route(
                 "/readyz",
                 axum::routing::get(move || {
@@ -360,5 +371,47 @@ impl BackgroundService for MetricsServer {
                 let _ = shutdown.changed().await;
             })
             .await;
+    }
+}
+
+/// Reloads the conf off the request threads (it reads files and may resolve hosts).
+async fn reloaded(gw: Arc<Gateway>) -> super::routing::Reload {
+    tokio::task::spawn_blocking(move || gw.reload())
+        .await
+        .unwrap_or_else(|e| super::routing::Reload::Refused {
+            reason: format!("the reload failed: {e}"),
+        })
+}
+
+/// `POST /-/reload`'s answer: 200 `reloaded` with the new conf's warnings, or 409 `refused`
+/// with the reason (the running conf stays).
+fn reload_answer(r: &super::routing::Reload) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (status, body) = match r {
+        super::routing::Reload::Applied { warnings } => (
+            axum::http::StatusCode::OK,
+            serde_json::json!({ "status": "reloaded", "warnings": warnings }),
+        ),
+        super::routing::Reload::Refused { reason } => (
+            axum::http::StatusCode::CONFLICT,
+            serde_json::json!({ "status": "refused", "reason": reason }),
+        ),
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+/// SIGHUP rereads the conf (`systemctl reload`, `kill -HUP`), as `POST /-/reload` does.
+async fn reload_on_hangup(gw: Arc<Gateway>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; reload with POST /-/reload");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the conf");
+        reloaded(gw.clone()).await;
     }
 }

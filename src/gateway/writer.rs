@@ -65,12 +65,13 @@ pub fn spawn(
 /// The writer's own connection (`None`: the gateway finished draining before one could be
 /// made). An in-memory SQLite database exists only in its own pool, so that one is shared.
 async fn open(gw: &Gateway) -> Option<Store> {
-    let in_memory = gw.conf.store.backend == crate::conf::Backend::Sqlite
-        && crate::store::sqlite_path(gw.conf.store.url.expose()).is_none();
+    let store_conf = gw.conf().store.clone();
+    let in_memory = store_conf.backend == crate::conf::Backend::Sqlite
+        && crate::store::sqlite_path(store_conf.url.expose()).is_none();
     if in_memory && let Some(store) = gw.store() {
         return Some(store.clone());
     }
-    let mut conf = gw.conf.store.clone();
+    let mut conf = store_conf;
     conf.max_connections = NonZeroU32::MIN;
     loop {
         match Store::connect(&conf).await {

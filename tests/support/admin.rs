@@ -158,7 +158,8 @@ impl Admin {
         let admin_url = listener.map(|(l, url)| {
             let s = state.clone();
             tokio::spawn(async move {
-                let _ = duang::admin::server::serve(s, l, std::future::pending()).await;
+                let live = duang::admin::server::Live::new(s);
+                let _ = duang::admin::server::serve(live, l, std::future::pending()).await;
             });
             url
         });

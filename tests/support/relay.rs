@@ -306,6 +306,8 @@ pub struct Relay {
     pub key_id: i64,
     pub client: reqwest::Client,
     pub gateway: Proc,
+    /// The first gateway's conf file.
+    pub conf: std::path::PathBuf,
     conf_for: Box<ConfFor>,
     _dir: tempfile::TempDir,
 }
@@ -318,6 +320,8 @@ pub struct Node {
     pub base: String,
     pub metrics: String,
     pub proc: Proc,
+    /// The conf file it was started with (a reload rereads it).
+    pub conf: std::path::PathBuf,
 }
 
 impl Node {
@@ -407,6 +411,7 @@ impl Node {
             base,
             metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
             proc,
+            conf,
         })
     }
 }
@@ -493,6 +498,7 @@ impl Relay {
             key_id,
             client: reqwest::Client::new(),
             gateway: node.proc,
+            conf: node.conf,
             conf_for: Box::new(conf_for),
             _dir: dir,
         }
