@@ -836,3 +836,34 @@ fn a_reload_names_the_settings_only_a_restart_applies() {
         "{refusal}"
     );
 }
+
+/// A provider's prepaid-credit settings: a positive dollar amount, and a switch.
+#[test]
+fn prepaid_credit_settings_are_checked() {
+    let conf = parse_conf(
+        &shipped_with(
+            "# prepaid_alert_below_usd = \"50\"\n# leave_routing_when_prepaid_spent = true",
+            "prepaid_alert_below_usd = \"50\"\nleave_routing_when_prepaid_spent = true",
+        ),
+        &[],
+    )
+    .expect("valid");
+    let openai = conf
+        .providers
+        .iter()
+        .find(|p| p.name == "openai")
+        .expect("openai");
+    assert_eq!(openai.prepaid_alert_below, Some("50".parse().expect("usd")));
+    assert!(openai.leave_routing_when_prepaid_spent);
+    let e = err(
+        &shipped_with(
+            "# prepaid_alert_below_usd = \"50\"",
+            "prepaid_alert_below_usd = \"-5\"",
+        ),
+        &[],
+    );
+    assert!(
+        e.contains("providers.openai.prepaid_alert_below_usd: \"-5\" is not a positive amount of US dollars"),
+        "{e}"
+    );
+}

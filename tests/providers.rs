@@ -307,7 +307,211 @@ async fn anthropic_clients_use_v1_messages(backend: Backend) {
     assert_eq!(billed, NanoUsd::from_nanos(2 * (10 * 120 + 4 * 480)));
 }
 
+/// A reseller's prepaid upstream credit: recorded with `duang-admin upstream-credit add` (a
+/// reference is never recorded twice, an unknown provider is refused), counted down by the
+/// provider cost of every request exactly, a mail to the operators once below the conf's
+/// threshold, and once spent the provider leaves routing: its tier falls back to the next
+/// upstream, and the metrics say so.
+async fn prepaid_upstream_credit_is_counted_down_and_leaves_routing_when_spent(backend: Backend) {
+    let relay = Relay::start(backend, "5").await;
+    let cli = |args: &[&str]| support::run(support::ADMIN_BIN, &relay.conf, args, None);
+    let prepay = |provider: &str, usd: &str, reference: &str| {
+        cli(&[
+            "upstream-credit",
+            "add",
+            provider,
+            "--usd",
+            usd,
+            "--ref",
+            reference,
+        ])
+    };
+    let added = prepay("prepaid", "0.00001", "inv-1");
+    assert_eq!(added.code, 0, "{}", added.stderr);
+    assert!(
+        added.stdout.contains("prepaid credit left $0.00001"),
+        "{}",
+        added.stdout
+    );
+    let again = prepay("prepaid", "0.00001", "inv-1");
+    assert_ne!(again.code, 0);
+    assert!(
+        again.stderr.contains("already recorded"),
+        "{}",
+        again.stderr
+    );
+    let unknown = prepay("nobody", "5", "x");
+    assert_ne!(unknown.code, 0);
+    assert!(
+        unknown.stderr.contains("no provider named \"nobody\""),
+        "{}",
+        unknown.stderr
+    );
+
+    // The admin's view and its mail, on the same store and conf.
+    let outbox = relay.dir().join("outbox");
+    let text = std::fs::read_to_string(&relay.conf).expect("conf")
+        + &format!(
+            "\n[smtp]\noutbox_dir = {:?}\n",
+            outbox.display().to_string()
+        );
+    let conf = support::parse_conf(&text, &[("DUANG_TEST_MOCK_KEY", PROVIDER_KEY)]).expect("conf");
+    let operator = relay
+        .store()
+        .create_account(&duang::store::NewAccount {
+            email: "ops@example.com".into(),
+            password_hash: None,
+            role: duang::store::Role::Operator,
+            verified: true,
+        })
+        .await
+        .expect("operator");
+    let state =
+        duang::admin::server::AppState::new(std::sync::Arc::new(conf), relay.store().clone())
+            .await
+            .expect("admin state");
+    let mails = || support::admin::mails_to(&outbox, &operator.email);
+    assert!(
+        duang::admin::notify::prepaid_pass(&state)
+            .await
+            .expect("pass")
+            .is_empty()
+    );
+
+    // Each request costs the provider 10 × $0.10 + 4 × $0.40 per million tokens: 2,600 nano-USD.
+    let left = || async {
+        relay
+            .store()
+            .provider_credits(86_400_000)
+            .await
+            .expect("credits")
+            .into_iter()
+            .find(|c| c.provider == "prepaid")
+            .expect("prepaid")
+            .remaining
+    };
+    // Who answered a request to the prepaid tier (from its usage record).
+    let answered_by = || async {
+        let r = relay.post(ask("prepaid")).await;
+        assert_eq!(r.status(), 200);
+        let id = r.headers()["x-request-id"].to_str().expect("id").to_owned();
+        let _ = r.text().await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let page = relay
+                .store()
+                .usage_page(relay.account_id, None, 1000)
+                .await
+                .expect("usage");
+            if let Some(u) = page.into_iter().find(|u| u.request_id == id) {
+                return u;
+            }
+            assert!(std::time::Instant::now() < deadline, "{id} never recorded");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    };
+    for n in 1..=4 {
+        let u = answered_by().await;
+        assert_eq!(
+            u.provider.as_deref(),
+            Some("prepaid"),
+            "credit was left: {u:?}"
+        );
+        assert_eq!(u.provider_cost, NanoUsd::from_nanos(2_600));
+        assert_eq!(
+            left().await,
+            NanoUsd::from_nanos(10_000 - 2_600 * n),
+            "exact to the nano-USD"
+        );
+        if n == 2 {
+            // 4,800 left, below the conf's 5,000: the operators are told, once.
+            assert_eq!(
+                duang::admin::notify::prepaid_pass(&state)
+                    .await
+                    .expect("pass"),
+                ["prepaid"]
+            );
+            assert!(
+                duang::admin::notify::prepaid_pass(&state)
+                    .await
+                    .expect("pass")
+                    .is_empty()
+            );
+            let m = mails();
+            assert_eq!(m.len(), 1);
+            assert!(
+                m[0].contains("Prepaid credit at prepaid is low"),
+                "{}",
+                m[0]
+            );
+        }
+    }
+    // Spent ($-0.0000004): the gateway reads the credit every 5 s; then the tier falls back.
+    let routed = |on: bool| {
+        let relay = &relay;
+        async move {
+            let want = format!(
+                "duang_upstream_prepaid_left_routing{{provider=\"prepaid\"}} {}",
+                i32::from(!on)
+            );
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !relay.metrics_text().await.contains(&want) {
+                assert!(std::time::Instant::now() < deadline, "never saw {want}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    routed(false).await;
+    for _ in 0..3 {
+        let u = answered_by().await;
+        assert_eq!(
+            u.provider.as_deref(),
+            Some("mock"),
+            "back on a spent provider"
+        );
+    }
+    assert_eq!(left().await, NanoUsd::from_nanos(-400));
+    let metrics = relay.metrics_text().await;
+    let remaining = -400;
+    assert!(
+        metrics.contains(&format!(
+            "duang_upstream_prepaid_remaining_nano_usd{{provider=\"prepaid\"}} {remaining}"
+        )) && metrics.contains("duang_upstream_prepaid_left_routing{provider=\"prepaid\"} 1")
+            && metrics
+                .contains("duang_upstream_prepaid_alert_below_nano_usd{provider=\"prepaid\"} 5000"),
+        "{metrics}"
+    );
+    let listed = cli(&["upstream-credit", "list"]);
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    assert!(
+        listed.stdout.contains("prepaid")
+            && listed
+                .stdout
+                .contains(&NanoUsd::from_nanos(remaining).to_string()),
+        "{}",
+        listed.stdout
+    );
+    let page = duang::admin::upstream_credit::prepaid_json(&state)
+        .await
+        .expect("json");
+    assert_eq!(page[0]["out_of_routing"], true);
+    assert_eq!(page[0]["remaining_nano_usd"], remaining);
+
+    // Topped up: routed again at the next read.
+    let topped = prepay("prepaid", "1", "inv-2");
+    assert_eq!(topped.code, 0, "{}", topped.stderr);
+    routed(true).await;
+    assert_eq!(answered_by().await.provider.as_deref(), Some("prepaid"));
+    assert!(
+        duang::admin::notify::prepaid_pass(&state)
+            .await
+            .expect("pass")
+            .is_empty()
+    );
+}
+
 support::on_both_stores!(
+    prepaid_upstream_credit_is_counted_down_and_leaves_routing_when_spent,
     anthropic_clients_use_v1_messages,
     gemini_streams_and_bills_with_usage_in_the_last_chunk,
     anthropic_upstreams_speak_openai_to_clients,

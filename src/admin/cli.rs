@@ -52,6 +52,9 @@ pub enum Command {
     /// Gateway instances and the credit they hold leased; release a gone instance's leases.
     #[command(subcommand)]
     Leases(LeasesCmd),
+    /// Record what you prepaid to an upstream provider, and see what is left of it.
+    #[command(subcommand, name = "upstream-credit")]
+    UpstreamCredit(UpstreamCreditCmd),
     /// Make the running gateway(s) and admin server reread the conf file (as SIGHUP does): new
     /// requests use it, requests in flight finish under the old one. A conf that does not
     /// validate, or that changes a setting only a restart applies, is refused and the running
@@ -68,6 +71,26 @@ pub enum Command {
         #[arg(long)]
         no_admin: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UpstreamCreditCmd {
+    /// Record a prepayment to PROVIDER (a provider of the conf); its provider cost counts
+    /// against it from now on. A negative amount corrects a mistake and needs --note.
+    Add {
+        provider: String,
+        /// Amount in USD, e.g. 500 or 125.50.
+        #[arg(long, allow_hyphen_values = true)]
+        usd: String,
+        /// The provider's invoice or payment id: the same reference is never recorded twice.
+        #[arg(long = "ref")]
+        reference: String,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Each provider's prepaid credit: recorded, spent, left, the spend rate over the last 7
+    /// days and the days left at it; then every prepayment recorded.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,6 +270,28 @@ fn precheck(conf: &Conf, command: Command) -> anyhow::Result<Command> {
         Command::Account(AccountCmd::Create { email, .. }) if !crate::email::is_valid(email) => {
             bail!("{email:?} is not a valid e-mail address")
         }
+        Command::UpstreamCredit(UpstreamCreditCmd::Add {
+            provider,
+            usd,
+            note,
+            ..
+        }) => {
+            if !conf.providers.iter().any(|p| &p.name == provider) {
+                let known: Vec<&str> = conf.providers.iter().map(|p| p.name.as_str()).collect();
+                bail!(
+                    "no provider named {provider:?} in {} (known: {})",
+                    conf.source,
+                    known.join(", ")
+                );
+            }
+            let amount: NanoUsd = usd.parse().with_context(|| format!("--usd {usd}"))?;
+            if amount == NanoUsd::ZERO {
+                bail!("--usd 0: a prepayment must change the credit");
+            }
+            if amount.is_negative() && note.as_deref().is_none_or(|r| r.trim().is_empty()) {
+                bail!("a negative amount corrects a recorded prepayment: say why with --note");
+            }
+        }
         Command::Credits(CreditsCmd::Grant(g)) => {
             let amount: NanoUsd = g.usd.parse().with_context(|| format!("--usd {}", g.usd))?;
             if amount == NanoUsd::ZERO {
@@ -316,6 +361,7 @@ async fn dispatch(store: &Store, command: Command) -> anyhow::Result<()> {
         }
         Command::Account(cmd) => account(store, cmd).await?,
         Command::Credits(CreditsCmd::Grant(g)) => grant(store, g).await?,
+        Command::UpstreamCredit(cmd) => upstream_credit(store, cmd).await?,
         Command::Key(cmd) => key(store, cmd).await?,
         Command::Balance { account } => balance(store, &account).await?,
         Command::Reconcile => {
@@ -506,6 +552,69 @@ async fn grant(store: &Store, g: GrantArgs) -> anyhow::Result<()> {
         entry.external_ref,
         proof.cached
     );
+    Ok(())
+}
+
+async fn upstream_credit(store: &Store, cmd: UpstreamCreditCmd) -> anyhow::Result<()> {
+    match cmd {
+        UpstreamCreditCmd::Add {
+            provider,
+            usd,
+            reference,
+            note,
+        } => {
+            let amount: NanoUsd = usd.parse()?;
+            let c = store
+                .add_upstream_credit(&provider, amount, &reference, note.as_deref(), &actor())
+                .await?;
+            let left = store
+                .provider_credits(7 * 86_400_000)
+                .await?
+                .into_iter()
+                .find(|p| p.provider == provider)
+                .map(|p| p.remaining.to_string())
+                .unwrap_or_default();
+            println!(
+                "recorded {} for {} (entry {}, ref {}); prepaid credit left {left}",
+                c.amount, c.provider, c.id, c.reference
+            );
+        }
+        UpstreamCreditCmd::List => {
+            let credits = store.provider_credits(7 * 86_400_000).await?;
+            if credits.is_empty() {
+                println!("no prepaid upstream credit recorded");
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:>16} {:>16} {:>16} {:>14} {:>10}",
+                "PROVIDER", "PREPAID", "SPENT", "LEFT", "PER DAY (7D)", "DAYS LEFT"
+            );
+            for c in &credits {
+                println!(
+                    "{:<16} {:>16} {:>16} {:>16} {:>14} {:>10}",
+                    c.provider,
+                    c.credited.to_string(),
+                    c.spent.to_string(),
+                    c.remaining.to_string(),
+                    c.per_day().map(|d| d.to_string()).unwrap_or_default(),
+                    c.days_left()
+                        .map(|d| format!("{d:.1}"))
+                        .unwrap_or_else(|| "-".into()),
+                );
+            }
+            println!();
+            for c in store.upstream_credits().await? {
+                println!(
+                    "{}  {:<16} {:>14}  ref {}{}",
+                    crate::time::format_utc(c.created_at),
+                    c.provider,
+                    c.amount.to_string(),
+                    c.reference,
+                    c.note.map(|n| format!("  ({n})")).unwrap_or_default()
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -21,5 +21,6 @@ pub mod server;
 mod signing;
 pub mod stripe;
 mod totp;
+pub mod upstream_credit;
 mod usage;
 mod web;

@@ -14,6 +14,7 @@ use crate::store::{Account, AccountStatus};
 use maud::html;
 
 /// One part of a mail's body.
+#[derive(Clone)]
 pub enum Part {
     Para(String),
     /// A link on its own line: its label and its URL.
@@ -22,6 +23,7 @@ pub enum Part {
     Facts(Vec<(String, String)>),
 }
 
+#[derive(Clone)]
 pub struct Letter {
     pub subject: String,
     pub parts: Vec<Part>,
@@ -291,14 +293,71 @@ pub async fn low_balance_pass(state: &AppState) -> Result<usize, AdminError> {
     Ok(crossed.len())
 }
 
-/// Runs [`low_balance_pass`] every `every` until the process ends.
+/// Mails the operators when a provider's prepaid credit falls below its
+/// `prepaid_alert_below_usd` (once per crossing; a credit back above it re-arms the mail).
+/// Returns the providers mailed about.
+pub async fn prepaid_pass(state: &AppState) -> Result<Vec<String>, AdminError> {
+    let watched: Vec<_> = state
+        .conf
+        .providers
+        .iter()
+        .filter_map(|p| p.prepaid_alert_below.map(|b| (p, b)))
+        .collect();
+    if watched.is_empty() {
+        return Ok(Vec::new());
+    }
+    let credits = state.store.provider_credits(7 * 86_400_000).await?;
+    let mut mailed = Vec::new();
+    for (p, below) in watched {
+        let Some(c) = credits.iter().find(|c| c.provider == p.name) else {
+            continue;
+        };
+        if c.remaining >= below {
+            state.store.clear_upstream_alert(&p.name).await?;
+            continue;
+        }
+        if !state.store.take_upstream_alert(&p.name).await? {
+            continue;
+        }
+        let days = c
+            .days_left()
+            .map(|d| format!("about {d:.1} days at the last 7 days' rate"))
+            .unwrap_or_else(|| "no spend in the last 7 days".into());
+        let what_then = if p.leave_routing_when_prepaid_spent {
+            "When it is spent, this provider's upstreams leave routing and each tier falls back to its next upstream."
+        } else {
+            "When it is spent, requests still go to this provider (leave_routing_when_prepaid_spent is off)."
+        };
+        let letter = Letter::new(format!(
+            "Prepaid credit at {} is low: {} left",
+            p.name, c.remaining
+        ))
+        .para(format!(
+            "The prepaid credit recorded for {} is down to {}, below the {} you set (prepaid_alert_below_usd): {days}. {what_then}",
+            p.name, c.remaining, below
+        ))
+        .para("Top it up at the provider, then record it: duang-admin upstream-credit add PROVIDER --usd AMOUNT --ref INVOICE.")
+        .link("Upstream status", url(state, "/operator/upstreams"));
+        for to in state.store.operator_emails().await? {
+            tell(state, &to, "upstream-credit-low", letter.clone()).await;
+        }
+        mailed.push(p.name.clone());
+    }
+    Ok(mailed)
+}
+
+/// Runs [`low_balance_pass`] and [`prepaid_pass`] every `every` until the process ends.
 pub async fn low_balance_loop(live: super::server::Live, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(e) = low_balance_pass(&live.state()).await {
+        let state = live.state();
+        if let Err(e) = low_balance_pass(&state).await {
             tracing::warn!(error = ?e, "low-balance pass failed; trying again next minute");
+        }
+        if let Err(e) = prepaid_pass(&state).await {
+            tracing::warn!(error = ?e, "prepaid-credit pass failed; trying again next minute");
         }
     }
 }

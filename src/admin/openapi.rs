@@ -167,7 +167,7 @@ pub fn routes() -> Vec<ApiRoute> {
         route!(post "post" "/api/v1/operator/refunds/{id}/approve", Operator, "Approve: take the credits, refund the payments through Stripe", q &[], b &[], 200 "{refund request}", refunds::api_approve),
         route!(post "post" "/api/v1/operator/refunds/{id}/decline", Operator, "Decline with a note to the customer", q &[], b &[("note", "string", true, "why")], 200 "{refund request}", refunds::api_decline),
         route!(get "get" "/api/v1/operator/revenue", Operator, "Top-ups, refunds, billed usage, provider cost and margin per day and tier", q DATES, b &[], 200 "{days, tiers}", operator::api_revenue),
-        route!(get "get" "/api/v1/operator/upstreams", Operator, "Requests, errors, latency and fallbacks per upstream model over 24 hours", q &[], b &[], 200 "{data}", operator::api_upstreams),
+        route!(get "get" "/api/v1/operator/upstreams", Operator, "Requests, errors, latency and fallbacks per upstream model over 24 hours, and each provider's prepaid credit left", q &[], b &[], 200 "{data, prepaid}", operator::api_upstreams),
         route!(get "get" "/api/v1/openapi.json", Public, "This description", q &[], b &[], 200 "an OpenAPI 3.1 document", openapi_json),
     ]
 }

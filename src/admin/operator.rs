@@ -832,6 +832,7 @@ pub async fn upstreams_json(state: &AppState) -> Result<Value, AdminError> {
     Ok(json!({
         "since_ms": since,
         "gateway_metrics": cooling.is_some(),
+        "prepaid": super::upstream_credit::prepaid_json(state).await?,
         "data": stats.iter().map(|s| json!({
             "provider": s.provider,
             "model": s.model,
@@ -871,6 +872,7 @@ pub async fn upstreams(State(state): State<AppState>, o: Operator) -> Response {
                 } } }
             }
         }
+        (super::upstream_credit::prepaid_card(&v["prepaid"]))
     })
     .into_response()
 }

@@ -797,6 +797,25 @@ impl Checker<'_> {
             "failures in a row",
         );
         let cooldown = self.duration_ms(&format!("{at}.cooldown_ms"), p.cooldown_ms);
+        let prepaid_alert = match &p.prepaid_alert_below_usd {
+            None => Some(None),
+            Some(text) => {
+                let key = format!("{at}.prepaid_alert_below_usd");
+                match text.0.parse::<crate::money::NanoUsd>() {
+                    Ok(n) if n.is_positive() => Some(Some(n)),
+                    _ => {
+                        self.err(
+                            key,
+                            format!(
+                                "{:?} is not a positive amount of US dollars: expected a decimal string such as \"50\" or \"12.50\"",
+                                text.0
+                            ),
+                        );
+                        None
+                    }
+                }
+            }
+        };
         if p.models.is_empty() {
             self.err(
                 format!("{at}.models"),
@@ -865,6 +884,8 @@ impl Checker<'_> {
             idle_timeout: idle?,
             cooldown_after_failures: after?,
             cooldown: cooldown?,
+            prepaid_alert_below: prepaid_alert?,
+            leave_routing_when_prepaid_spent: p.leave_routing_when_prepaid_spent,
             models,
             image_input_tokens_max: image_tokens,
             cache_prices,

@@ -387,6 +387,11 @@ pub struct Provider {
     /// Failures in a row that start a cool-down, and how long it lasts.
     pub cooldown_after_failures: u32,
     pub cooldown: Duration,
+    /// Below this much prepaid credit left (`duang-admin upstream-credit`), the operators are
+    /// mailed and the metric's alert fires.
+    pub prepaid_alert_below: Option<crate::money::NanoUsd>,
+    /// Once its prepaid credit is spent, the provider's upstreams leave routing.
+    pub leave_routing_when_prepaid_spent: bool,
     /// Upstream model name → what it costs us.
     pub models: Vec<(String, TokenPrices)>,
     /// The most input tokens each model (in `models` order) counts for one image.

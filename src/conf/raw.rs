@@ -304,6 +304,13 @@ pub struct RawProvider {
     pub cooldown_after_failures: i64,
     #[serde(default = "default_cooldown_ms")]
     pub cooldown_ms: i64,
+    /// Mail the operators (and raise the metric's alert) once the prepaid credit recorded for
+    /// this provider falls below this many US dollars.
+    pub prepaid_alert_below_usd: Option<MoneyText>,
+    /// Once the prepaid credit recorded for this provider is spent, its upstreams leave routing
+    /// (each tier falls back to its next upstream).
+    #[serde(default)]
+    pub leave_routing_when_prepaid_spent: bool,
     #[serde(default)]
     pub models: IndexMap<String, RawModelPrices>,
 }

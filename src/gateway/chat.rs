@@ -206,7 +206,13 @@ async fn start(
             .hold(caller.account_id, worst, gw.store(), &gw.instance_id, now)
             .await?;
         let health = live.health.tier(req.tier);
-        let order = upstream::order(&tier.upstreams, &live.picks[req.tier], health, now);
+        let order = upstream::order(
+            &tier.upstreams,
+            &live.endpoints,
+            &live.picks[req.tier],
+            health,
+            now,
+        );
         if order.is_empty() {
             return Err(ApiError::NoUpstream {
                 tier: tier.name.clone(),

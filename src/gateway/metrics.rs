@@ -42,6 +42,12 @@ pub struct Metrics {
     pub conf_reloads: IntCounterVec,
     /// When the running conf was loaded (start or last reload), Unix seconds.
     pub conf_loaded: IntGauge,
+    /// Prepaid credit left per provider (nano-USD; below zero once spent past it).
+    pub prepaid_remaining: prometheus::IntGaugeVec,
+    /// A provider's `prepaid_alert_below_usd`, nano-USD (for the alert rule).
+    pub prepaid_alert_below: prometheus::IntGaugeVec,
+    /// 1 while a provider's upstreams are out of routing because its prepaid credit is spent.
+    pub prepaid_left_routing: prometheus::IntGaugeVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -60,6 +66,12 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn gauges(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::IntGaugeVec {
+    let g = prometheus::IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(g.clone())).expect("unique metric");
     g
 }
@@ -213,6 +225,24 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             &r,
             "duang_conf_loaded_timestamp_seconds",
             "When the running conf was loaded (start or last reload), Unix seconds",
+        ),
+        prepaid_remaining: gauges(
+            &r,
+            "duang_upstream_prepaid_remaining_nano_usd",
+            "Prepaid credit left per provider (duang-admin upstream-credit), nano-USD",
+            &["provider"],
+        ),
+        prepaid_alert_below: gauges(
+            &r,
+            "duang_upstream_prepaid_alert_below_nano_usd",
+            "A provider's prepaid_alert_below_usd, nano-USD",
+            &["provider"],
+        ),
+        prepaid_left_routing: gauges(
+            &r,
+            "duang_upstream_prepaid_left_routing",
+            "1 while a provider's upstreams are out of routing because its prepaid credit is spent",
+            &["provider"],
         ),
         overhead: histogram(
             &r,

@@ -40,6 +40,9 @@ pub struct Endpoint {
     /// Keeps each provider's pooled connections apart: two providers on one address may differ
     /// in trust roots (a connection verified with one's `ca_file` must never serve the other).
     pub pool_group: u64,
+    /// The prepaid credit recorded for this provider is spent and its conf says to leave
+    /// routing then (set by the worker from the store, see `duang-admin upstream-credit`).
+    pub prepaid_spent: std::sync::atomic::AtomicBool,
 }
 
 impl Endpoint {
@@ -55,6 +58,7 @@ impl Endpoint {
             base_path: url.path().trim_end_matches('/').to_owned(),
             addr: RwLock::new(None),
             peer: RwLock::new(None),
+            prepaid_spent: std::sync::atomic::AtomicBool::new(false),
             pool_group: {
                 use std::hash::{Hash, Hasher};
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -94,15 +98,23 @@ impl Endpoint {
 
 /// The fallback order for one request, as indices into the tier's upstreams: a weighted pick
 /// first, then the rest in conf order; upstreams cooling down go last (still tried when every
-/// other one has failed).
+/// other one has failed). An upstream whose provider's prepaid credit is spent (and whose conf
+/// says to leave routing then) is not tried at all.
 pub fn order(
     upstreams: &[Upstream],
+    endpoints: &[Arc<Endpoint>],
     counter: &AtomicU64,
     health: &[Health],
     now_ms: i64,
 ) -> Vec<usize> {
     let enabled: Vec<usize> = (0..upstreams.len())
-        .filter(|i| upstreams[*i].enabled)
+        .filter(|i| {
+            let u = &upstreams[*i];
+            u.enabled
+                && !endpoints
+                    .get(u.provider)
+                    .is_some_and(|e| e.prepaid_spent.load(Ordering::Relaxed))
+        })
         .collect();
     let total: u64 = enabled
         .iter()

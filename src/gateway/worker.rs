@@ -48,6 +48,61 @@ fn resolve_all(gw: &Arc<Gateway>) {
     }
 }
 
+/// How often the providers' prepaid credit is read from the store.
+const PREPAID_EVERY: Duration = Duration::from_secs(5);
+
+/// Reads what is left of each provider's prepaid credit: its metrics, and for a provider whose
+/// conf says `leave_routing_when_prepaid_spent`, whether its upstreams are still tried (a
+/// reload's new providers are read at the next pass).
+async fn check_prepaid(gw: &Gateway, store: &Store) {
+    let credits = match store.provider_credits(7 * 86_400_000).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the providers' prepaid credit failed");
+            return;
+        }
+    };
+    let live = gw.routing();
+    let m = &super::metrics::METRICS;
+    for (p, ep) in live.conf.providers.iter().zip(&live.endpoints) {
+        let label = [p.name.as_str()];
+        let credit = credits.iter().find(|c| c.provider == p.name);
+        let spent = credit.is_some_and(|c| !c.remaining.is_positive());
+        let leave = spent && p.leave_routing_when_prepaid_spent;
+        if ep
+            .prepaid_spent
+            .swap(leave, std::sync::atomic::Ordering::Relaxed)
+            != leave
+        {
+            if leave {
+                tracing::warn!(provider = %p.name, "prepaid credit spent: its upstreams leave routing");
+            } else {
+                tracing::info!(provider = %p.name, "prepaid credit available: its upstreams are routed again");
+            }
+        }
+        match credit {
+            Some(c) => {
+                m.prepaid_remaining
+                    .with_label_values(&label)
+                    .set(c.remaining.nanos());
+                m.prepaid_left_routing
+                    .with_label_values(&label)
+                    .set(i64::from(leave));
+                if let Some(below) = p.prepaid_alert_below {
+                    m.prepaid_alert_below
+                        .with_label_values(&label)
+                        .set(below.nanos());
+                }
+            }
+            None => {
+                let _ = m.prepaid_remaining.remove_label_values(&label);
+                let _ = m.prepaid_left_routing.remove_label_values(&label);
+                let _ = m.prepaid_alert_below.remove_label_values(&label);
+            }
+        }
+    }
+}
+
 async fn return_idle(gw: &Gateway, store: &Store) {
     let idle_before = crate::time::now_ms() - LEASE_IDLE_MS;
     super::nodes::return_idle(&gw.credit, &gw.spend, &gw.instance_id, store, idle_before).await;
@@ -211,6 +266,7 @@ impl BackgroundService for Worker {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         recover(gw, &store).await;
+        check_prepaid(gw, &store).await;
         let mut refresher = Refresher::new();
         if let Err(e) = refresher.pass(&gw.keys, &store).await {
             tracing::error!(error = %e, "warming the key cache failed");
@@ -248,9 +304,11 @@ impl BackgroundService for Worker {
             healthy_since_ms: started_ms,
         };
         let mut recalls = tokio::time::interval(RECALL_EVERY);
+        let mut prepaid = tokio::time::interval(PREPAID_EVERY);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
+                _ = prepaid.tick() => check_prepaid(gw, &store).await,
                 _ = refresh.tick() => {
                     gw.worker_beat();
                     match refresher.pass(&gw.keys, &store).await {

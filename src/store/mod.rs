@@ -19,6 +19,7 @@ mod reports;
 mod sessions;
 mod stripe;
 mod two_factor;
+mod upstream_credit;
 mod usage;
 
 pub use accounts::{
@@ -35,6 +36,7 @@ pub use reports::{DailyMargin, DailyMoney, UpstreamStats};
 pub use sessions::Session;
 pub use stripe::{CheckoutCredit, PaidSession, Payment};
 pub use two_factor::TwoFactor;
+pub use upstream_credit::{ProviderCredit, UpstreamCredit};
 pub use usage::{DailyUsage, StatusFilter, UsageFilter, UsageRecord};
 
 use crate::conf::{Backend, StoreConf};

@@ -224,6 +224,11 @@ input_usd_per_mtok = "1"
 output_usd_per_mtok = "1"
 upstreams = [{{ provider = "impatient", model = "mock-small" }}]
 
+[tiers.prepaid]
+input_usd_per_mtok = "0.12"
+output_usd_per_mtok = "0.48"
+upstreams = [{{ provider = "prepaid", model = "mock-small" }}, {{ provider = "mock", model = "mock-small", weight = 0 }}]
+
 [providers.mock]
 kind = "openai"
 base_url = "http://127.0.0.1:{mock_port}/v1"
@@ -277,6 +282,14 @@ models."mock-small" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.4
 [providers.untrusted]
 kind = "openai"
 base_url = "https://localhost:{tls_mock_port}/v1"
+models."mock-small" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
+
+# Bought ahead (`duang-admin upstream-credit`): out of routing once it is spent.
+[providers.prepaid]
+kind = "openai"
+base_url = "http://127.0.0.1:{mock_port}/v1"
+prepaid_alert_below_usd = "0.000005"
+leave_routing_when_prepaid_spent = true
 models."mock-small" = {{ input_usd_per_mtok = "0.10", output_usd_per_mtok = "0.40" }}
 
 [providers.dead]

@@ -1,0 +1,29 @@
+-- Upstream prepaid credit (issue #16): what the operator prepaid to each provider, an append-only
+-- record like the ledger. Keep in step with ../sqlite/0011_upstream_credit.sql.
+--
+-- `spent_before` is the provider's whole provider cost (over every usage record) when the row was
+-- written: the first row of a provider is where its spend starts to count against its credit, so
+-- usage from before the operator first recorded a prepayment is not taken from it.
+CREATE TABLE upstream_credits (
+    id            BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    provider      TEXT    NOT NULL,
+    amount        BIGINT  NOT NULL,
+    reference     TEXT    NOT NULL UNIQUE,
+    note          TEXT,
+    actor         TEXT,
+    spent_before  BIGINT  NOT NULL,
+    created_at    BIGINT  NOT NULL
+);
+CREATE INDEX upstream_credits_provider ON upstream_credits (provider, id);
+CREATE FUNCTION upstream_credits_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'upstream_credits is append-only'; END $$;
+CREATE TRIGGER upstream_credits_no_update BEFORE UPDATE OR DELETE ON upstream_credits
+FOR EACH ROW EXECUTE FUNCTION upstream_credits_append_only();
+
+-- When the operators were last mailed that a provider's remaining credit fell below its
+-- `prepaid_alert_below_usd`; deleted when it is back above, so the mail goes once per crossing.
+CREATE TABLE upstream_credit_alerts (
+    provider   TEXT    PRIMARY KEY,
+    mailed_at  BIGINT  NOT NULL
+);
+
