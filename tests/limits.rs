@@ -10,30 +10,10 @@ use duang::store::LimitOverrides;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use support::redis_server::{PrivateRedis, SHARED_REDIS, require_shared};
-use support::relay::Relay;
+use support::relay::{Relay, key_with};
 
 fn chat() -> Value {
     json!({"model": "budget", "messages": [{"role": "user", "content": "Say ok in one word."}], "max_tokens": 4})
-}
-
-/// A key of the relay's account with its own limits.
-async fn key_with(relay: &Relay, limits: LimitOverrides) -> String {
-    let m = duang::keys::generate();
-    relay
-        .store()
-        .create_key(
-            &duang::store::NewKey {
-                account_id: relay.account_id,
-                name: "limited".into(),
-                limits,
-                ..Default::default()
-            },
-            &m.hash,
-            &m.display_prefix,
-        )
-        .await
-        .expect("key");
-    m.plaintext.expose().clone()
 }
 
 async fn post(relay: &Relay, base: &str, key: &str, body: &Value) -> reqwest::Response {

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub overhead: HistogramVec,
     /// 1 while the shared rate-limit store (Redis) answers, 0 while it does not (or none is set).
     pub redis_up: IntGauge,
+    /// 1 while the store answers this node's calls, 0 while it does not (set at each scrape).
+    pub store_up: IntGauge,
     /// Limit checks decided without Redis because it did not answer.
     pub rate_limit_fallbacks: prometheus::IntCounter,
     /// Requests refused for a rate limit, by which limit.
@@ -161,6 +163,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         leases_swept: swept,
         upstream_cooling: cooling,
         redis_up,
+        store_up: gauge(
+            &r,
+            "duang_store_up",
+            "1 while the store (SQLite or PostgreSQL) answers this node, else 0",
+        ),
         rate_limit_fallbacks: fallbacks,
         rate_limited: counter(
             &r,

@@ -411,6 +411,8 @@ impl BackgroundService for MetricsServer {
                         let m = &*super::metrics::METRICS;
                         m.holds_in_flight.set(gw.credit.holds_in_flight());
                         m.usage_queue.set(gw.usage_queue_depth() as i64);
+                        m.store_up
+                            .set(i64::from(gw.keys.store_down_since().is_none()));
                         if let Some(j) = gw.journal.get() {
                             m.usage_backlog.set(j.journal.backlog() as i64);
                         }

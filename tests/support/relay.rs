@@ -682,4 +682,24 @@ impl Relay {
     }
 }
 
+/// A key of the relay's account with its own limits.
+pub async fn key_with(relay: &Relay, limits: duang::store::LimitOverrides) -> String {
+    let m = duang::keys::generate();
+    relay
+        .store()
+        .create_key(
+            &duang::store::NewKey {
+                account_id: relay.account_id,
+                name: "limited".into(),
+                limits,
+                ..Default::default()
+            },
+            &m.hash,
+            &m.display_prefix,
+        )
+        .await
+        .expect("key");
+    m.plaintext.expose().clone()
+}
+
 pub use super::new_key;
