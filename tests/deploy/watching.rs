@@ -169,6 +169,8 @@ fn the_dashboard_and_the_rules_cover_what_an_operator_watches() {
         "duang_upstream_cooling",
         "duang_rate_limited_total",
         "duang_client_connections",
+        "duang_upstream_prepaid_remaining_nano_usd",
+        "duang_conf_reloads_total",
     ] {
         assert!(board.contains(m), "the dashboard does not show {m}");
     }
@@ -182,6 +184,8 @@ fn the_dashboard_and_the_rules_cover_what_an_operator_watches() {
         "DuangRedisDown",
         "DuangStoreUnavailable",
         "DuangNegativeMargin",
+        "DuangUpstreamPrepaidLow",
+        "DuangConfReloadRefused",
     ] {
         assert!(alerts.iter().any(|x| x == a), "no alert {a}");
     }
@@ -376,6 +380,29 @@ async fn a_real_prometheus_has_every_metric_the_dashboard_and_the_rules_use() {
         200
     );
     assert_eq!(post(limited, chat("budget", false)).await.status(), 429);
+    // Prepaid credit recorded for a provider with an alert threshold, and a conf reload.
+    let prepaid = support::run(
+        support::ADMIN_BIN,
+        &relay.conf,
+        &[
+            "upstream-credit",
+            "add",
+            "prepaid",
+            "--usd",
+            "1",
+            "--ref",
+            "inv-w",
+        ],
+        None,
+    );
+    assert_eq!(prepaid.code, 0, "{}", prepaid.stderr);
+    let reloaded = relay
+        .client
+        .post(node.metrics.replace("/metrics", "/-/reload"))
+        .send()
+        .await
+        .expect("reload");
+    assert_eq!(reloaded.status(), 200);
     poll(
         "the gateway's own metrics",
         Duration::from_secs(20),
@@ -384,7 +411,9 @@ async fn a_real_prometheus_has_every_metric_the_dashboard_and_the_rules_use() {
             (text.contains("duang_rate_limited_total{")
                 && text
                     .contains("duang_upstream_cooling{model=\"dead-model\",provider=\"dead\"} 1")
-                && text.contains("duang_store_up 1"))
+                && text.contains("duang_store_up 1")
+                && text
+                    .contains("duang_upstream_prepaid_alert_below_nano_usd{provider=\"prepaid\"}"))
             .then_some(())
         },
     )
@@ -466,6 +495,8 @@ async fn a_real_prometheus_has_every_metric_the_dashboard_and_the_rules_use() {
         "DuangStoreUnavailable",
         "DuangGatewayDown",
         "DuangNegativeMargin",
+        "DuangUpstreamPrepaidLow",
+        "DuangConfReloadRefused",
     ] {
         assert!(
             !active.contains(quiet),
