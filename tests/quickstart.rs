@@ -39,10 +39,40 @@ fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     }
 }
 
+/// The `up` process, stopped with SIGTERM (which stops its gateway too) when a test fails before
+/// it stops it itself.
+struct KillOnDrop(Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            // SIGTERM: `up` stops its gateway too.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `duang-admin up` on the shipped conf with its store at `db`, ready.
 struct Up {
     conf: support::TestConf,
-    child: Child,
+    child: KillOnDrop,
     client: reqwest::Client,
     gateway: String,
     admin: String,
@@ -50,15 +80,17 @@ struct Up {
 
 async fn up(dir: &std::path::Path, db: &std::path::Path) -> Up {
     let conf = write_conf(dir, &format!("sqlite://{}", db.display()));
-    let mut child = Command::new(ADMIN_BIN)
-        .arg("--conf")
-        .arg(&conf.path)
-        .arg("up")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn duang-admin up");
+    let mut child = KillOnDrop(
+        Command::new(ADMIN_BIN)
+            .arg("--conf")
+            .arg(&conf.path)
+            .arg("up")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn duang-admin up"),
+    );
     let client = reqwest::Client::new();
     let gateway = format!("http://127.0.0.1:{}", conf.gateway_port);
     let admin = format!("http://127.0.0.1:{}", conf.admin_port);
