@@ -4,6 +4,7 @@
 mod account;
 pub mod cli;
 mod credits;
+mod csv;
 mod dashboard;
 mod demo;
 mod error;
@@ -16,6 +17,7 @@ mod operator;
 mod pages;
 mod policies;
 mod refunds;
+mod retention;
 mod security;
 pub mod server;
 mod signing;

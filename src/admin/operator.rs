@@ -821,7 +821,8 @@ async fn cooling_now(state: &AppState) -> Option<Vec<(String, String)>> {
 }
 
 pub async fn upstreams_json(state: &AppState) -> Result<Value, AdminError> {
-    let since = now_ms() - DAY_MS;
+    // Whole hours from the roll-ups: the 24 before the current one, and the current one so far.
+    let since = crate::store::hour_of(now_ms()) - DAY_MS;
     let stats = state.store.upstream_stats(since).await?;
     let cooling = cooling_now(state).await;
     let is_cooling = |p: &str, m: &str| {
@@ -856,6 +857,7 @@ pub async fn upstreams(State(state): State<AppState>, o: Operator) -> Response {
         (operator_nav())
         section.card {
             h1 { "Upstream status, last 24 hours" }
+            p.muted #upstreams-since { "Since " (v["since_ms"].as_i64().map(format_utc).unwrap_or_default()) "." }
             p.muted { "From the usage records: an error is an answer of 500 or more (including no answer at all); a fallback is a request that needed more than one upstream. Cool-downs are as the gateway at " (state.conf.gateway.metrics_listen) " reports them now" @if v["gateway_metrics"] == false { " (it does not answer)" } "." }
             table #upstreams {
                 thead { tr { th { "Provider" } th { "Model" } th { "Requests" } th { "Errors" } th { "Error rate" } th { "Avg latency" } th { "Avg first token" } th { "Fallbacks" } th { "Last error" } th { "State" } } }

@@ -229,6 +229,10 @@ pub async fn serve(
         state.clone(),
         Duration::from_secs(60),
     ));
+    let retention = tokio::spawn(super::retention::usage_retention_loop(
+        state.clone(),
+        Duration::from_secs(3600),
+    ));
     let served = axum::serve(
         listener,
         app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
@@ -236,5 +240,6 @@ pub async fn serve(
     .with_graceful_shutdown(shutdown)
     .await;
     notices.abort();
+    retention.abort();
     served
 }

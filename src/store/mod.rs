@@ -10,12 +10,15 @@
 mod accounts;
 mod caps;
 mod controls;
+mod export;
 mod keys;
 mod leases;
 mod ledger;
 mod nodes;
 mod refunds;
 mod reports;
+mod retention;
+mod rollups;
 mod sessions;
 mod stripe;
 mod two_factor;
@@ -26,12 +29,15 @@ pub use accounts::{
 };
 pub use caps::CapUse;
 pub use controls::Target;
+pub use export::RowStream;
 pub use keys::{ApiKey, KeyAuth, KeyStatus, NewKey};
 pub use leases::Settlement;
 pub use ledger::{BalanceProof, LedgerEntry, LedgerKind, NewLedgerEntry};
 pub use nodes::{InstanceRow, LeaseRow, Released};
 pub use refunds::{RefundAllocation, RefundRequest, StripeDebit};
 pub use reports::{DailyMargin, DailyMoney, UpstreamStats};
+pub use retention::RetentionReport;
+pub use rollups::hour_of;
 pub use sessions::Session;
 pub use stripe::{CheckoutCredit, PaidSession, Payment};
 pub use two_factor::TwoFactor;
@@ -224,6 +230,23 @@ fn placeholder(sql: &mut String, backend: Backend, n: usize) {
         Backend::Postgres => {
             let _ = write!(sql, "${n}");
         }
+    }
+}
+
+/// Appends the `VALUES` tuples of a multi-row statement: `rows` of `per_row` placeholders each.
+fn push_values(sql: &mut String, backend: Backend, rows: usize, per_row: usize) {
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..per_row {
+            if c > 0 {
+                sql.push(',');
+            }
+            placeholder(sql, backend, i * per_row + c + 1);
+        }
+        sql.push(')');
     }
 }
 
