@@ -8,6 +8,7 @@ mod csv;
 mod dashboard;
 mod demo;
 mod error;
+pub mod exports;
 mod keys_web;
 mod limiter;
 pub mod mail;

@@ -1,7 +1,8 @@
 //! The operator's side (role `operator`): accounts with search, balance and status; suspend,
 //! reactivate or terminate an account or a key with a reason kept in the audit log; grant or
 //! adjust credits; revenue, billed usage, provider cost and margin per day and tier; and each
-//! upstream model's health from the usage records. Every route checks the role.
+//! upstream model's health from the hourly usage roll-ups. Every route checks the role. The
+//! audit log and the exports for accounting are in `super::exports`.
 
 use super::error::{AdminError, ApiError};
 use super::pages::{csrf_field, form_error, page};
@@ -391,7 +392,8 @@ pub(super) fn operator_nav() -> Markup {
             a href="/operator" { "Accounts" } " · "
             a href="/operator/refunds" { "Refund queue" } " · "
             a href="/operator/revenue" { "Revenue and margin" } " · "
-            a href="/operator/upstreams" { "Upstream status" }
+            a href="/operator/upstreams" { "Upstream status" } " · "
+            a href="/operator/audit" { "Audit log and exports" }
         }
     }
 }
@@ -671,11 +673,12 @@ pub async fn key_status_submit(
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct RangeQuery {
-    from: Option<String>,
-    to: Option<String>,
+    pub(super) from: Option<String>,
+    pub(super) to: Option<String>,
 }
 
-fn range(q: &RangeQuery) -> Result<(i64, i64), AdminError> {
+/// `[from, to)` of whole UTC days, at most 366 (default: the 30 days to today).
+pub(super) fn range(q: &RangeQuery) -> Result<(i64, i64), AdminError> {
     let day = |field: &'static str, v: &Option<String>| {
         v.as_deref()
             .map(str::trim)

@@ -9,7 +9,7 @@ use super::mail::Mailer;
 use super::signing::Signer;
 use super::stripe::StripeClient;
 use super::{
-    account, credits, dashboard, keys_web, operator, pages, refunds, security, usage, web,
+    account, credits, dashboard, exports, keys_web, operator, pages, refunds, security, usage, web,
 };
 use crate::conf::Conf;
 use crate::store::Store;
@@ -164,6 +164,10 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/operator/revenue", get(operator::revenue))
         .route("/operator/upstreams", get(operator::upstreams))
+        .route("/operator/audit", get(exports::audit_page))
+        .route("/operator/audit.csv", get(exports::audit_csv))
+        .route("/operator/exports/ledger.csv", get(exports::ledger_csv))
+        .route("/operator/exports/usage.csv", get(exports::usage_csv))
         .merge(api_router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(

@@ -29,7 +29,7 @@ pub use accounts::{
 };
 pub use caps::CapUse;
 pub use controls::Target;
-pub use export::RowStream;
+pub use export::{AuditFilter, Exported, RowStream};
 pub use keys::{ApiKey, KeyAuth, KeyStatus, NewKey};
 pub use leases::Settlement;
 pub use ledger::{BalanceProof, LedgerEntry, LedgerKind, NewLedgerEntry};
@@ -295,18 +295,20 @@ impl Store {
         .bind(account_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r: &AnyRow| {
-                Ok(AuditEntry {
-                    actor: r.try_get("actor")?,
-                    action: r.try_get("action")?,
-                    account_id: r.try_get("account_id")?,
-                    key_id: r.try_get("key_id")?,
-                    reason: r.try_get("reason")?,
-                    created_at: r.try_get("created_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(AuditEntry::from_row).collect()
+    }
+}
+
+impl AuditEntry {
+    fn from_row(r: &AnyRow) -> Result<Self, StoreError> {
+        Ok(AuditEntry {
+            actor: r.try_get("actor")?,
+            action: r.try_get("action")?,
+            account_id: r.try_get("account_id")?,
+            key_id: r.try_get("key_id")?,
+            reason: r.try_get("reason")?,
+            created_at: r.try_get("created_at")?,
+        })
     }
 }
 

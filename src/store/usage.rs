@@ -47,7 +47,7 @@ pub struct UsageRecord {
 }
 
 impl UsageRecord {
-    fn from_row(r: &AnyRow) -> Result<Self, StoreError> {
+    pub(super) fn from_row(r: &AnyRow) -> Result<Self, StoreError> {
         Ok(UsageRecord {
             request_id: r.try_get("request_id")?,
             account_id: r.try_get("account_id")?,
@@ -74,7 +74,7 @@ impl UsageRecord {
     }
 }
 
-const USAGE_COLUMNS: &str = "request_id, account_id, key_id, tier, provider, upstream_model, stream, \
+pub(super) const USAGE_COLUMNS: &str = "request_id, account_id, key_id, tier, provider, upstream_model, stream, \
      input_tokens, output_tokens, provider_cost_nano, billed_nano, http_status, error_code, attempts, \
      latency_ms, ttft_ms, started_at, finished_at, cached_input_tokens, cache_write_tokens, \
      reasoning_tokens";
