@@ -4,7 +4,7 @@
 
 mod support;
 
-use axum::http::{Method, StatusCode};
+use axum::http::{Method, StatusCode, header};
 use duang::conf::Backend;
 use duang::money::NanoUsd;
 use duang::store::{AccountRef, KeyStatus, UsageRecord};
@@ -24,6 +24,7 @@ support::on_both_stores!(
     one_account_never_reaches_anothers_keys,
     the_json_api_signs_up_logs_in_and_manages_keys,
     usage_is_charted_filtered_paged_and_exported,
+    the_usage_csv_streams_a_large_export,
     two_factor_enrols_and_guards_log_in_resets_and_sensitive_actions,
     operator_pages_stay_closed_until_two_factor_is_on,
     mails_tell_of_new_keys_status_changes_and_a_low_balance_once_per_crossing,
@@ -1059,6 +1060,55 @@ async fn usage_is_charted_filtered_paged_and_exported(backend: Backend) {
         "{}",
         page.body
     );
+}
+
+/// The request log's CSV goes out as it is read: the header at once, then rows in batches (no
+/// `Content-Length`, many body frames), every row of the range once, newest first.
+async fn the_usage_csv_streams_a_large_export(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let mut b = admin.browser([10, 0, 0, 7]);
+    b.sign_up("una@example.com").await;
+    let me = admin.account("una@example.com").await;
+    let (_, key) = support::new_key(&admin.t.store, me.id).await;
+    let day = duang::time::parse_date("2026-11-02").expect("day");
+    let records: Vec<UsageRecord> = (0..1500)
+        .map(|n| record(me.id, key, n, day + n * 10, "budget", 200))
+        .collect();
+    admin
+        .t
+        .store
+        .insert_usage_batch(&records)
+        .await
+        .expect("usage");
+    // A record the day after: outside the range.
+    admin
+        .t
+        .store
+        .insert_usage_batch(&[record(me.id, key, 5000, day + 86_400_000, "budget", 200)])
+        .await
+        .expect("usage");
+    let (status, headers, frames) = b
+        .get_frames("/usage.csv?from=2026-11-02&to=2026-11-02")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get(header::CONTENT_LENGTH).is_none(), "{headers:?}");
+    assert!(
+        frames.len() >= 5,
+        "streamed in batches: {} frames",
+        frames.len()
+    );
+    assert!(frames[0].starts_with(b"started_at_utc,request_id,"));
+    let body = String::from_utf8(frames.concat()).expect("utf-8");
+    let ids: Vec<&str> = body
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).expect("request id"))
+        .collect();
+    let expected: Vec<String> = (0..1500)
+        .rev()
+        .map(|n| format!("req-{}-{n}", me.id))
+        .collect();
+    assert_eq!(ids, expected);
 }
 
 /// With SMTP on, mails go to the relay over SMTP (logged in with the conf's credentials); when

@@ -416,6 +416,7 @@ async fn a_new_customer_signs_up_pays_and_uses_the_api_in_a_real_browser() {
             "/operator/refunds",
             "/operator/revenue",
             "/operator/upstreams",
+            "/operator/audit",
         ],
         &mut problems,
     )

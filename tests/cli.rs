@@ -255,6 +255,67 @@ async fn operator_flow(backend: Backend) {
     let account = t.store.account(&AccountRef::Id(1)).await.expect("account");
     assert_eq!(account.balance, "7.5".parse::<NanoUsd>().expect("amount"));
     assert!(ok(&conf, &["account", "list"]).contains("ann@example.com"));
+
+    // Exports for accounting, as CSV on standard output (a day either side of today, so the
+    // test does not depend on the hour it runs at).
+    let now = duang::time::now_ms();
+    let from = duang::time::format_date(now - 86_400_000);
+    let to = duang::time::format_date(now + 86_400_000);
+    let ledger = ok(
+        &conf,
+        &[
+            "export",
+            "ledger",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--account",
+            "ann@example.com",
+        ],
+    );
+    let lines: Vec<&str> = ledger.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two entries:\n{ledger}");
+    assert!(lines[0].starts_with("created_at_utc,entry_id,account_id,email,kind,amount_usd"));
+    assert!(
+        lines[1].contains(",1,ann@example.com,adjustment,10.00,"),
+        "{ledger}"
+    );
+    let audit = ok(
+        &conf,
+        &[
+            "export",
+            "audit",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--action",
+            "account.susp",
+        ],
+    );
+    assert_eq!(audit.lines().count(), 2, "{audit}");
+    assert!(
+        audit.contains(",cli:tester,account.suspended,1,ann@example.com,,AUP: phishing\n"),
+        "{audit}"
+    );
+    assert_eq!(
+        ok(&conf, &["export", "usage", "--from", &from, "--to", &to])
+            .lines()
+            .count(),
+        1,
+        "no usage: the header alone"
+    );
+    fails(
+        &conf,
+        &["export", "usage", "--from", "2026-13-01", "--to", &to],
+        "--from \"2026-13-01\" is not a date: use YYYY-MM-DD",
+    );
+    fails(
+        &conf,
+        &["export", "ledger", "--from", &to, "--to", &from],
+        "is after --to",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -867,3 +867,30 @@ fn prepaid_credit_settings_are_checked() {
         "{e}"
     );
 }
+
+#[test]
+fn usage_retention_is_days_or_forever() {
+    let conf = parse_conf(&shipped_conf_text(), &[]).expect("shipped conf");
+    assert_eq!(
+        conf.usage.retention,
+        Some(std::time::Duration::from_secs(90 * 86_400))
+    );
+    let forever = parse_conf(
+        &shipped_with("retention_days = 90", "retention_days = 0"),
+        &[],
+    )
+    .expect("0 keeps forever");
+    assert_eq!(forever.usage.retention, None);
+    for bad in ["-1", "3651"] {
+        let e = err(
+            &shipped_with("retention_days = 90", &format!("retention_days = {bad}")),
+            &[],
+        );
+        assert_eq!(
+            e,
+            format!(
+                "test.toml: usage.retention_days: {bad} is out of range: expected 0 (keep raw usage records forever) or 1 to 3650 days (ten years)"
+            )
+        );
+    }
+}

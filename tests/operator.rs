@@ -16,6 +16,7 @@ support::on_both_stores!(
     operators_suspend_reactivate_terminate_and_adjust_with_reasons,
     revenue_margin_and_upstream_health_come_from_the_records,
     limits_and_throttles_are_set_with_reasons,
+    ledger_usage_and_audit_export_for_a_date_range,
 );
 
 async fn only_operators_reach_operator_routes(backend: Backend) {
@@ -29,6 +30,10 @@ async fn only_operators_reach_operator_routes(backend: Backend) {
         "/operator/refunds",
         "/operator/revenue",
         "/operator/upstreams",
+        "/operator/audit",
+        "/operator/audit.csv",
+        "/operator/exports/ledger.csv",
+        "/operator/exports/usage.csv",
         &format!("/operator/accounts/{}", me.id),
     ] {
         let r = customer.get(path).await;
@@ -40,6 +45,7 @@ async fn only_operators_reach_operator_routes(backend: Backend) {
         "/api/v1/operator/revenue",
         "/api/v1/operator/upstreams",
         "/api/v1/operator/refunds",
+        "/api/v1/operator/audit",
     ] {
         let r = customer.json(Method::GET, path, None, None).await;
         assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}");
@@ -735,4 +741,238 @@ async fn limits_and_throttles_are_set_with_reasons(backend: Backend) {
     assert!(has("account.unthrottle", "calmed down"));
     assert!(has("key.throttle", "retry storm"));
     assert!(has("key.limits", "batch job"));
+}
+
+/// The operator's exports for accounting: each CSV streams (no `Content-Length`) exactly the
+/// rows of the chosen days (and account), oldest first; the audit log filters by actor, action,
+/// account and days, as a page, as JSON and as CSV.
+async fn ledger_usage_and_audit_export_for_a_date_range(backend: Backend) {
+    let admin = Admin::new(backend).await;
+    let store = &admin.t.store;
+    let mut customer = admin.browser([10, 0, 0, 1]);
+    customer.sign_up("dan@example.com").await;
+    let dan = admin.account("dan@example.com").await;
+    let mut other = admin.browser([10, 0, 0, 2]);
+    other.sign_up("eli@example.com").await;
+    let eli = admin.account("eli@example.com").await;
+    let (_, dan_key) = support::new_key(store, dan.id).await;
+    let (_, eli_key) = support::new_key(store, eli.id).await;
+    let day = |d: &str| duang::time::parse_date(d).expect("day");
+    // Ledger entries and audit rows written on three days (straight into the tables: the
+    // store stamps its own writes with the present).
+    for (account, n, d) in [
+        (dan.id, 1, "2026-10-01"),
+        (dan.id, 2, "2026-10-02"),
+        (eli.id, 3, "2026-10-02"),
+        (dan.id, 4, "2026-10-02"),
+        (dan.id, 5, "2026-10-03"),
+    ] {
+        sqlx::query(
+            "INSERT INTO ledger (account_id, kind, amount_nano, external_ref, actor, reason, created_at)
+             VALUES ($1, 'adjustment', $2, $3, 'cli', $4, $5)",
+        )
+        .bind(account)
+        .bind(n * 1_000_000_000 + 5)
+        .bind(format!("ref-{n}"))
+        .bind(format!("reason, \"{n}\""))
+        .bind(day(d) + n * 60_000)
+        .execute(store.pool())
+        .await
+        .expect("ledger row");
+        sqlx::query(
+            "INSERT INTO audit_log (actor, action, account_id, key_id, reason, created_at)
+             VALUES ($1, $2, $3, NULL, $4, $5)",
+        )
+        .bind(if n % 2 == 0 {
+            "operator:op@example.com"
+        } else {
+            "cli"
+        })
+        .bind(if n == 4 {
+            "key.revoke"
+        } else {
+            "account.suspended"
+        })
+        .bind(account)
+        .bind(format!("audit {n}"))
+        .bind(day(d) + n * 60_000)
+        .execute(store.pool())
+        .await
+        .expect("audit row");
+    }
+    let usage = |n: i64, account_id: i64, key_id: i64, d: &str| UsageRecord {
+        request_id: format!("u{n}"),
+        account_id,
+        key_id,
+        tier: "budget".into(),
+        provider: Some("openai".into()),
+        upstream_model: Some("gpt-4.1-nano".into()),
+        stream: false,
+        input_tokens: 100,
+        output_tokens: 50,
+        cached_input_tokens: 0,
+        cache_write_tokens: 0,
+        reasoning_tokens: 0,
+        provider_cost: NanoUsd::from_nanos(30_000),
+        billed: NanoUsd::from_nanos(36_000 + n),
+        http_status: 200,
+        error_code: None,
+        attempts: 1,
+        latency_ms: 100,
+        ttft_ms: None,
+        started_at: day(d) + 3_600_000 - n * 1000,
+        finished_at: day(d) + 3_600_000 - n * 1000 + 100,
+    };
+    let mut records: Vec<UsageRecord> = (0..300)
+        .map(|n| usage(n, dan.id, dan_key, "2026-10-02"))
+        .collect();
+    records.push(usage(900, eli.id, eli_key, "2026-10-02"));
+    records.push(usage(901, dan.id, dan_key, "2026-10-01"));
+    records.push(usage(902, dan.id, dan_key, "2026-10-03"));
+    store.insert_usage_batch(&records).await.expect("usage");
+
+    let mut op = admin.operator().await;
+    let csv = |frames: Vec<bytes::Bytes>| String::from_utf8(frames.concat()).expect("utf-8");
+    let col = |body: &str, n: usize| -> Vec<String> {
+        body.lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(n).expect("column").to_owned())
+            .collect()
+    };
+
+    // The ledger of one day, every account, oldest first; quoted where a field needs it.
+    let (status, headers, frames) = op
+        .get_frames("/operator/exports/ledger.csv?from=2026-10-02&to=2026-10-02")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get(axum::http::header::CONTENT_LENGTH).is_none());
+    assert!(
+        headers[axum::http::header::CONTENT_DISPOSITION]
+            .to_str()
+            .expect("ascii")
+            .contains("duang-ledger-2026-10-02-to-2026-10-02.csv")
+    );
+    let body = csv(frames);
+    assert!(body.starts_with("created_at_utc,entry_id,account_id,email,kind,amount_usd,"));
+    assert_eq!(col(&body, 7), ["ref-2", "ref-3", "ref-4"], "{body}");
+    assert!(
+        body.contains(
+            ",dan@example.com,adjustment,2.000000005,2000000005,ref-2,cli,\"reason, \"\"2\"\"\"\n"
+        ),
+        "{body}"
+    );
+    // One account, two days (its e-mail names it).
+    let (_, _, frames) = op
+        .get_frames(
+            "/operator/exports/ledger.csv?from=2026-10-02&to=2026-10-03&account=dan@example.com",
+        )
+        .await;
+    assert_eq!(col(&csv(frames), 7), ["ref-2", "ref-4", "ref-5"]);
+
+    // Usage: the 301 records of 2026-10-02, in time order, with cost and e-mail.
+    let (status, headers, frames) = op
+        .get_frames("/operator/exports/usage.csv?from=2026-10-02&to=2026-10-02")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.get(axum::http::header::CONTENT_LENGTH).is_none());
+    assert!(
+        frames.len() > 2,
+        "streamed in batches: {} frames",
+        frames.len()
+    );
+    let body = csv(frames);
+    let mut expected: Vec<String> = (0..300).rev().map(|n| format!("u{n}")).collect();
+    expected.insert(0, "u900".into());
+    assert_eq!(col(&body, 1), expected);
+    assert!(body.contains(",u0,"), "{body}");
+    let first_dan = body.lines().find(|l| l.contains(",u299,")).expect("u299");
+    assert!(
+        first_dan.ends_with(&format!(",{},dan@example.com,{dan_key},budget,openai,gpt-4.1-nano,false,200,,1,100,50,0,0,0,0.000036299,0.00003,0.00,100,", dan.id)),
+        "{first_dan}"
+    );
+    let (_, _, frames) = op
+        .get_frames(&format!(
+            "/operator/exports/usage.csv?from=2026-10-01&to=2026-10-03&account={}",
+            eli.id
+        ))
+        .await;
+    assert_eq!(col(&csv(frames), 1), ["u900"]);
+
+    // The audit log: by actor, by action prefix, by account, by days.
+    let v = op
+        .json(
+            Method::GET,
+            "/api/v1/operator/audit?from=2026-10-01&to=2026-10-03&actor=cli",
+            None,
+            None,
+        )
+        .await
+        .json();
+    let reasons = |v: &serde_json::Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|e| e["reason"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        reasons(&v),
+        ["audit 5", "audit 3", "audit 1"],
+        "newest first: {v}"
+    );
+    let v = op
+        .json(
+            Method::GET,
+            "/api/v1/operator/audit?from=2026-10-01&to=2026-10-03&action=key.",
+            None,
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(reasons(&v), ["audit 4"]);
+    assert_eq!(v["data"][0]["email"], "dan@example.com");
+    let v = op
+        .json(
+            Method::GET,
+            &format!(
+                "/api/v1/operator/audit?from=2026-10-02&to=2026-10-02&account={}",
+                eli.id
+            ),
+            None,
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(reasons(&v), ["audit 3"]);
+    let page = op
+        .get("/operator/audit?from=2026-10-01&to=2026-10-03&actor=operator:op@example.com")
+        .await;
+    assert_eq!(page.status, StatusCode::OK);
+    let table = &page.body[page.body.find("id=\"audit\"").expect("table")..];
+    assert!(table.contains("audit 2") && table.contains("audit 4") && !table.contains("audit 3"));
+    let (status, _, frames) = op
+        .get_frames(
+            "/operator/audit.csv?from=2026-10-01&to=2026-10-03&actor=operator:op@example.com",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let body = csv(frames);
+    assert!(body.starts_with("created_at_utc,actor,action,account_id,email,key_id,reason\n"));
+    assert_eq!(
+        col(&body, 6),
+        ["audit 2", "audit 4"],
+        "oldest first: {body}"
+    );
+
+    // Bad input is refused with what to fix.
+    for path in [
+        "/operator/exports/ledger.csv?from=2026-10-05&to=2026-10-01",
+        "/operator/exports/usage.csv?from=2025-01-01&to=2026-10-01",
+        "/operator/exports/usage.csv?account=nobody@example.com",
+        "/operator/audit.csv?from=yesterday",
+    ] {
+        let r = op.get(path).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}");
+    }
 }

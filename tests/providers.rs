@@ -502,6 +502,28 @@ async fn prepaid_upstream_credit_is_counted_down_and_leaves_routing_when_spent(b
     assert_eq!(topped.code, 0, "{}", topped.stderr);
     routed(true).await;
     assert_eq!(answered_by().await.provider.as_deref(), Some("prepaid"));
+    // Retention deleting every raw usage record gives no credit back: spend is read from the
+    // roll-ups, which it keeps.
+    let before = left().await;
+    relay
+        .store()
+        .apply_usage_retention(
+            duang::time::now_ms() + 400 * 86_400_000,
+            Some(std::time::Duration::from_secs(86_400)),
+            1_000,
+            std::time::Duration::ZERO,
+        )
+        .await
+        .expect("retention");
+    assert!(
+        relay
+            .store()
+            .usage_page(relay.account_id, None, 10)
+            .await
+            .expect("usage")
+            .is_empty()
+    );
+    assert_eq!(left().await, before);
     assert!(
         duang::admin::notify::prepaid_pass(&state)
             .await

@@ -71,6 +71,10 @@ pub enum Command {
         #[arg(long)]
         no_admin: bool,
     },
+    /// Write the ledger, the usage records or the audit log of a date range as CSV on standard
+    /// output, oldest first (the operator's exports for accounting).
+    #[command(subcommand)]
+    Export(ExportCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,6 +95,59 @@ pub enum UpstreamCreditCmd {
     /// Each provider's prepaid credit: recorded, spent, left, the spend rate over the last 7
     /// days and the days left at it; then every prepayment recorded.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExportCmd {
+    /// Ledger entries: top-ups, usage, refunds, adjustments.
+    Ledger(ExportRange),
+    /// Usage records, with billed amount, provider cost and platform loss.
+    Usage(ExportRange),
+    /// The audit log.
+    Audit {
+        #[command(flatten)]
+        range: ExportRange,
+        /// Only this actor (`cli:NAME`, `operator:EMAIL`, …).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only actions starting with this (`key.` for every key action).
+        #[arg(long)]
+        action: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ExportRange {
+    /// First day, YYYY-MM-DD (UTC).
+    #[arg(long)]
+    pub from: String,
+    /// Last day, inclusive.
+    #[arg(long)]
+    pub to: String,
+    /// One account (id or e-mail); default: all.
+    #[arg(long)]
+    pub account: Option<String>,
+}
+
+impl ExportRange {
+    /// `[from, to)` in ms, checked.
+    fn days(&self) -> anyhow::Result<(i64, i64)> {
+        let day = |flag: &str, v: &str| {
+            crate::time::parse_date(v)
+                .with_context(|| format!("{flag} {v:?} is not a date: use YYYY-MM-DD"))
+        };
+        let (from, to) = (
+            day("--from", &self.from)?,
+            day("--to", &self.to)? + 86_400_000,
+        );
+        if from >= to {
+            bail!("--from {} is after --to {}", self.from, self.to);
+        }
+        if let Some(a) = &self.account {
+            account_ref(a)?;
+        }
+        Ok((from, to))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -348,6 +405,11 @@ fn precheck(conf: &Conf, command: Command) -> anyhow::Result<Command> {
         | Command::Balance { account } => {
             account_ref(account)?;
         }
+        Command::Export(
+            ExportCmd::Ledger(range) | ExportCmd::Usage(range) | ExportCmd::Audit { range, .. },
+        ) => {
+            range.days()?;
+        }
         _ => {}
     }
     Ok(command)
@@ -364,6 +426,7 @@ async fn dispatch(store: &Store, command: Command) -> anyhow::Result<()> {
         Command::UpstreamCredit(cmd) => upstream_credit(store, cmd).await?,
         Command::Key(cmd) => key(store, cmd).await?,
         Command::Balance { account } => balance(store, &account).await?,
+        Command::Export(cmd) => export(store, cmd).await?,
         Command::Reconcile => {
             let bad = store.reconcile().await?;
             if !bad.is_empty() {
@@ -385,6 +448,41 @@ async fn dispatch(store: &Store, command: Command) -> anyhow::Result<()> {
             unreachable!("handled before the store command dispatch")
         }
     }
+    Ok(())
+}
+
+async fn export(store: &Store, cmd: ExportCmd) -> anyhow::Result<()> {
+    use super::exports;
+    let range = match &cmd {
+        ExportCmd::Ledger(r) | ExportCmd::Usage(r) | ExportCmd::Audit { range: r, .. } => r,
+    };
+    let (from, to) = range.days()?;
+    let account = match &range.account {
+        Some(a) => Some(store.account(&account_ref(a)?).await?.id),
+        None => None,
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    let rows = match &cmd {
+        ExportCmd::Ledger(_) => {
+            let rows = store.ledger_export(from, to, account);
+            exports::write_csv(rows, exports::LEDGER_HEADER, exports::ledger_line, &mut out).await?
+        }
+        ExportCmd::Usage(_) => {
+            let rows = store.usage_export(from, to, account);
+            exports::write_csv(rows, exports::USAGE_HEADER, exports::usage_line, &mut out).await?
+        }
+        ExportCmd::Audit { actor, action, .. } => {
+            let rows = store.audit_export(&crate::store::AuditFilter {
+                from_ms: Some(from),
+                to_ms: Some(to),
+                actor: actor.clone(),
+                action: action.clone(),
+                account_id: account,
+            });
+            exports::write_csv(rows, exports::AUDIT_HEADER, exports::audit_line, &mut out).await?
+        }
+    };
+    eprintln!("{rows} row(s)");
     Ok(())
 }
 

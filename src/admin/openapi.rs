@@ -3,7 +3,7 @@
 //! cannot drift apart.
 
 use super::server::AppState;
-use super::{account, credits, dashboard, keys_web, operator, refunds, security, usage};
+use super::{account, credits, dashboard, exports, keys_web, operator, refunds, security, usage};
 use axum::Json;
 use axum::extract::State;
 use axum::routing::{MethodRouter, get, post};
@@ -168,6 +168,7 @@ pub fn routes() -> Vec<ApiRoute> {
         route!(post "post" "/api/v1/operator/refunds/{id}/decline", Operator, "Decline with a note to the customer", q &[], b &[("note", "string", true, "why")], 200 "{refund request}", refunds::api_decline),
         route!(get "get" "/api/v1/operator/revenue", Operator, "Top-ups, refunds, billed usage, provider cost and margin per day and tier", q DATES, b &[], 200 "{days, tiers}", operator::api_revenue),
         route!(get "get" "/api/v1/operator/upstreams", Operator, "Requests, errors, latency and fallbacks per upstream model over 24 hours, and each provider's prepaid credit left", q &[], b &[], 200 "{data, prepaid}", operator::api_upstreams),
+        route!(get "get" "/api/v1/operator/audit", Operator, "The audit log, newest first, filtered (the CSV of every match is /operator/audit.csv; the ledger's and usage's for a date range are /operator/exports/ledger.csv and usage.csv)", q &[("from", "string", false, "first day, YYYY-MM-DD"), ("to", "string", false, "last day, inclusive"), ("account", "string", false, "an account id or e-mail"), ("actor", "string", false, "exactly this actor"), ("action", "string", false, "actions starting with this"), ("limit", "integer", false, "1 to 200, default 200")], b &[], 200 "{from, to, data: [entry]}", exports::api_audit),
         route!(get "get" "/api/v1/openapi.json", Public, "This description", q &[], b &[], 200 "an OpenAPI 3.1 document", openapi_json),
     ]
 }

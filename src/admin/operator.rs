@@ -1,7 +1,8 @@
 //! The operator's side (role `operator`): accounts with search, balance and status; suspend,
 //! reactivate or terminate an account or a key with a reason kept in the audit log; grant or
 //! adjust credits; revenue, billed usage, provider cost and margin per day and tier; and each
-//! upstream model's health from the usage records. Every route checks the role.
+//! upstream model's health from the hourly usage roll-ups. Every route checks the role. The
+//! audit log and the exports for accounting are in `super::exports`.
 
 use super::error::{AdminError, ApiError};
 use super::pages::{csrf_field, form_error, page};
@@ -391,7 +392,8 @@ pub(super) fn operator_nav() -> Markup {
             a href="/operator" { "Accounts" } " · "
             a href="/operator/refunds" { "Refund queue" } " · "
             a href="/operator/revenue" { "Revenue and margin" } " · "
-            a href="/operator/upstreams" { "Upstream status" }
+            a href="/operator/upstreams" { "Upstream status" } " · "
+            a href="/operator/audit" { "Audit log and exports" }
         }
     }
 }
@@ -671,11 +673,12 @@ pub async fn key_status_submit(
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct RangeQuery {
-    from: Option<String>,
-    to: Option<String>,
+    pub(super) from: Option<String>,
+    pub(super) to: Option<String>,
 }
 
-fn range(q: &RangeQuery) -> Result<(i64, i64), AdminError> {
+/// `[from, to)` of whole UTC days, at most 366 (default: the 30 days to today).
+pub(super) fn range(q: &RangeQuery) -> Result<(i64, i64), AdminError> {
     let day = |field: &'static str, v: &Option<String>| {
         v.as_deref()
             .map(str::trim)
@@ -821,7 +824,8 @@ async fn cooling_now(state: &AppState) -> Option<Vec<(String, String)>> {
 }
 
 pub async fn upstreams_json(state: &AppState) -> Result<Value, AdminError> {
-    let since = now_ms() - DAY_MS;
+    // Whole hours from the roll-ups: the 24 before the current one, and the current one so far.
+    let since = crate::store::hour_of(now_ms()) - DAY_MS;
     let stats = state.store.upstream_stats(since).await?;
     let cooling = cooling_now(state).await;
     let is_cooling = |p: &str, m: &str| {
@@ -857,6 +861,7 @@ pub async fn upstreams(State(state): State<AppState>, o: Operator) -> Response {
         (operator_nav())
         section.card {
             h1 { "Upstream status, last 24 hours" }
+            p.muted #upstreams-since { "Since " (v["since_ms"].as_i64().map(format_utc).unwrap_or_default()) "." }
             p.muted { "From the usage records: an error is an answer of 500 or more (including no answer at all); a fallback is a request that needed more than one upstream. Cool-downs are as the gateway at " (state.conf.gateway.metrics_listen) " reports them now" @if v["gateway_metrics"] == false { " (it does not answer)" } "." }
             table #upstreams {
                 thead { tr { th { "Provider" } th { "Model" } th { "Requests" } th { "Errors" } th { "Error rate" } th { "Avg latency" } th { "Avg first token" } th { "Fallbacks" } th { "Last error" } th { "State" } } }

@@ -9,7 +9,7 @@ use super::mail::Mailer;
 use super::signing::Signer;
 use super::stripe::StripeClient;
 use super::{
-    account, credits, dashboard, keys_web, operator, pages, refunds, security, usage, web,
+    account, credits, dashboard, exports, keys_web, operator, pages, refunds, security, usage, web,
 };
 use crate::conf::Conf;
 use crate::store::Store;
@@ -293,6 +293,10 @@ pub fn live_app(live: Live) -> Router {
         )
         .route("/operator/revenue", get(operator::revenue))
         .route("/operator/upstreams", get(operator::upstreams))
+        .route("/operator/audit", get(exports::audit_page))
+        .route("/operator/audit.csv", get(exports::audit_csv))
+        .route("/operator/exports/ledger.csv", get(exports::ledger_csv))
+        .route("/operator/exports/usage.csv", get(exports::usage_csv))
         .merge(api_router())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
@@ -360,6 +364,10 @@ pub async fn serve(
         live.clone(),
         Duration::from_secs(60),
     ));
+    let retention = tokio::spawn(super::retention::usage_retention_loop(
+        live.clone(),
+        Duration::from_secs(3600),
+    ));
     let served = axum::serve(
         listener,
         live_app(live).into_make_service_with_connect_info::<std::net::SocketAddr>(),
@@ -367,5 +375,6 @@ pub async fn serve(
     .with_graceful_shutdown(shutdown)
     .await;
     notices.abort();
+    retention.abort();
     served
 }

@@ -14,7 +14,6 @@ use crate::store::{DailyUsage, StatusFilter, UsageFilter, UsageRecord};
 use crate::time::{format_date, now_ms, parse_date};
 use axum::Json;
 use axum::extract::{Query, State};
-use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
@@ -277,26 +276,14 @@ pub async fn usage_page(
     .into_response()
 }
 
-fn csv_field(s: &str) -> String {
-    // Quote everything that could break a row, and defuse spreadsheet formulas.
-    let s = if s.starts_with(['=', '+', '-', '@']) {
-        format!("'{s}")
-    } else {
-        s.to_owned()
-    };
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s
-    }
-}
+/// The request log's CSV columns.
+const CSV_HEADER: &str = "started_at_utc,request_id,key_id,tier,provider,model,stream,status,error_code,input_tokens,output_tokens,billed_usd,ttft_ms,latency_ms,cached_input_tokens,cache_write_tokens,reasoning_tokens\n";
 
-pub fn csv(rows: &[UsageRecord]) -> String {
-    let mut out = String::from(
-        "started_at_utc,request_id,key_id,tier,provider,model,stream,status,error_code,input_tokens,output_tokens,billed_usd,ttft_ms,latency_ms,cached_input_tokens,cache_write_tokens,reasoning_tokens\n",
-    );
-    for r in rows {
-        let fields = [
+/// One usage record as a CSV row (the customer's request log and the operator's usage export).
+pub fn csv_line(out: &mut String, r: &UsageRecord) {
+    super::csv::push_row(
+        out,
+        &[
             crate::time::format_utc(r.started_at),
             r.request_id.clone(),
             r.key_id.to_string(),
@@ -314,19 +301,11 @@ pub fn csv(rows: &[UsageRecord]) -> String {
             r.cached_input_tokens.to_string(),
             r.cache_write_tokens.to_string(),
             r.reasoning_tokens.to_string(),
-        ];
-        out.push_str(
-            &fields
-                .iter()
-                .map(|f| csv_field(f))
-                .collect::<Vec<_>>()
-                .join(","),
-        );
-        out.push('\n');
-    }
-    out
+        ],
+    );
 }
 
+/// The request log as CSV, streamed from the store as it is read.
 pub async fn usage_csv(
     State(state): State<AppState>,
     s: SignedIn,
@@ -335,24 +314,13 @@ pub async fn usage_csv(
     let range = parse_query(&state, &q)?;
     let rows = state
         .store
-        .usage_filtered(s.account.id, &range.filter, CSV_MAX_ROWS)
-        .await?;
+        .usage_filtered_stream(s.account.id, &range.filter, CSV_MAX_ROWS);
     let name = format!(
         "duang-usage-{}-to-{}.csv",
         format_date(range.from_ms),
         format_date(range.to_ms - DAY_MS)
     );
-    Ok((
-        [
-            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
-            (
-                header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"{name}\""),
-            ),
-        ],
-        csv(&rows),
-    )
-        .into_response())
+    Ok(super::csv::download(&name, CSV_HEADER, rows, csv_line))
 }
 
 pub async fn api_requests(

@@ -116,6 +116,7 @@ impl Checker<'_> {
         let stripe = self.stripe(&raw.stripe);
         let mail = self.mail(&raw.smtp);
         let brand = self.brand(&raw.brand);
+        let usage = self.usage(&raw.usage);
         Some(Conf {
             source: self.file.to_owned(),
             gateway: gateway?,
@@ -132,8 +133,28 @@ impl Checker<'_> {
             stripe: stripe?,
             mail: mail?,
             brand: brand?,
+            usage: usage?,
             warnings: Vec::new(),
         })
+    }
+
+    fn usage(&mut self, u: &super::raw::RawUsage) -> Option<UsageConf> {
+        const MAX_DAYS: i64 = 3650;
+        match u.retention_days {
+            0 => Some(UsageConf { retention: None }),
+            d if (1..=MAX_DAYS).contains(&d) => Some(UsageConf {
+                retention: Some(Duration::from_secs(d as u64 * 86_400)),
+            }),
+            d => {
+                self.err(
+                    "usage.retention_days",
+                    format!(
+                        "{d} is out of range: expected 0 (keep raw usage records forever) or 1 to {MAX_DAYS} days (ten years)"
+                    ),
+                );
+                None
+            }
+        }
     }
 
     fn brand(&mut self, b: &super::raw::RawBrand) -> Option<super::BrandConf> {

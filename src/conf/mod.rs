@@ -73,6 +73,7 @@ pub struct Conf {
     pub stripe: Option<StripeConf>,
     pub mail: MailConf,
     pub brand: BrandConf,
+    pub usage: UsageConf,
     /// Things that are allowed but probably not meant (printed by `check-conf` and at start).
     pub warnings: Vec<String>,
 }
@@ -227,6 +228,14 @@ pub struct AdminConf {
     /// An operator's credit grant or adjustment larger than this (either sign) needs a typed
     /// confirmation, like terminating an account or revoking a key.
     pub confirm_credits_above: crate::money::NanoUsd,
+}
+
+/// `[usage]`: raw usage records and their retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageConf {
+    /// How long a raw usage record is kept (the admin deletes older ones in the background;
+    /// hourly roll-ups are kept); `None` keeps them forever.
+    pub retention: Option<Duration>,
 }
 
 /// Which database the store talks to.

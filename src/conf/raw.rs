@@ -29,6 +29,22 @@ pub struct RawConf {
     pub smtp: RawSmtp,
     #[serde(default)]
     pub brand: RawBrand,
+    #[serde(default)]
+    pub usage: RawUsage,
+}
+
+/// `[usage]`: what happens to raw usage records over time.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUsage {
+    /// Days a raw usage record is kept; 0 keeps them forever.
+    pub retention_days: i64,
+}
+
+impl Default for RawUsage {
+    fn default() -> Self {
+        RawUsage { retention_days: 90 }
+    }
 }
 
 #[derive(Debug, Deserialize)]

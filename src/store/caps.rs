@@ -12,7 +12,7 @@ use sqlx::Row;
 /// What a key has used of its cap, for a refusal's message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CapUse {
-    /// Billed usage in the store.
+    /// Billed usage in the store (its roll-ups, which retention keeps).
     pub spent: NanoUsd,
     /// Leased by gateway nodes: requests in flight, usage not written yet, room kept for the
     /// next requests.
@@ -46,7 +46,7 @@ impl Store {
             return Ok(NanoUsd::ZERO);
         };
         let row = sqlx::query(
-            "SELECT CAST(COALESCE((SELECT SUM(billed_nano) FROM usage_records WHERE key_id = $1), 0) AS BIGINT),
+            "SELECT CAST(COALESCE((SELECT SUM(billed_nano) FROM usage_hourly WHERE key_id = $1), 0) AS BIGINT),
                     CAST(COALESCE((SELECT SUM(amount_nano) FROM cap_leases WHERE key_id = $1), 0) AS BIGINT)",
         )
         .bind(key_id)
@@ -114,7 +114,7 @@ impl Store {
     /// What a key has used of its cap.
     pub async fn cap_use(&self, key_id: i64) -> Result<CapUse, StoreError> {
         let row = sqlx::query(
-            "SELECT CAST(COALESCE((SELECT SUM(billed_nano) FROM usage_records WHERE key_id = $1), 0) AS BIGINT),
+            "SELECT CAST(COALESCE((SELECT SUM(billed_nano) FROM usage_hourly WHERE key_id = $1), 0) AS BIGINT),
                     CAST(COALESCE((SELECT SUM(amount_nano) FROM cap_leases WHERE key_id = $1), 0) AS BIGINT)",
         )
         .bind(key_id)

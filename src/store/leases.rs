@@ -296,7 +296,7 @@ impl Store {
     pub async fn platform_loss(&self, account_id: i64) -> Result<NanoUsd, StoreError> {
         Ok(NanoUsd::from_nanos(
             sqlx::query(
-                "SELECT CAST(COALESCE(SUM(platform_loss_nano), 0) AS BIGINT) FROM usage_records WHERE account_id = $1",
+                "SELECT CAST(COALESCE(SUM(platform_loss_nano), 0) AS BIGINT) FROM usage_hourly WHERE account_id = $1",
             )
             .bind(account_id)
             .fetch_one(&self.pool)
@@ -435,12 +435,16 @@ impl Store {
             let records: Vec<&UsageRecord> = chunk.iter().map(|s| &s.record).collect();
             new_ids.extend(super::usage::insert_usage_rows(&mut tx, self.backend, &records).await?);
         }
-        let billed: Vec<&Settlement> = batch
+        // The settlements really inserted, each once (a request id twice in one batch is
+        // stored, billed and rolled up once).
+        let fresh: Vec<&Settlement> = batch
             .iter()
-            .filter(|s| {
-                (s.billed.is_positive() || s.over_hold.is_positive())
-                    && new_ids.contains(&s.record.request_id)
-            })
+            .filter(|s| new_ids.remove(&s.record.request_id))
+            .collect();
+        let billed: Vec<&Settlement> = fresh
+            .iter()
+            .copied()
+            .filter(|s| s.billed.is_positive() || s.over_hold.is_positive())
             .collect();
         // One debit per account: from the node's lease first, then (a lease swept while the
         // node was cut off, or usage above the hold) from the balance, and what neither can
@@ -507,6 +511,7 @@ impl Store {
             }
         }
         // Each loss comes off the account's latest requests in this batch.
+        let mut cuts: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
         let mut charged: Vec<(i64, &Settlement)> = billed
             .iter()
             .map(|s| (s.billed.nanos() + s.over_hold.nanos(), *s))
@@ -522,13 +527,15 @@ impl Store {
                 let cut = loss.min(*amount);
                 *amount -= cut;
                 loss -= cut;
+                *cuts.entry(s.record.request_id.as_str()).or_default() += cut;
                 sqlx::query(
                     "UPDATE usage_records SET billed_nano = billed_nano - $1,
                             platform_loss_nano = platform_loss_nano + $1
-                      WHERE request_id = $2",
+                      WHERE request_id = $2 AND started_at = $3",
                 )
                 .bind(cut)
                 .bind(&s.record.request_id)
+                .bind(s.record.started_at)
                 .execute(&mut *tx)
                 .await?;
                 tracing::warn!(
@@ -582,6 +589,13 @@ impl Store {
                 }
             })?;
         }
+        // The roll-ups count what the rows now say: billed after any loss was taken off.
+        let mut rollup = super::rollups::Rollup::default();
+        for s in &fresh {
+            let cut = cuts.get(s.record.request_id.as_str()).copied().unwrap_or(0);
+            rollup.add(&s.record, s.record.billed.nanos() - cut, cut)?;
+        }
+        rollup.write_in(&mut tx, self.backend).await?;
         tx.commit().await?;
         Ok(())
     }

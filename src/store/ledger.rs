@@ -71,7 +71,7 @@ pub struct LedgerEntry {
 }
 
 impl LedgerEntry {
-    fn from_row(r: &AnyRow) -> Result<Self, StoreError> {
+    pub(super) fn from_row(r: &AnyRow) -> Result<Self, StoreError> {
         Ok(LedgerEntry {
             id: r.try_get("id")?,
             account_id: r.try_get("account_id")?,

@@ -10,12 +10,15 @@
 mod accounts;
 mod caps;
 mod controls;
+mod export;
 mod keys;
 mod leases;
 mod ledger;
 mod nodes;
 mod refunds;
 mod reports;
+mod retention;
+mod rollups;
 mod sessions;
 mod stripe;
 mod two_factor;
@@ -27,12 +30,15 @@ pub use accounts::{
 };
 pub use caps::CapUse;
 pub use controls::Target;
+pub use export::{AuditFilter, Exported, RowStream};
 pub use keys::{ApiKey, KeyAuth, KeyStatus, NewKey};
 pub use leases::Settlement;
 pub use ledger::{BalanceProof, LedgerEntry, LedgerKind, NewLedgerEntry};
 pub use nodes::{InstanceRow, LeaseRow, Released};
 pub use refunds::{RefundAllocation, RefundRequest, StripeDebit};
 pub use reports::{DailyMargin, DailyMoney, UpstreamStats};
+pub use retention::RetentionReport;
+pub use rollups::hour_of;
 pub use sessions::Session;
 pub use stripe::{CheckoutCredit, PaidSession, Payment};
 pub use two_factor::TwoFactor;
@@ -229,6 +235,23 @@ fn placeholder(sql: &mut String, backend: Backend, n: usize) {
     }
 }
 
+/// Appends the `VALUES` tuples of a multi-row statement: `rows` of `per_row` placeholders each.
+fn push_values(sql: &mut String, backend: Backend, rows: usize, per_row: usize) {
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..per_row {
+            if c > 0 {
+                sql.push(',');
+            }
+            placeholder(sql, backend, i * per_row + c + 1);
+        }
+        sql.push(')');
+    }
+}
+
 /// Insert an audit-log row inside a caller's transaction.
 async fn audit(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
@@ -274,18 +297,20 @@ impl Store {
         .bind(account_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r: &AnyRow| {
-                Ok(AuditEntry {
-                    actor: r.try_get("actor")?,
-                    action: r.try_get("action")?,
-                    account_id: r.try_get("account_id")?,
-                    key_id: r.try_get("key_id")?,
-                    reason: r.try_get("reason")?,
-                    created_at: r.try_get("created_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(AuditEntry::from_row).collect()
+    }
+}
+
+impl AuditEntry {
+    fn from_row(r: &AnyRow) -> Result<Self, StoreError> {
+        Ok(AuditEntry {
+            actor: r.try_get("actor")?,
+            action: r.try_get("action")?,
+            account_id: r.try_get("account_id")?,
+            key_id: r.try_get("key_id")?,
+            reason: r.try_get("reason")?,
+            created_at: r.try_get("created_at")?,
+        })
     }
 }
 

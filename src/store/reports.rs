@@ -1,5 +1,5 @@
 //! What the operator reads: revenue, billed usage, provider cost and margin per day and tier,
-//! and each upstream's health from the usage records; and key suspension.
+//! and each upstream's health, from the hourly roll-ups; and key suspension.
 
 use super::keys::{ApiKey, KeyStatus};
 use super::{Store, StoreError, audit};
@@ -72,11 +72,11 @@ impl Store {
         to_ms: i64,
     ) -> Result<Vec<DailyMargin>, StoreError> {
         let rows = sqlx::query(
-            "SELECT started_at / 86400000 AS day, tier, COUNT(*) AS requests,
+            "SELECT hour_ms / 86400000 AS day, tier, CAST(SUM(requests) AS BIGINT) AS requests,
                     CAST(SUM(billed_nano) AS BIGINT) AS billed,
                     CAST(SUM(provider_cost_nano) AS BIGINT) AS cost
-             FROM usage_records WHERE started_at >= $1 AND started_at < $2
-             GROUP BY started_at / 86400000, tier ORDER BY day, tier",
+             FROM usage_hourly_platform WHERE hour_ms >= $1 AND hour_ms < $2
+             GROUP BY hour_ms / 86400000, tier ORDER BY day, tier",
         )
         .bind(from_ms)
         .bind(to_ms)
@@ -96,33 +96,37 @@ impl Store {
     }
 
     /// Requests, errors (status 5xx, or no upstream answer), latency and fallbacks per upstream
-    /// model since `since_ms`.
+    /// model from the start of the hour holding `since_ms` on, from the roll-ups. Averages are
+    /// whole milliseconds, rounded down.
     pub async fn upstream_stats(&self, since_ms: i64) -> Result<Vec<UpstreamStats>, StoreError> {
         let rows = sqlx::query(
-            "SELECT provider, upstream_model, COUNT(*) AS requests,
-                    CAST(SUM(CASE WHEN http_status >= 500 THEN 1 ELSE 0 END) AS BIGINT) AS errors,
-                    CAST(AVG(latency_ms) AS BIGINT) AS avg_latency,
-                    CAST(AVG(ttft_ms) AS BIGINT) AS avg_ttft,
-                    CAST(SUM(CASE WHEN attempts > 1 THEN 1 ELSE 0 END) AS BIGINT) AS fallbacks,
-                    MAX(CASE WHEN http_status >= 500 THEN started_at END) AS last_error
-             FROM usage_records
-             WHERE started_at >= $1 AND provider IS NOT NULL
+            "SELECT provider, upstream_model, CAST(SUM(requests) AS BIGINT) AS requests,
+                    CAST(SUM(server_errors) AS BIGINT) AS errors,
+                    CAST(SUM(latency_ms_sum) AS BIGINT) AS latency_sum,
+                    CAST(SUM(ttft_count) AS BIGINT) AS ttft_count,
+                    CAST(SUM(ttft_ms_sum) AS BIGINT) AS ttft_sum,
+                    CAST(SUM(fallbacks) AS BIGINT) AS fallbacks,
+                    MAX(last_error_at) AS last_error
+             FROM usage_hourly_platform
+             WHERE hour_ms >= $1 AND provider <> ''
              GROUP BY provider, upstream_model ORDER BY provider, upstream_model",
         )
-        .bind(since_ms)
+        .bind(super::rollups::hour_of(since_ms))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
             .map(|r| {
+                let requests: i64 = r.try_get("requests")?;
+                let ttft_count: i64 = r.try_get("ttft_count")?;
                 Ok(UpstreamStats {
                     provider: r.try_get("provider")?,
-                    model: r
-                        .try_get::<Option<String>, _>("upstream_model")?
-                        .unwrap_or_default(),
-                    requests: r.try_get("requests")?,
+                    model: r.try_get("upstream_model")?,
+                    requests,
                     errors: r.try_get("errors")?,
-                    avg_latency_ms: r.try_get::<Option<i64>, _>("avg_latency")?.unwrap_or(0),
-                    avg_ttft_ms: r.try_get("avg_ttft")?,
+                    avg_latency_ms: r.try_get::<i64, _>("latency_sum")? / requests.max(1),
+                    avg_ttft_ms: (ttft_count > 0)
+                        .then(|| r.try_get::<i64, _>("ttft_sum").map(|s| s / ttft_count))
+                        .transpose()?,
                     fallbacks: r.try_get("fallbacks")?,
                     last_error_at: r.try_get("last_error")?,
                 })

@@ -9,6 +9,8 @@ use super::{Store, StoreError, is_unique_violation};
 use crate::money::NanoUsd;
 use sqlx::Row;
 
+const HOUR_MS: i64 = 3_600_000;
+
 /// One recorded prepayment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamCredit {
@@ -58,16 +60,24 @@ impl ProviderCredit {
 }
 
 impl Store {
-    /// The provider cost written for `provider` so far, over every usage record.
-    async fn provider_spend<'e, E>(executor: E, provider: &str) -> Result<i64, StoreError>
+    /// The provider cost written for `provider` so far, over every usage record ever written:
+    /// from the hourly roll-ups, which the usage writer keeps equal to the rows' sums in the
+    /// transaction that inserts them and which retention keeps (the raw rows it deletes must
+    /// not give credit back).
+    async fn provider_spend<'e, E>(
+        executor: E,
+        provider: &str,
+        since_ms: i64,
+    ) -> Result<i64, StoreError>
     where
         E: sqlx::Executor<'e, Database = sqlx::Any>,
     {
         let row = sqlx::query(
             "SELECT CAST(COALESCE(SUM(provider_cost_nano), 0) AS BIGINT) AS spent
-             FROM usage_records WHERE provider = $1",
+             FROM usage_hourly_platform WHERE provider = $1 AND hour_ms >= $2",
         )
         .bind(provider)
+        .bind(since_ms - since_ms.rem_euclid(HOUR_MS))
         .fetch_one(executor)
         .await?;
         Ok(row.try_get("spent")?)
@@ -94,7 +104,7 @@ impl Store {
             ));
         }
         let mut tx = self.pool.begin().await?;
-        let spent = Store::provider_spend(&mut *tx, provider).await?;
+        let spent = Store::provider_spend(&mut *tx, provider, 0).await?;
         let now = crate::time::now_ms();
         let inserted = sqlx::query(
             "INSERT INTO upstream_credits (provider, amount, reference, note, actor, spent_before, created_at)
@@ -183,17 +193,11 @@ impl Store {
             let credited: i64 = r.try_get("credited")?;
             let first_at: i64 = r.try_get("first_at")?;
             let baseline: i64 = r.try_get("baseline")?;
-            let spent = Store::provider_spend(&self.pool, &provider).await? - baseline;
+            let spent = Store::provider_spend(&self.pool, &provider, 0).await? - baseline;
+            // Whole hours of roll-ups: the window starts at the top of its first hour.
             let since = (now - window_ms).max(first_at);
-            let in_window: i64 = sqlx::query(
-                "SELECT CAST(COALESCE(SUM(provider_cost_nano), 0) AS BIGINT) AS spent
-                 FROM usage_records WHERE provider = $1 AND started_at >= $2",
-            )
-            .bind(&provider)
-            .bind(since)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("spent")?;
+            let since = since - since.rem_euclid(HOUR_MS);
+            let in_window = Store::provider_spend(&self.pool, &provider, since).await?;
             out.push(ProviderCredit {
                 credited: NanoUsd::from_nanos(credited),
                 spent: NanoUsd::from_nanos(spent),

@@ -1,11 +1,14 @@
 //! Usage records (one per request, written in batches off the request path) and the Stripe
 //! bookkeeping tables (checkout sessions, processed event ids).
 
+use super::export::{Arg, RowStream, stream_rows};
+use super::rollups::Rollup;
 use super::{Store, StoreError};
 use crate::money::NanoUsd;
 use crate::time::now_ms;
 use sqlx::Row;
 use sqlx::any::AnyRow;
+use std::collections::HashSet;
 
 /// Everything recorded about one request (ARCHITECTURE.md, request flow step 7).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -44,7 +47,7 @@ pub struct UsageRecord {
 }
 
 impl UsageRecord {
-    fn from_row(r: &AnyRow) -> Result<Self, StoreError> {
+    pub(super) fn from_row(r: &AnyRow) -> Result<Self, StoreError> {
         Ok(UsageRecord {
             request_id: r.try_get("request_id")?,
             account_id: r.try_get("account_id")?,
@@ -71,7 +74,7 @@ impl UsageRecord {
     }
 }
 
-const USAGE_COLUMNS: &str = "request_id, account_id, key_id, tier, provider, upstream_model, stream, \
+pub(super) const USAGE_COLUMNS: &str = "request_id, account_id, key_id, tier, provider, upstream_model, stream, \
      input_tokens, output_tokens, provider_cost_nano, billed_nano, http_status, error_code, attempts, \
      latency_ms, ttft_ms, started_at, finished_at, cached_input_tokens, cache_write_tokens, \
      reasoning_tokens";
@@ -90,20 +93,16 @@ pub(super) async fn insert_usage_rows(
         return Ok(Vec::new());
     }
     let mut sql = format!("INSERT INTO usage_records ({USAGE_COLUMNS}, created_at) VALUES ");
-    for i in 0..rows.len() {
-        if i > 0 {
-            sql.push(',');
+    super::push_values(&mut sql, backend, rows.len(), USAGE_PARAMS);
+    // On PostgreSQL usage_records is partitioned by month of started_at, and a partitioned
+    // table's unique key must hold the partition key: a settlement stored twice has the same
+    // request id and the same start, so this still skips it.
+    sql.push_str(match backend {
+        crate::conf::Backend::Sqlite => " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+        crate::conf::Backend::Postgres => {
+            " ON CONFLICT (request_id, started_at) DO NOTHING RETURNING request_id"
         }
-        sql.push('(');
-        for c in 0..USAGE_PARAMS {
-            if c > 0 {
-                sql.push(',');
-            }
-            super::placeholder(&mut sql, backend, i * USAGE_PARAMS + c + 1);
-        }
-        sql.push(')');
-    }
-    sql.push_str(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
+    });
     let now = now_ms();
     let mut q = sqlx::query(&sql);
     for r in rows {
@@ -139,18 +138,30 @@ pub(super) async fn insert_usage_rows(
 }
 
 impl Store {
-    /// Writes a batch in one transaction. Records whose request id is already stored are skipped
-    /// (so a retried batch is harmless); returns how many were new.
+    /// Writes a batch in one transaction, with its roll-ups. Records whose request id is already
+    /// stored are skipped (so a retried batch is harmless, and counts nothing twice); returns how
+    /// many were new.
     pub async fn insert_usage_batch(&self, records: &[UsageRecord]) -> Result<u64, StoreError> {
         if records.is_empty() {
             return Ok(0);
         }
         let mut tx = self.begin_write().await?;
         let mut inserted = 0;
+        let mut rollup = Rollup::default();
         for chunk in records.chunks(200) {
             let rows: Vec<&UsageRecord> = chunk.iter().collect();
-            inserted += insert_usage_rows(&mut tx, self.backend, &rows).await?.len() as u64;
+            let mut new: HashSet<String> = insert_usage_rows(&mut tx, self.backend, &rows)
+                .await?
+                .into_iter()
+                .collect();
+            for r in chunk {
+                if new.remove(&r.request_id) {
+                    rollup.add(r, r.billed.nanos(), 0)?;
+                    inserted += 1;
+                }
+            }
         }
+        rollup.write_in(&mut tx, self.backend).await?;
         tx.commit().await?;
         Ok(inserted)
     }
@@ -180,43 +191,37 @@ impl Store {
         f: &UsageFilter,
         limit: i64,
     ) -> Result<Vec<UsageRecord>, StoreError> {
-        let (status_lo, status_hi) = match f.status {
-            Some(StatusFilter::Exact(s)) => (s, s),
-            Some(StatusFilter::Ok) => (200, 299),
-            Some(StatusFilter::Error) => (300, 999),
-            None => (0, 999),
-        };
-        let rows = sqlx::query(&format!(
-            "SELECT {USAGE_COLUMNS} FROM usage_records
-             WHERE account_id = $1 AND started_at < $2 AND started_at >= $3
-               AND ($4 = 0 OR key_id = $5) AND ($6 = '' OR tier = $6)
-               AND http_status >= $7 AND http_status <= $8
-             ORDER BY started_at DESC, id DESC LIMIT $9"
-        ))
-        .bind(account_id)
-        .bind(
-            f.before_ms
-                .unwrap_or(i64::MAX)
-                .min(f.to_ms.unwrap_or(i64::MAX)),
-        )
-        .bind(f.from_ms.unwrap_or(0))
-        .bind(i64::from(f.key_id.is_some()))
-        .bind(f.key_id.unwrap_or(0))
-        .bind(f.tier.clone().unwrap_or_default())
-        .bind(status_lo)
-        .bind(status_hi)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let (sql, args) = usage_select(account_id, f, limit);
+        let mut q = sqlx::query(&sql);
+        for a in &args {
+            q = match a {
+                Arg::Int(i) => q.bind(*i),
+                Arg::Text(t) => q.bind(t.as_str()),
+            };
+        }
+        let rows = q.fetch_all(&self.pool).await?;
         rows.iter().map(UsageRecord::from_row).collect()
     }
 
-    /// What each of `key_ids` has been billed in all (keys without usage are left out).
+    /// The same rows as [`Store::usage_filtered`], streamed (for a CSV export: memory stays flat
+    /// however many rows there are).
+    pub fn usage_filtered_stream(
+        &self,
+        account_id: i64,
+        f: &UsageFilter,
+        limit: i64,
+    ) -> RowStream<UsageRecord> {
+        let (sql, args) = usage_select(account_id, f, limit);
+        stream_rows(&self.pool, sql, args, UsageRecord::from_row)
+    }
+
+    /// What each of `key_ids` has been billed in all (keys without usage are left out), from the
+    /// roll-ups (they outlive retention).
     pub async fn key_spent(&self, key_ids: &[i64]) -> Result<Vec<(i64, NanoUsd)>, StoreError> {
         let mut out = Vec::new();
         for chunk in key_ids.chunks(500) {
             let mut sql = String::from(
-                "SELECT key_id, CAST(SUM(billed_nano) AS BIGINT) AS spent FROM usage_records WHERE key_id IN (",
+                "SELECT key_id, CAST(SUM(billed_nano) AS BIGINT) AS spent FROM usage_hourly WHERE key_id IN (",
             );
             for i in 0..chunk.len() {
                 if i > 0 {
@@ -239,7 +244,8 @@ impl Store {
         Ok(out)
     }
 
-    /// Requests and billed amount per key of the account in `[from_ms, to_ms)`, most spent first.
+    /// Requests and billed amount per key of the account in `[from_ms, to_ms)` (whole hours), most
+    /// spent first, from the roll-ups.
     pub async fn spend_by_key(
         &self,
         account_id: i64,
@@ -247,9 +253,10 @@ impl Store {
         to_ms: i64,
     ) -> Result<Vec<(i64, i64, NanoUsd)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT key_id, COUNT(*) AS requests, CAST(SUM(billed_nano) AS BIGINT) AS billed_nano
-             FROM usage_records
-             WHERE account_id = $1 AND started_at >= $2 AND started_at < $3
+            "SELECT key_id, CAST(SUM(requests) AS BIGINT) AS requests,
+                    CAST(SUM(billed_nano) AS BIGINT) AS billed_nano
+             FROM usage_hourly
+             WHERE account_id = $1 AND hour_ms >= $2 AND hour_ms < $3
              GROUP BY key_id ORDER BY billed_nano DESC, key_id",
         )
         .bind(account_id)
@@ -268,7 +275,8 @@ impl Store {
             .collect()
     }
 
-    /// Requests, tokens and billed amount per UTC day and tier in `[from_ms, to_ms)`.
+    /// Requests, tokens and billed amount per UTC day and tier in `[from_ms, to_ms)` (whole
+    /// hours), from the roll-ups.
     pub async fn usage_daily(
         &self,
         account_id: i64,
@@ -276,13 +284,13 @@ impl Store {
         to_ms: i64,
     ) -> Result<Vec<DailyUsage>, StoreError> {
         let rows = sqlx::query(
-            "SELECT started_at / 86400000 AS day, tier, COUNT(*) AS requests,
+            "SELECT hour_ms / 86400000 AS day, tier, CAST(SUM(requests) AS BIGINT) AS requests,
                     CAST(SUM(input_tokens) AS BIGINT) AS input_tokens,
                     CAST(SUM(output_tokens) AS BIGINT) AS output_tokens,
                     CAST(SUM(billed_nano) AS BIGINT) AS billed_nano
-             FROM usage_records
-             WHERE account_id = $1 AND started_at >= $2 AND started_at < $3
-             GROUP BY started_at / 86400000, tier ORDER BY day, tier",
+             FROM usage_hourly
+             WHERE account_id = $1 AND hour_ms >= $2 AND hour_ms < $3
+             GROUP BY hour_ms / 86400000, tier ORDER BY day, tier",
         )
         .bind(account_id)
         .bind(from_ms)
@@ -302,6 +310,40 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// The query behind [`Store::usage_filtered`]: an account's rows newest first, walked by the
+/// `(account_id, started_at, id)` index.
+fn usage_select(account_id: i64, f: &UsageFilter, limit: i64) -> (String, Vec<Arg>) {
+    let (status_lo, status_hi) = match f.status {
+        Some(StatusFilter::Exact(s)) => (s, s),
+        Some(StatusFilter::Ok) => (200, 299),
+        Some(StatusFilter::Error) => (300, 999),
+        None => (0, 999),
+    };
+    let sql = format!(
+        "SELECT {USAGE_COLUMNS} FROM usage_records
+         WHERE account_id = $1 AND started_at < $2 AND started_at >= $3
+           AND ($4 = 0 OR key_id = $5) AND ($6 = '' OR tier = $6)
+           AND http_status >= $7 AND http_status <= $8
+         ORDER BY started_at DESC, id DESC LIMIT $9"
+    );
+    let args = vec![
+        Arg::Int(account_id),
+        Arg::Int(
+            f.before_ms
+                .unwrap_or(i64::MAX)
+                .min(f.to_ms.unwrap_or(i64::MAX)),
+        ),
+        Arg::Int(f.from_ms.unwrap_or(0)),
+        Arg::Int(i64::from(f.key_id.is_some())),
+        Arg::Int(f.key_id.unwrap_or(0)),
+        Arg::Text(f.tier.clone().unwrap_or_default()),
+        Arg::Int(status_lo),
+        Arg::Int(status_hi),
+        Arg::Int(limit),
+    ];
+    (sql, args)
 }
 
 /// Which usage records to show. Empty fields match everything.

@@ -416,6 +416,34 @@ impl Browser<'_> {
         .await
     }
 
+    /// A GET whose body is kept as the frames it arrived in (a streamed answer has many).
+    pub async fn get_frames(
+        &mut self,
+        path: &str,
+    ) -> (StatusCode, axum::http::HeaderMap, Vec<bytes::Bytes>) {
+        let mut req = Request::get(path).body(Body::empty()).expect("request");
+        req.extensions_mut().insert(ConnectInfo(self.addr));
+        if let Some(c) = &self.cookie {
+            req.headers_mut().insert(
+                header::COOKIE,
+                format!("duang_sid={c}").parse().expect("cookie"),
+            );
+        }
+        let r = app(self.admin.state.clone())
+            .oneshot(req)
+            .await
+            .expect("infallible");
+        let (status, headers) = (r.status(), r.headers().clone());
+        let mut body = r.into_body();
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.expect("frame").into_data() {
+                frames.push(data);
+            }
+        }
+        (status, headers, frames)
+    }
+
     pub async fn send(&mut self, req: Request<Body>) -> Resp {
         let mut req = req;
         req.extensions_mut().insert(ConnectInfo(self.addr));
