@@ -425,7 +425,8 @@ async fn the_migration_backfills_rollups_from_existing_rows(backend: Backend) {
         .await
         .expect("old row");
     }
-    assert_eq!(store.migrate().await.expect("migrate"), 1);
+    // 0010 (the roll-ups and their backfill), and whatever came after it.
+    assert!(store.migrate().await.expect("migrate") >= 1);
     assert_rollups_exact(&store).await;
     assert_eq!(
         store.usage_page(a, None, 1000).await.expect("rows").len(),
