@@ -124,7 +124,7 @@ done
 rollups=migrations/$BACKEND/0010_usage_rollups.sql
 if [ -f "$rollups" ]; then
   sed -n '/^-- Backfill from the rows already stored./,/^GROUP BY hour_ms, tier, provider, upstream_model;/p' \
-    "$rollups" > "$work/backfill.sql"
+    "$rollups" | sed 's/^SET LOCAL work_mem/SET work_mem/' > "$work/backfill.sql"
   sql < "$work/backfill.sql"
 fi
 # An operator with two-factor on, and a signed-in session for it and for the busy account

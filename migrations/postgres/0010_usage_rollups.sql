@@ -64,7 +64,9 @@ CREATE TABLE usage_hourly_platform (
     PRIMARY KEY (hour_ms, tier, provider, upstream_model)
 );
 
--- Backfill from the rows already stored.
+-- Backfill from the rows already stored (in this migration's transaction only: memory enough to
+-- group millions of rows by hashing instead of sorting on disk).
+SET LOCAL work_mem = '256MB';
 INSERT INTO usage_hourly
 SELECT (started_at / 3600000) * 3600000, account_id, key_id, tier,
        COALESCE(provider, ''), COALESCE(upstream_model, ''),
