@@ -390,6 +390,22 @@ async fn a_new_customer_signs_up_pays_and_uses_the_api_in_a_real_browser() {
         Some(&format!("{PASSWORD}\n")),
     );
     assert_eq!(made.code, 0, "{}", made.stderr);
+    // A prepayment to a provider, so the upstream page shows its prepaid-credit table.
+    let prepaid = support::run(
+        support::ADMIN_BIN,
+        &stack.conf_path,
+        &[
+            "upstream-credit",
+            "add",
+            "openai",
+            "--usd",
+            "500",
+            "--ref",
+            "INV-1",
+        ],
+        None,
+    );
+    assert_eq!(prepaid.code, 0, "{}", prepaid.stderr);
     b.open("/login?next=/operator").await;
     b.type_into("input[name=email]", "op@example.com").await;
     b.type_into("input[name=password]", PASSWORD).await;

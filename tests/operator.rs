@@ -574,6 +574,35 @@ async fn revenue_margin_and_upstream_health_come_from_the_records(backend: Backe
     let page = op.get("/operator/upstreams").await;
     assert!(page.body.contains("50.0%") && page.body.contains("anthropic-model"));
     assert!(page.body.contains("cooling down"));
+    assert!(page.body.contains("None recorded"), "no prepaid credit yet");
+
+    // A prepayment recorded: the page and the API show what is left of it (the usage above was
+    // written before it, so none of it counts).
+    admin
+        .t
+        .store
+        .add_upstream_credit(
+            "openai",
+            "5".parse().expect("usd"),
+            "INV-7",
+            None,
+            "cli:test",
+        )
+        .await
+        .expect("prepaid");
+    let u = op
+        .json(Method::GET, "/api/v1/operator/upstreams", None, None)
+        .await
+        .json();
+    assert_eq!(u["prepaid"][0]["provider"], "openai");
+    assert_eq!(u["prepaid"][0]["remaining_usd"], "5.00");
+    assert_eq!(u["prepaid"][0]["out_of_routing"], false);
+    let page = op.get("/operator/upstreams").await;
+    assert!(
+        page.body.contains("Prepaid upstream credit") && page.body.contains("$5.00"),
+        "{}",
+        page.body
+    );
 }
 
 /// The OpenAPI document lists every JSON route, and every route it lists is served.

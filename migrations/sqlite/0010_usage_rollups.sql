@@ -94,6 +94,9 @@ GROUP BY hour_ms, tier, provider, upstream_model;
 -- The request log pages an account's rows by start time (newest first, the id breaking ties);
 -- retention and the operator's export walk all rows by start time.
 DROP INDEX usage_account_created;
+-- Nothing reads usage by key any more (key spend comes from the roll-ups): one index fewer to
+-- write per request.
+DROP INDEX usage_key_created;
 CREATE INDEX usage_account_started ON usage_records (account_id, started_at, id);
 CREATE INDEX usage_started ON usage_records (started_at);
 
