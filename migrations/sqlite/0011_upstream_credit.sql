@@ -27,3 +27,6 @@ CREATE TABLE upstream_credit_alerts (
     mailed_at  INTEGER NOT NULL
 );
 
+-- What each provider has cost, summed from the roll-ups by the gateways every 5 s while credit is
+-- recorded: read by provider, not by walking every hour.
+CREATE INDEX usage_hourly_platform_provider ON usage_hourly_platform (provider, hour_ms);
