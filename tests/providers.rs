@@ -382,7 +382,7 @@ async fn prepaid_upstream_credit_is_counted_down_and_leaves_routing_when_spent(b
     let left = || async {
         relay
             .store()
-            .provider_credits(86_400_000)
+            .provider_credits()
             .await
             .expect("credits")
             .into_iter()

@@ -339,14 +339,7 @@ async fn reload_changes_prices_on_the_running_relay() {
         gateway,
         admin,
     } = up(dir.path(), &db).await;
-    let cli = |args: &[&str]| {
-        Command::new(ADMIN_BIN)
-            .arg("--conf")
-            .arg(&conf.path)
-            .args(args)
-            .output()
-            .expect("cli")
-    };
+    let cli = |args: &[&str]| support::run(ADMIN_BIN, &conf.path, args, None);
     let out = cli(&[
         "account",
         "create",
@@ -354,14 +347,11 @@ async fn reload_changes_prices_on_the_running_relay() {
         "op@example.com",
         "--verified",
     ]);
-    assert!(out.status.success());
-    assert!(
-        cli(&["credits", "grant", "op@example.com", "--usd", "5"])
-            .status
-            .success()
-    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = cli(&["credits", "grant", "op@example.com", "--usd", "5"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
     let out = cli(&["key", "create", "op@example.com", "--name", "ci"]);
-    let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let key = out.stdout.trim().to_owned();
     // What the gateway and the admin show for the budget tier's input price.
     let shown = || {
         let (client, gateway, admin, key) = (&client, &gateway, &admin, &key);
@@ -406,12 +396,8 @@ async fn reload_changes_prices_on_the_running_relay() {
     // `duang-admin reload`: both processes answer, and both show the new price.
     set_budget_input("0.12", "0.77");
     let out = cli(&["reload"]);
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = out.stdout;
+    assert_eq!(out.code, 0, "{said}{}", out.stderr);
     assert!(
         said.contains(&format!(
             "gateway 127.0.0.1:{}: reloaded",
@@ -470,8 +456,8 @@ async fn reload_changes_prices_on_the_running_relay() {
     // a SIGHUP makes both processes refuse it. Nothing changes.
     set_budget_input("0.77", "cheap");
     let out = cli(&["reload"]);
-    let said = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(2), "{said}");
+    let said = out.stderr;
+    assert_eq!(out.code, 2, "{said}");
     assert!(said.contains("tiers.budget.input_usd_per_mtok"), "{said}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),

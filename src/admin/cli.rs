@@ -666,7 +666,7 @@ async fn upstream_credit(store: &Store, cmd: UpstreamCreditCmd) -> anyhow::Resul
                 .add_upstream_credit(&provider, amount, &reference, note.as_deref(), &actor())
                 .await?;
             let left = store
-                .provider_credits(7 * 86_400_000)
+                .provider_credits()
                 .await?
                 .into_iter()
                 .find(|p| p.provider == provider)
@@ -678,7 +678,7 @@ async fn upstream_credit(store: &Store, cmd: UpstreamCreditCmd) -> anyhow::Resul
             );
         }
         UpstreamCreditCmd::List => {
-            let credits = store.provider_credits(7 * 86_400_000).await?;
+            let credits = store.provider_credits().await?;
             if credits.is_empty() {
                 println!("no prepaid upstream credit recorded");
                 return Ok(());

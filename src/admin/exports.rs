@@ -17,7 +17,7 @@ use maud::html;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-const DAY_MS: i64 = 86_400_000;
+use crate::time::DAY_MS;
 /// Entries the audit page and its JSON show at most (the CSV has them all).
 const AUDIT_PAGE: i64 = 200;
 

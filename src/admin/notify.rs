@@ -306,7 +306,7 @@ pub async fn prepaid_pass(state: &AppState) -> Result<Vec<String>, AdminError> {
     if watched.is_empty() {
         return Ok(Vec::new());
     }
-    let credits = state.store.provider_credits(7 * 86_400_000).await?;
+    let credits = state.store.provider_credits().await?;
     let mut mailed = Vec::new();
     for (p, below) in watched {
         let Some(c) = credits.iter().find(|c| c.provider == p.name) else {

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
-const DAY_MS: i64 = 86_400_000;
+use crate::time::DAY_MS;
 
 /// A signed-in operator; anyone else gets 403 (or the log-in page when not signed in).
 pub struct Operator(pub SignedIn);

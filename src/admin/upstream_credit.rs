@@ -6,13 +6,10 @@ use super::server::AppState;
 use maud::{Markup, html};
 use serde_json::{Value, json};
 
-/// The spend rate is taken over this window (or since the first prepayment, when shorter).
-const RATE_WINDOW_MS: i64 = 7 * 86_400_000;
-
 /// Each provider with prepaid credit recorded: what is left, the spend rate, the days left, and
 /// what the conf does about it.
 pub async fn prepaid_json(state: &AppState) -> Result<Value, AdminError> {
-    let credits = state.store.provider_credits(RATE_WINDOW_MS).await?;
+    let credits = state.store.provider_credits().await?;
     Ok(json!(
         credits
             .iter()

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
-const DAY_MS: i64 = 86_400_000;
+use crate::time::DAY_MS;
 /// The longest range a chart or an export covers.
 const MAX_DAYS: i64 = 366;
 const PAGE: i64 = 50;

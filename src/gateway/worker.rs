@@ -55,7 +55,7 @@ const PREPAID_EVERY: Duration = Duration::from_secs(5);
 /// conf says `leave_routing_when_prepaid_spent`, whether its upstreams are still tried (a
 /// reload's new providers are read at the next pass).
 async fn check_prepaid(gw: &Gateway, store: &Store) {
-    let credits = match store.provider_credits(7 * 86_400_000).await {
+    let credits = match store.provider_credits().await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %e, "reading the providers' prepaid credit failed");

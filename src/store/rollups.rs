@@ -13,7 +13,7 @@ use crate::conf::Backend;
 use crate::money::MoneyError;
 use std::collections::BTreeMap;
 
-pub(super) const HOUR_MS: i64 = 3_600_000;
+use crate::time::HOUR_MS;
 
 /// Rows per upsert statement.
 const ROWS_PER_STATEMENT: usize = 25;

@@ -9,7 +9,10 @@ use super::{Store, StoreError, is_unique_violation};
 use crate::money::NanoUsd;
 use sqlx::Row;
 
-const HOUR_MS: i64 = 3_600_000;
+use crate::time::{DAY_MS, HOUR_MS};
+
+/// A provider's spend rate is taken over this window.
+pub const RATE_WINDOW_MS: i64 = 7 * DAY_MS;
 
 /// One recorded prepayment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,9 +47,8 @@ pub struct ProviderCredit {
 impl ProviderCredit {
     /// Spend per day over the window.
     pub fn per_day(&self) -> Option<NanoUsd> {
-        const DAY_MS: i128 = 86_400_000;
         (self.window_ms > 0).then(|| {
-            let nanos = i128::from(self.spent_in_window.nanos()) * DAY_MS
+            let nanos = i128::from(self.spent_in_window.nanos()) * i128::from(DAY_MS)
                 / i128::from(self.window_ms.max(1));
             NanoUsd::from_nanos(nanos.clamp(0, i128::from(i64::MAX)) as i64)
         })
@@ -173,11 +175,8 @@ impl Store {
     }
 
     /// Each provider with prepaid credit recorded: what is left, and its spend over the last
-    /// `window_ms` (or since its first prepayment, when that is more recent).
-    pub async fn provider_credits(
-        &self,
-        window_ms: i64,
-    ) -> Result<Vec<ProviderCredit>, StoreError> {
+    /// [`RATE_WINDOW_MS`] (or since its first prepayment, when that is more recent).
+    pub async fn provider_credits(&self) -> Result<Vec<ProviderCredit>, StoreError> {
         let rows = sqlx::query(
             "SELECT c.provider, CAST(SUM(c.amount) AS BIGINT) AS credited, MIN(c.created_at) AS first_at,
                     (SELECT f.spent_before FROM upstream_credits f
@@ -195,7 +194,7 @@ impl Store {
             let baseline: i64 = r.try_get("baseline")?;
             let spent = Store::provider_spend(&self.pool, &provider, 0).await? - baseline;
             // Whole hours of roll-ups: the window starts at the top of its first hour.
-            let since = (now - window_ms).max(first_at);
+            let since = (now - RATE_WINDOW_MS).max(first_at);
             let since = since - since.rem_euclid(HOUR_MS);
             let in_window = Store::provider_spend(&self.pool, &provider, since).await?;
             out.push(ProviderCredit {
