@@ -926,7 +926,8 @@ async fn read_one_answer(s: &mut tokio::net::TcpStream) -> String {
 /// kept-alive connection idle for longer than that still takes its next request (the head's
 /// clock starts at its first byte); an oversized head gets 431; a body that stops coming gets
 /// 408; the fifth connection gets 503 `too_many_connections` and a closed one frees its place;
-/// pipelined requests are answered in order, bodies included.
+/// pipelined requests are answered in order, bodies included; CONNECT and unparsable heads are
+/// refused.
 async fn the_http_layer_holds(backend: Backend) {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpStream;
@@ -1073,5 +1074,33 @@ async fn the_http_layer_holds(backend: Backend) {
     assert!(answers[0].starts_with("200") && answers[0].contains("chat.completion"));
     assert!(answers[1].starts_with("200") && answers[1].contains("\"status\":\"ready\""));
     assert!(answers[2].starts_with("200") && answers[2].contains("chat.completion"));
+
     drop(held);
+
+    // What the connection loop answers itself: CONNECT is never proxied (405), a head that is
+    // not HTTP gets 400; both close the connection. (A 503 means the held connections' places
+    // are not given back yet.)
+    for (head, status) in [
+        (
+            "CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n",
+            "405",
+        ),
+        ("GET /healthz HTTP/1.1\r\nHost relay\r\n\r\n", "400"),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let said = loop {
+            let mut s = TcpStream::connect(&addr).await.expect("connect");
+            s.write_all(head.as_bytes()).await.expect("write");
+            let (said, closed) = read_until_closed(&mut s).await;
+            assert!(closed, "{said}");
+            if !said.starts_with("HTTP/1.1 503") || Instant::now() > deadline {
+                break said;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            said.starts_with(&format!("HTTP/1.1 {status}")),
+            "{head:?}: {said}"
+        );
+    }
 }

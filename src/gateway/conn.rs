@@ -18,14 +18,16 @@
 //! requests are answered in order: each session is opened with pipelining on, so bytes read past
 //! one request's body become the next request's head.
 
+use super::ctx::RequestCtx;
 use super::error::ApiError;
+use super::service::GatewayService;
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, ServerApp};
-use pingora::protocols::http::ServerSession;
+use pingora::apps::{HttpPersistentSettings, ReusedHttpStream, ServerApp};
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     UniqueID, UniqueIDType,
 };
+use pingora::proxy::Session;
 use pingora::server::ShutdownWatch;
 use std::future::Future;
 use std::pin::Pin;
@@ -56,17 +58,18 @@ impl Bounds {
     }
 }
 
-/// The proxy application `A` behind the connection bounds.
-pub struct Connections<A> {
-    app: Arc<A>,
+/// The gateway's client connections: the bounds, and the HTTP/1 loop that reads each request's
+/// head and has the service answer it.
+pub struct Connections {
+    service: Arc<GatewayService>,
     bounds: Bounds,
     open: AtomicUsize,
 }
 
-impl<A> Connections<A> {
-    pub fn new(app: A, bounds: Bounds) -> Self {
+impl Connections {
+    pub fn new(service: GatewayService, bounds: Bounds) -> Self {
         Connections {
-            app: Arc::new(app),
+            service: Arc::new(service),
             bounds,
             open: AtomicUsize::new(0),
         }
@@ -117,13 +120,17 @@ async fn refuse(mut stream: Stream, e: &ApiError) {
     .await;
 }
 
+/// A connection to serve its next request on, with what the last one left for it (keep-alive
+/// timeout, pipelined bytes already read).
+type Reused = (Stream, Option<HttpPersistentSettings>);
+
 #[async_trait]
-impl<A> ServerApp for Connections<A>
-where
-    A: HttpServerApp + Send + Sync + 'static,
-{
-    // Pingora's own HTTP/1 loop (`ServerApp for T: HttpServerApp`), with the bounds: h2c is not
-    // offered, so every connection is HTTP/1.
+impl ServerApp for Connections {
+    // Pingora's HTTP/1 keep-alive loop (`ServerApp for T: HttpServerApp`, then `HttpProxy`'s
+    // `process_new_http`) without its proxy layer: the service answers every request in its
+    // request phase, so what `HttpProxy` keeps per request for proxying, caching, modules and
+    // subrequests (and its 14 KB request future, boxed and copied for each request) is not
+    // needed. h2c is not offered, so every connection is HTTP/1.
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
@@ -139,30 +146,84 @@ where
             return None;
         };
         let stream: Stream = Box::new(Guarded::new(stream, self.bounds));
-        let mut session = ServerSession::new_http1(stream);
-        session.set_keepalive((!*shutdown.borrow()).then_some(self.bounds.keepalive_idle_s));
-        session.set_keepalive_reuses_remaining(
-            self.app
-                .server_options()
-                .and_then(|o| o.keepalive_request_limit),
-        );
-        session.set_pipelining_enabled(true);
-        let mut reused = self.app.process_new_http(session, shutdown).await;
-        while let Some((stream, settings)) = reused.map(|r| r.consume()) {
-            if let Some(g) = stream.as_any().downcast_ref::<Guarded>() {
-                g.next_head();
+        let mut shutdown = shutdown.clone();
+        let mut next: Option<Reused> = Some((stream, None));
+        while let Some((stream, settings)) = next.take() {
+            let mut session = Session::new_h1(stream);
+            let downstream = &mut session.downstream_session;
+            match settings {
+                Some(settings) => {
+                    if let Some(g) = downstream
+                        .stream()
+                        .and_then(|s| s.as_any().downcast_ref::<Guarded>())
+                    {
+                        g.next_head();
+                    }
+                    settings.apply_to_session(downstream);
+                }
+                None => {
+                    downstream.set_keepalive(
+                        (!*shutdown.borrow()).then_some(self.bounds.keepalive_idle_s),
+                    );
+                    downstream.set_pipelining_enabled(true);
+                }
             }
-            let mut session = ServerSession::new_http1(stream);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
-            }
-            reused = self.app.process_new_http(session, shutdown).await;
+            next = self.serve(session, &mut shutdown).await;
         }
         None
     }
+}
 
-    async fn cleanup(&self) {
-        self.app.http_cleanup().await;
+impl Connections {
+    /// Reads one request's head and has the service answer it; the connection again when it
+    /// can take another request.
+    async fn serve(&self, mut session: Session, shutdown: &mut ShutdownWatch) -> Option<Reused> {
+        let read = tokio::select! {
+            // A request already read (pipelined) is answered before a shutdown is looked at.
+            biased;
+            r = session.downstream_session.read_request() => r,
+            // Shutting down: a connection waiting for its next request is closed.
+            _ = shutdown.wait_for(|down| *down) => return None,
+        };
+        match read {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                if matches!(e.etype, pingora::ErrorType::InvalidHTTPHeader) {
+                    let _ = session.downstream_session.respond_error(400).await;
+                }
+                session.downstream_session.shutdown().await;
+                return None;
+            }
+        }
+        if session.req_header().method == http::Method::CONNECT {
+            // Never proxied (as Pingora's proxy refuses it unless told otherwise).
+            let _ = session.downstream_session.respond_error(405).await;
+            session.downstream_session.shutdown().await;
+            return None;
+        }
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
+        let mut ctx = RequestCtx::default();
+        if let Err(e) = self.service.answer(&mut session, &mut ctx).await {
+            // The client went away mid-answer (or nothing could be written): as Pingora's
+            // proxy does, a 500 only when nothing was written and the client is still there.
+            let gone = matches!(
+                e.etype,
+                pingora::ErrorType::WriteError
+                    | pingora::ErrorType::ReadError
+                    | pingora::ErrorType::ConnectionClosed
+            );
+            if !gone && session.response_written().is_none() {
+                let _ = session.downstream_session.respond_error(500).await;
+            }
+            session.downstream_session.shutdown().await;
+            return None;
+        }
+        let settings = HttpPersistentSettings::for_session(&session.downstream_session);
+        let reusable = session.downstream_session.finish().await.ok().flatten()?;
+        Some(ReusedHttpStream::from_reusable_stream(reusable, settings).consume())
     }
 }
 

@@ -13,6 +13,9 @@
 //!    idle leases.
 //!
 //! [`chat`] is the table of contents of these steps; [`ctx`] is what they tell each other.
+//! [`conn`] runs each client connection (Pingora's HTTP/1 server session, in a keep-alive loop
+//! of its own with the head bounds) and has [`GatewayService::answer`], the service's request
+//! phase, answer each request.
 
 pub mod auth;
 mod chat;
@@ -119,12 +122,14 @@ pub fn build_server(conf: Arc<Conf>) -> Result<(Server, Arc<Gateway>), String> {
         },
     );
     server.add_service(worker);
-    // The proxy behind the client-connection bounds (`conn`): head timeout and size, a cap on
-    // open connections, pipelining.
-    let app = pingora::proxy::http_proxy(&server.configuration, GatewayService::new(gateway));
+    // The service behind the client-connection bounds and HTTP/1 loop (`conn`): head timeout
+    // and size, a cap on open connections, pipelining.
     let mut proxy = pingora::services::listening::Service::new(
         "duang gateway".to_owned(),
-        conn::Connections::new(app, conn::Bounds::of(&conf.gateway)),
+        conn::Connections::new(
+            GatewayService::new(gateway),
+            conn::Bounds::of(&conf.gateway),
+        ),
     );
     // No read buffer on client connections: Pingora's default keeps a zero-filled 64 KiB one per
     // connection, which was most of what an idle stream cost. Headers and bodies are read into

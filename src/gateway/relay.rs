@@ -146,7 +146,6 @@ pub fn relay<'a>(
             let refused = Box::pin(async {
                 let body = read_all(&mut answer, p.idle_timeout)
                     .await
-                    .map(|(b, _)| b)
                     .unwrap_or_default();
                 let e = upstream_error(answer.status, &body, &p.name);
                 if answer.status == 429
@@ -195,10 +194,7 @@ pub fn relay<'a>(
 }
 
 /// Reads an upstream's whole body (bounded), see [`upstream::read_body`].
-async fn read_all(
-    answer: &mut Answer,
-    timeout: std::time::Duration,
-) -> Result<(Bytes, Option<serde_json::Value>), String> {
+async fn read_all(answer: &mut Answer, timeout: std::time::Duration) -> Result<Bytes, String> {
     upstream::read_body(&mut answer.session, timeout, MAX_JSON_ANSWER).await
 }
 
@@ -220,12 +216,12 @@ async fn relay_json(
     timeout: std::time::Duration,
     (speaks, shown): (Dialect, Option<&str>),
 ) {
-    let pre_read = answer.body.take().map(|b| (b, answer.json.take()));
+    let pre_read = answer.body.take().map(|b| (b, answer.checked.take()));
     let read = match pre_read {
         Some(b) => Ok(b),
-        None => read_all(answer, timeout).await,
+        None => read_all(answer, timeout).await.map(|b| (b, None)),
     };
-    let (body, parsed) = match read {
+    let (body, checked) = match read {
         Ok(b) => b,
         Err(detail) => {
             let e = ApiError::UpstreamUnavailable { detail };
@@ -235,11 +231,10 @@ async fn relay_json(
             return;
         }
     };
-    let v = match parsed {
-        Some(v) => v,
-        None => serde_json::from_slice(&body).unwrap_or_default(),
-    };
-    let (body, usage) = dialect::json_answer(req.client, speaks, body, v, shown);
+    let checked = checked.unwrap_or_else(|| {
+        dialect::Checked::Whole(serde_json::from_slice(&body).unwrap_or_default())
+    });
+    let (body, usage) = dialect::json_answer(req.client, speaks, body, checked, shown);
     out.usage = usage.unwrap_or_else(|| Usage {
         input_tokens: req.counted_input_tokens(),
         output_tokens: dialect::counted_json_output_tokens(req.client, &body),

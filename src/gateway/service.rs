@@ -175,22 +175,15 @@ async fn preflight(live: &Routing, session: &mut Session, origin: &str) -> Resul
     session.write_response_header(Box::new(h), true).await
 }
 
-#[async_trait]
-impl ProxyHttp for GatewayService {
-    type CTX = RequestCtx;
-
-    fn new_ctx(&self) -> Self::CTX {
-        RequestCtx::default()
-    }
-
-    /// None: Pingora adds a response-compression module by default, off, which every request
-    /// would still carry and call.
-    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
-
-    // Every path but the chat route's is boxed where it writes: this future (boxed by
-    // `async_trait`) is sized for its largest state and an open stream keeps it whole, so only
-    // the chat route's small outer future is awaited in place.
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+impl GatewayService {
+    /// Answers one request whose head has been read (every request is answered here: see
+    /// `conn`, which calls this for each request on a client connection, and the `ProxyHttp`
+    /// implementation below, whose `request_filter` is this).
+    //
+    // Every path but the chat route's is boxed where it writes: this future is sized for its
+    // largest state and an open stream keeps it whole, so only the chat route's small outer
+    // future is awaited in place.
+    pub async fn answer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         super::conn::head_done(session);
         // The conf this request runs under, to its end (a reload changes nothing for it).
         let live = self.gateway.routing();
@@ -301,6 +294,27 @@ impl ProxyHttp for GatewayService {
         }
         observe(&live, &path, ctx);
         Ok(true)
+    }
+}
+
+/// The gateway as a Pingora proxy application: `request_filter` answers every request, so
+/// Pingora's proxy loop never runs. The gateway's own listener does not go through this (its
+/// connection loop in `conn` calls [`GatewayService::answer`] directly, without the proxy
+/// layer's per-request state); it is here for any `HttpProxy` that mounts the service.
+#[async_trait]
+impl ProxyHttp for GatewayService {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx::default()
+    }
+
+    /// None: Pingora adds a response-compression module by default, off, which every request
+    /// would still carry and call.
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        self.answer(session, ctx).await
     }
 
     async fn upstream_peer(

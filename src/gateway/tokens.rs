@@ -66,8 +66,6 @@ pub static CONTENT: Key = Key::new(|| memchr::memmem::Finder::new(b"\"content\""
 pub static TEXT: Key = Key::new(|| memchr::memmem::Finder::new(b"\"text\""));
 pub static DELTA: Key = Key::new(|| memchr::memmem::Finder::new(b"\"delta\""));
 pub static MODEL: Key = Key::new(|| memchr::memmem::Finder::new(b"\"model\""));
-pub static USAGE: Key = Key::new(|| memchr::memmem::Finder::new(b"\"usage\""));
-pub static ERROR: Key = Key::new(|| memchr::memmem::Finder::new(b"\"error\""));
 
 /// Appends the string value of each `key` in some JSON text to `out`, as a JSON literal (a
 /// `null` or non-string value is skipped), joined by commas. Keys only: a quote inside a JSON

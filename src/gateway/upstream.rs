@@ -162,8 +162,8 @@ pub struct Answer {
     pub first_byte: Instant,
     /// A JSON answer, read and checked before anything reached the client.
     pub body: Option<Bytes>,
-    /// That answer, parsed (once) when it was checked.
-    pub json: Option<serde_json::Value>,
+    /// What checking it found (its usage, or the answer parsed for translating).
+    pub checked: Option<crate::gateway::dialect::Checked>,
 }
 
 /// Why one attempt failed before any answer.
@@ -341,7 +341,7 @@ pub async fn read_body(
     session: &mut HttpSession,
     idle: Duration,
     limit: usize,
-) -> Result<(Bytes, Option<serde_json::Value>), String> {
+) -> Result<Bytes, String> {
     use futures_util::FutureExt;
     session.set_read_timeout(Some(idle));
     let mut buf = bytes::BytesMut::new();
@@ -354,15 +354,15 @@ pub async fn read_body(
                 buf.extend_from_slice(&chunk);
                 if !session.response_done()
                     && buf.trim_ascii_end().ends_with(b"}")
-                    && let Ok(v) = serde_json::from_slice(&buf)
+                    && serde_json::from_slice::<serde::de::IgnoredAny>(&buf).is_ok()
                 {
                     // Whole. Its framing's end may be here already: then the connection can
                     // be reused.
                     let _ = session.read_response_body().now_or_never();
-                    return Ok((buf.freeze(), Some(v)));
+                    return Ok(buf.freeze());
                 }
             }
-            Ok(None) => return Ok((buf.freeze(), None)),
+            Ok(None) => return Ok(buf.freeze()),
             Err(e) => return Err(format!("the answer broke off ({})", e.etype().as_str())),
         }
     }
@@ -424,22 +424,18 @@ pub async fn send(
                     }
                 }
                 let mut body = None;
-                let mut json = None;
+                let mut checked = None;
                 if (200..300).contains(&status) && (!stream || !is_sse) {
                     // A JSON answer (or a stream that came back as JSON): read and check it now.
                     let problem = match read_body(&mut session, p.idle_timeout, json_limit).await {
-                        Ok((b, parsed)) => {
-                            let checked = match parsed {
-                                Some(v) => speaks.checked_answer_value(v),
-                                None => speaks.checked_answer(&b),
-                            };
-                            let problem = match checked {
+                        Ok(b) => {
+                            let problem = match speaks.check_answer(client, &b) {
                                 Err(problem) => Some(problem),
                                 Ok(_) if stream => {
                                     Some("answered JSON to a streaming request".into())
                                 }
-                                Ok(v) => {
-                                    json = Some(v);
+                                Ok(c) => {
+                                    checked = Some(c);
                                     None
                                 }
                             };
@@ -472,7 +468,7 @@ pub async fn send(
                     attempts,
                     first_byte: Instant::now(),
                     body,
-                    json,
+                    checked,
                 });
             }
             Err(e) => {

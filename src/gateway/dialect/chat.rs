@@ -9,9 +9,13 @@ use crate::gateway::tokens::Usage;
 use bytes::BytesMut;
 use serde_json::Value;
 
-/// Reads OpenAI's `usage` object, with its cached-input and reasoning details.
+/// Reads the `usage` object of an OpenAI answer or chunk.
 pub fn usage_of(v: &Value) -> Option<Usage> {
-    let u = v.get("usage")?;
+    usage_in(v.get("usage")?)
+}
+
+/// Reads OpenAI's `usage` object, with its cached-input and reasoning details.
+pub fn usage_in(u: &Value) -> Option<Usage> {
     Some(Usage {
         input_tokens: u.get("prompt_tokens")?.as_u64()?,
         output_tokens: u
@@ -28,8 +32,68 @@ pub fn usage_of(v: &Value) -> Option<Usage> {
     })
 }
 
-fn contains(hay: &[u8], key: &crate::gateway::tokens::Key) -> bool {
-    key.find(hay).is_some()
+/// What checking a whole chat completion (or embeddings answer) needs of it, read without a
+/// tree of the whole body: whether it carries an error, whether `choices` (`data`) is an
+/// array, and its usage.
+#[derive(serde::Deserialize)]
+pub struct AnswerView {
+    #[serde(default)]
+    pub error: Option<Value>,
+    #[serde(default)]
+    pub choices: IsArray,
+    #[serde(default)]
+    pub data: IsArray,
+    #[serde(default)]
+    pub usage: Option<Value>,
+}
+
+/// Whether a JSON value is an array; its contents are skipped.
+#[derive(Default)]
+pub struct IsArray(pub bool);
+
+impl<'de> serde::Deserialize<'de> for IsArray {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = bool;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<bool, A::Error> {
+                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(true)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<bool, A::Error> {
+                while m
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(false)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+                Ok(false)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+                Ok(false)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+                Ok(false)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+                Ok(false)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+                Ok(false)
+            }
+            fn visit_unit<E>(self) -> Result<bool, E> {
+                Ok(false)
+            }
+            fn visit_none<E>(self) -> Result<bool, E> {
+                Ok(false)
+            }
+        }
+        d.deserialize_any(Visit).map(IsArray)
+    }
 }
 
 /// An error object sent in a stream, as our error.
@@ -60,9 +124,27 @@ pub fn pass(
     if data == b"[DONE]" {
         return Ok((true, true));
     }
-    if contains(data, &crate::gateway::tokens::USAGE)
-        || contains(data, &crate::gateway::tokens::ERROR)
-    {
+    // One pass: is it JSON, does it have a top-level `usage` or `error`, where is its text.
+    let mut spans = super::Spans::default();
+    let found = super::scan::scan(data, &mut |key, start, end| {
+        if key == b"content" {
+            spans.push(start, end);
+        }
+    });
+    let found = match found {
+        Ok(f) => f,
+        Err(super::scan::Bad::Invalid) => return Err(Fault::Malformed),
+        // Nested deeper than the scan goes: judged by serde_json (which skips any depth).
+        Err(super::scan::Bad::Deep) => {
+            serde_json::from_slice::<serde::de::IgnoredAny>(data).map_err(|_| Fault::Malformed)?;
+            spans.full = true;
+            super::scan::Found {
+                usage: memchr::memmem::find(data, b"\"usage\"").is_some(),
+                error: memchr::memmem::find(data, b"\"error\"").is_some(),
+            }
+        }
+    };
+    if found.usage || found.error {
         let v: Value = serde_json::from_slice(data).map_err(|_| Fault::Malformed)?;
         if let Some(e) = v.get("error").filter(|e| e.is_object()) {
             return Err(Fault::Upstream(stream_error(e)));
@@ -75,10 +157,12 @@ pub fn pass(
                 .is_some_and(Vec::is_empty);
             return Ok((!only_usage || client_wants_usage, false));
         }
-    } else if serde_json::from_slice::<serde::de::IgnoredAny>(data).is_err() {
-        return Err(Fault::Malformed);
     }
-    tally.content(data, &crate::gateway::tokens::CONTENT);
+    if spans.full {
+        tally.content(data, &crate::gateway::tokens::CONTENT);
+    } else {
+        tally.content_spans(data, &spans);
+    }
     Ok((true, false))
 }
 
@@ -229,13 +313,44 @@ mod tests {
             "the partial event never reaches the client"
         );
         let bad = format!("{}data: {{not json\n\n{}", chunk("a"), chunk("b"));
+        assert_malformed_after(&bad, &chunk("a"));
+    }
+
+    /// Fed whole, `stream` is malformed after relaying `before`.
+    fn assert_malformed_after(stream: &str, before: &str) {
         let mut s = Stream::new(Dialect::Chat, Dialect::Chat, false, None);
         let mut out = BytesMut::new();
         assert_eq!(
-            s.feed(bad.as_bytes(), &mut out),
+            s.feed(stream.as_bytes(), &mut out),
             Err(super::Fault::Malformed)
         );
-        assert_eq!(&out[..], chunk("a").as_bytes());
+        assert_eq!(&out[..], before.as_bytes());
+    }
+
+    #[test]
+    fn an_event_nested_deeper_than_the_scan_goes_is_judged_as_before() {
+        // serde_json skips a value nested to any depth, but parses one into a tree only to
+        // 128 levels: a deep event is content, unless it names `usage` or `error` (then it
+        // must be parsed, and is malformed).
+        let deep = |extra: &str| {
+            format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"deep\"}}}}],\"x\":{}0{}{extra}}}\n\n",
+                "[".repeat(200),
+                "]".repeat(200)
+            )
+        };
+        let stream = format!("{}{}data: [DONE]\n\n", chunk("Hel"), deep(""));
+        let (out, s, ok) = relay(&stream, 0, false);
+        assert!(ok);
+        assert_eq!(out, stream);
+        assert_eq!(s.tally.events, 2);
+        assert_eq!(s.tally.counted_output_tokens(), count_tokens("Heldeep"));
+        let stream = format!(
+            "{}{}data: [DONE]\n\n",
+            chunk("Hel"),
+            deep(",\"usage\":null")
+        );
+        assert_malformed_after(&stream, &chunk("Hel"));
     }
 
     #[test]

@@ -19,6 +19,7 @@
 pub mod chat;
 pub mod messages;
 pub mod responses;
+pub mod scan;
 pub mod sse;
 
 use super::error::ApiError;
@@ -76,19 +77,41 @@ impl Dialect {
     }
 
     /// Whether a whole 2xx JSON answer from an upstream of this dialect is an answer (not an
-    /// error object or something else): checked before anything reaches the client.
+    /// error object or something else), for a client of `client`: checked before anything
+    /// reaches the client. An answer that goes to the client as it came (chat completions and
+    /// embeddings, the same on both sides) is read for its usage only, without building a tree
+    /// of the whole body; one to translate is parsed whole.
+    pub fn check_answer(self, client: Dialect, body: &[u8]) -> Result<Checked, String> {
+        if self == client && matches!(self, Dialect::Chat | Dialect::Embeddings) {
+            let view: chat::AnswerView =
+                serde_json::from_slice(body).map_err(|_| NOT_JSON.to_owned())?;
+            if let Some(e) = view.error.filter(|e| !e.is_null()) {
+                return Err(answered_error(&e));
+            }
+            let fine = match self {
+                Dialect::Chat => view.choices.0,
+                _ => view.data.0,
+            };
+            if !fine {
+                return Err(format!("answered 200 without {}", self.what()));
+            }
+            return Ok(Checked::Usage(view.usage.as_ref().and_then(chat::usage_in)));
+        }
+        self.checked_answer(body).map(Checked::Whole)
+    }
+
+    /// Whether a whole 2xx JSON answer from an upstream of this dialect is an answer, parsed.
     pub fn checked_answer(self, body: &[u8]) -> Result<Value, String> {
         match serde_json::from_slice(body) {
             Ok(v) => self.checked_answer_value(v),
-            Err(_) => Err("answered 200 with a body that is not JSON".into()),
+            Err(_) => Err(NOT_JSON.into()),
         }
     }
 
     /// [`Dialect::checked_answer`] for a body already parsed.
     pub fn checked_answer_value(self, v: Value) -> Result<Value, String> {
         if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
-            let m = e["message"].as_str().unwrap_or("no message");
-            return Err(format!("answered 200 with an error: {m}"));
+            return Err(answered_error(e));
         }
         let fine = match self {
             Dialect::Chat => v["choices"].is_array(),
@@ -122,6 +145,23 @@ impl Dialect {
     }
 }
 
+const NOT_JSON: &str = "answered 200 with a body that is not JSON";
+
+/// An error object in a 2xx answer, as the reason it is not used.
+fn answered_error(e: &Value) -> String {
+    let m = e["message"].as_str().unwrap_or("no message");
+    format!("answered 200 with an error: {m}")
+}
+
+/// What [`Dialect::check_answer`] found in a usable answer.
+#[derive(Debug)]
+pub enum Checked {
+    /// The answer parsed whole, to be translated.
+    Whole(Value),
+    /// The usage of an answer that goes to the client as it came.
+    Usage(Option<Usage>),
+}
+
 /// A whole JSON answer from an upstream of `upstream`, as the client of `client` gets it, and
 /// the usage it reports. `shown` replaces the answer's `model` (the tier's name, unless the
 /// tier shows its upstream's).
@@ -129,9 +169,19 @@ pub fn json_answer(
     client: Dialect,
     upstream: Dialect,
     body: Bytes,
-    v: Value,
+    checked: Checked,
     shown: Option<&str>,
 ) -> (Bytes, Option<Usage>) {
+    let v = match checked {
+        Checked::Usage(usage) => {
+            let body = match shown {
+                Some(name) => rename_model(&body, name).map_or(body, BytesMut::freeze),
+                None => body,
+            };
+            return (body, usage);
+        }
+        Checked::Whole(v) => v,
+    };
     if client == upstream {
         let usage = upstream.usage_of(&v);
         let body = match shown {
@@ -236,6 +286,26 @@ pub struct Tally {
     pub events: u64,
 }
 
+/// Where an event's `content` strings are (as [`scan::scan`] reports them), without an
+/// allocation for the usual one or two; `full` when there were more than it holds.
+#[derive(Default)]
+pub struct Spans {
+    at: [(usize, usize); 4],
+    n: usize,
+    pub full: bool,
+}
+
+impl Spans {
+    pub fn push(&mut self, start: usize, end: usize) {
+        if self.n == self.at.len() {
+            self.full = true;
+        } else {
+            self.at[self.n] = (start, end);
+            self.n += 1;
+        }
+    }
+}
+
 /// What had reached the client at one point of a stream (see [`Tally::mark`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Mark {
@@ -272,6 +342,23 @@ impl Tally {
         self.events += 1;
         if self.usage.is_none() {
             push_literals(json, key, &mut self.uncounted);
+        }
+    }
+
+    /// A content event whose `content` strings (insides, escapes unresolved) were found by
+    /// [`scan::scan`]: the text to count if no usage comes.
+    fn content_spans(&mut self, json: &[u8], spans: &Spans) {
+        self.events += 1;
+        if self.usage.is_some() {
+            return;
+        }
+        for &(start, end) in &spans.at[..spans.n] {
+            if !self.uncounted.is_empty() {
+                self.uncounted.push(b',');
+            }
+            self.uncounted.push(b'"');
+            self.uncounted.extend_from_slice(&json[start..end]);
+            self.uncounted.push(b'"');
         }
     }
 
