@@ -224,7 +224,9 @@ pub fn journal_settlement(
     s: &crate::store::Settlement,
 ) -> Option<super::journal::Ticket> {
     let j = journal?;
-    let entry = serde_json::to_vec(s).ok()?;
+    // A settlement's JSON is 500-700 bytes: written into room for it, not grown from 128.
+    let mut entry = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut entry, s).ok()?;
     match j.journal.append(&entry) {
         Ok(t) => Some(t),
         Err(e) => {

@@ -10,16 +10,41 @@ use pingora::proxy::Session;
 /// The headers a browser app may read from an answer (`[gateway.cors]`).
 const EXPOSED: &str = "x-request-id, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, x-ratelimit-reset-tokens, retry-after, retry-after-ms";
 
+/// Header names, parsed once (at compile time): names given to `ResponseHeader::insert_header`
+/// are parsed again on every call.
+mod name {
+    use http::HeaderName;
+    pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+    pub const REMAINING_REQUESTS: HeaderName =
+        HeaderName::from_static("x-ratelimit-remaining-requests");
+    pub const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+    pub const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+    pub const REMAINING_TOKENS: HeaderName =
+        HeaderName::from_static("x-ratelimit-remaining-tokens");
+    pub const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+    pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+    pub const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+}
+
 pub fn response_header(
     status: u16,
-    content_type: &str,
+    content_type: &'static str,
     ctx: &RequestCtx,
     len: Option<usize>,
 ) -> pingora::Result<Box<ResponseHeader>> {
+    use http::HeaderValue;
+    use http::header::{
+        ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, CONTENT_LENGTH, CONTENT_TYPE,
+        RETRY_AFTER, TRANSFER_ENCODING, VARY,
+    };
+    let invalid =
+        |_| pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "invalid value");
     // Room for exactly the headers below and the two Pingora adds (`date`, `connection`): the
     // header stays in memory as long as the answer (minutes for a stream), and a map that grows
-    // keeps twice the room. Names go out in lower case (`build_no_case`), which HTTP allows;
-    // keeping their case would take a second map of the same size.
+    // keeps twice the room. Names go out in lower case, which HTTP allows; keeping their case
+    // would take a second map of the same size. The map is filled directly (names parsed once,
+    // numbers written without a string in between) and handed to Pingora without a case map.
     let retry = ctx.upstream_retry();
     let headers = 4
         + if ctx.rate_headers.is_some() { 6 } else { 0 }
@@ -29,58 +54,80 @@ pub fn response_header(
         })
         + if ctx.cors_origin().is_some() { 3 } else { 0 }
         + if len.is_some() { 1 } else { 2 };
-    let mut h = ResponseHeader::build_no_case(status, Some(headers))?;
-    h.insert_header("content-type", content_type)?;
-    h.insert_header("x-request-id", &ctx.request_id)?;
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = http::StatusCode::from_u16(status).map_err(|_| {
+        pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "invalid status")
+    })?;
+    let h = &mut parts.headers;
+    h.reserve(headers);
+    h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        name::REQUEST_ID,
+        HeaderValue::from_str(&ctx.request_id).map_err(invalid)?,
+    );
     if let Some(r) = &ctx.rate_headers {
         use super::limits::reset_text;
-        h.insert_header("x-ratelimit-limit-requests", r.limit_requests.to_string())?;
-        h.insert_header(
-            "x-ratelimit-remaining-requests",
-            r.remaining_requests.to_string(),
-        )?;
-        h.insert_header(
-            "x-ratelimit-reset-requests",
-            reset_text(r.reset_requests_ms),
-        )?;
-        h.insert_header("x-ratelimit-limit-tokens", r.limit_tokens.to_string())?;
-        h.insert_header(
-            "x-ratelimit-remaining-tokens",
-            r.remaining_tokens.to_string(),
-        )?;
-        h.insert_header("x-ratelimit-reset-tokens", reset_text(r.reset_tokens_ms))?;
+        h.insert(name::LIMIT_REQUESTS, HeaderValue::from(r.limit_requests));
+        h.insert(
+            name::REMAINING_REQUESTS,
+            HeaderValue::from(r.remaining_requests),
+        );
+        h.insert(
+            name::RESET_REQUESTS,
+            HeaderValue::try_from(reset_text(r.reset_requests_ms)).map_err(invalid)?,
+        );
+        h.insert(name::LIMIT_TOKENS, HeaderValue::from(r.limit_tokens));
+        h.insert(
+            name::REMAINING_TOKENS,
+            HeaderValue::from(r.remaining_tokens),
+        );
+        h.insert(
+            name::RESET_TOKENS,
+            HeaderValue::try_from(reset_text(r.reset_tokens_ms)).map_err(invalid)?,
+        );
     }
     if let Some(ms) = ctx.retry_after_ms() {
         // Both: the OpenAI SDKs wait `retry-after-ms` exactly when it is there, other clients
         // read whole seconds (rounded up, so a client that waits them is admitted).
-        h.insert_header("retry-after", ms.div_ceil(1000).max(1).to_string())?;
-        h.insert_header("retry-after-ms", ms.to_string())?;
+        h.insert(RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000).max(1)));
+        h.insert(name::RETRY_AFTER_MS, HeaderValue::from(ms));
     }
     if let Some(r) = retry {
         if let Some(s) = &r.seconds {
-            h.insert_header("retry-after", s.as_str())?;
+            h.insert(RETRY_AFTER, HeaderValue::from_str(s).map_err(invalid)?);
         }
         if let Some(ms) = &r.ms {
-            h.insert_header("retry-after-ms", ms.as_str())?;
+            h.insert(
+                name::RETRY_AFTER_MS,
+                HeaderValue::from_str(ms).map_err(invalid)?,
+            );
         }
     }
     if let Some(origin) = ctx.cors_origin() {
-        h.insert_header("access-control-allow-origin", origin.to_owned())?;
-        h.insert_header("vary", "origin")?;
-        h.insert_header("access-control-expose-headers", EXPOSED)?;
+        h.insert(
+            ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_str(origin).map_err(invalid)?,
+        );
+        h.insert(VARY, HeaderValue::from_static("origin"));
+        h.insert(
+            ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(EXPOSED),
+        );
     }
     match len {
-        Some(n) => h.insert_header("content-length", n.to_string())?,
+        Some(n) => {
+            h.insert(CONTENT_LENGTH, HeaderValue::from(n));
+        }
         None => {
             // Chunked framing keeps the connection reusable; without it the body would end only
             // when the connection closes.
-            h.insert_header("transfer-encoding", "chunked")?;
+            h.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
             // For a reverse proxy in front (nginx), which would otherwise buffer the stream.
             // (No `cache-control`: an answer to a POST is not cached without one.)
-            h.insert_header("x-accel-buffering", "no")?;
+            h.insert(name::X_ACCEL_BUFFERING, HeaderValue::from_static("no"));
         }
     }
-    Ok(Box::new(h))
+    Ok(Box::new(ResponseHeader::from(parts)))
 }
 
 /// Writes an error response (before anything else was written), in the client's dialect.
