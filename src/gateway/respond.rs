@@ -66,25 +66,31 @@ pub fn response_header(
         HeaderValue::from_str(&ctx.request_id).map_err(invalid)?,
     );
     if let Some(r) = &ctx.rate_headers {
-        use super::limits::reset_text;
-        h.insert(name::LIMIT_REQUESTS, HeaderValue::from(r.limit_requests));
-        h.insert(
-            name::REMAINING_REQUESTS,
-            HeaderValue::from(r.remaining_requests),
-        );
-        h.insert(
-            name::RESET_REQUESTS,
-            HeaderValue::try_from(reset_text(r.reset_requests_ms)).map_err(invalid)?,
-        );
-        h.insert(name::LIMIT_TOKENS, HeaderValue::from(r.limit_tokens));
-        h.insert(
-            name::REMAINING_TOKENS,
-            HeaderValue::from(r.remaining_tokens),
-        );
-        h.insert(
-            name::RESET_TOKENS,
-            HeaderValue::try_from(reset_text(r.reset_tokens_ms)).map_err(invalid)?,
-        );
+        // Limit, remaining and reset, for requests and for tokens.
+        let windows = [
+            (
+                [
+                    name::LIMIT_REQUESTS,
+                    name::REMAINING_REQUESTS,
+                    name::RESET_REQUESTS,
+                ],
+                [r.limit_requests, r.remaining_requests, r.reset_requests_ms],
+            ),
+            (
+                [
+                    name::LIMIT_TOKENS,
+                    name::REMAINING_TOKENS,
+                    name::RESET_TOKENS,
+                ],
+                [r.limit_tokens, r.remaining_tokens, r.reset_tokens_ms],
+            ),
+        ];
+        for ([limit, remaining, reset], [l, left, reset_ms]) in windows {
+            h.insert(limit, HeaderValue::from(l));
+            h.insert(remaining, HeaderValue::from(left));
+            let text = super::limits::reset_text(reset_ms);
+            h.insert(reset, HeaderValue::try_from(text).map_err(invalid)?);
+        }
     }
     if let Some(ms) = ctx.retry_after_ms() {
         // Both: the OpenAI SDKs wait `retry-after-ms` exactly when it is there, other clients
