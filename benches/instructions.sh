@@ -45,19 +45,20 @@ start_counted() {
   pids+=($COUNTED_PID)
 }
 
-# count PID URL SCRIPT → "requests instructions_per_request" (and the profile file in $work/last.cg)
+# count PID URL SCRIPT: sets COUNTED to "requests instructions_per_request" (and leaves the
+# profile in $work/last.cg). Run in this shell, not a subshell, so a failure stops the script.
 count() {
   local pid=$1 url=$2 script=$3 reqs
   # Warm-up, not counted (caches filled, connections pooled, the tokenizer loaded).
   taskset -c 0 wrk -t1 -c4 -d3s -s "$script" "$url" >/dev/null
-  callgrind_control -z "$pid" >/dev/null
-  callgrind_control -i on "$pid" >/dev/null
+  callgrind_control -z "$pid" >/dev/null 2>&1
+  callgrind_control -i on "$pid" >/dev/null 2>&1
   taskset -c 0 wrk -t1 -c4 -d"$DURATION" -s "$script" "$url" >"$work/wrk.out"
   # The settlements of the last requests reach the store in the writer's next batch (20 ms).
   sleep 2
-  callgrind_control -i off "$pid" >/dev/null
+  callgrind_control -i off "$pid" >/dev/null 2>&1
   rm -f "$CG_DIR"/out*
-  callgrind_control -d "$pid" >/dev/null
+  callgrind_control -d "$pid" >/dev/null 2>&1
   reqs=$(sed -n 's/^ *\([0-9]*\) requests in.*/\1/p' "$work/wrk.out")
   if grep -q 'Non-2xx' "$work/wrk.out"; then
     echo "failed responses:" >&2
@@ -68,7 +69,7 @@ count() {
   cat "$CG_DIR"/out* >"$work/last.cg"
   local ir
   ir=$(awk '/^totals:/ {s += $2} END {print s}' "$CG_DIR"/out*)
-  python3 -c "print($reqs, round($ir / $reqs))"
+  COUNTED=$(python3 -c "print($reqs, round($ir / $reqs))")
 }
 
 declare -A R
@@ -77,8 +78,8 @@ for mode in $MODES; do
   port=$(free_port)
   start_counted passthrough "$bin/duang-bench-passthrough" "127.0.0.1:$port" "127.0.0.1:$MOCK_PORT" 1
   wait_port "$port"
-  read -r n ir < <(count "$COUNTED_PID" "http://127.0.0.1:$port/v1/chat/completions" "$work/$mode.lua")
-  R[$mode.passthrough]="$n $ir"
+  count "$COUNTED_PID" "http://127.0.0.1:$port/v1/chat/completions" "$work/$mode.lua"
+  R[$mode.passthrough]=$COUNTED
   kill "$COUNTED_PID"; wait "$COUNTED_PID" 2>/dev/null || true
 
   # The gateway, on a fresh store.
@@ -91,10 +92,10 @@ for mode in $MODES; do
     curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break
     sleep 0.1
   done
-  read -r n ir < <(count "$COUNTED_PID" "http://127.0.0.1:$port/v1/chat/completions" "$work/$mode.lua")
-  R[$mode.gateway]="$n $ir"
+  count "$COUNTED_PID" "http://127.0.0.1:$port/v1/chat/completions" "$work/$mode.lua"
+  R[$mode.gateway]=$COUNTED
   if [ "$TOP" -gt 0 ]; then
-    echo "== $mode: the gateway's $TOP costliest functions (self, whole run of $n requests)"
+    echo "== $mode: the gateway's $TOP costliest functions (self, whole run of ${COUNTED%% *} requests)"
     callgrind_annotate --inclusive=no "$work/last.cg" 2>/dev/null | sed -n '/^Ir/,$p' | sed -n "1,$((TOP + 8))p"
   fi
   # KEEP=DIR keeps each gateway profile, for callgrind_annotate or kcachegrind.

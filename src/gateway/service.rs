@@ -183,7 +183,7 @@ impl GatewayService {
     // Every path but the chat route's is boxed where it writes: this future is sized for its
     // largest state and an open stream keeps it whole, so only the chat route's small outer
     // future is awaited in place.
-    pub async fn answer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    pub async fn answer(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         super::conn::head_done(session);
         // The conf this request runs under, to its end (a reload changes nothing for it).
         let live = self.gateway.routing();
@@ -197,7 +197,7 @@ impl GatewayService {
             let refusing = Box::pin(refuse_by_head(session, ctx, e));
             refusing.await?;
             observe(&live, &path, ctx);
-            return Ok(true);
+            return Ok(());
         }
         if !self.gateway.ready.is_set() && path != "/healthz" && path != "/readyz" {
             // Starting: wait for the store and the caches rather than refuse (boxed, in a block:
@@ -213,7 +213,7 @@ impl GatewayService {
                 let writing = Box::pin(write_error(session, ctx, &ApiError::StoreUnavailable));
                 writing.await?;
                 observe(&live, &path, ctx);
-                return Ok(true);
+                return Ok(());
             }
         }
         if !live.conf.gateway.cors.allowed_origins.is_empty()
@@ -293,7 +293,7 @@ impl GatewayService {
             writing.await?;
         }
         observe(&live, &path, ctx);
-        Ok(true)
+        Ok(())
     }
 }
 
@@ -314,7 +314,7 @@ impl ProxyHttp for GatewayService {
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        self.answer(session, ctx).await
+        self.answer(session, ctx).await.map(|()| true)
     }
 
     async fn upstream_peer(

@@ -32,70 +32,6 @@ pub fn usage_in(u: &Value) -> Option<Usage> {
     })
 }
 
-/// What checking a whole chat completion (or embeddings answer) needs of it, read without a
-/// tree of the whole body: whether it carries an error, whether `choices` (`data`) is an
-/// array, and its usage.
-#[derive(serde::Deserialize)]
-pub struct AnswerView {
-    #[serde(default)]
-    pub error: Option<Value>,
-    #[serde(default)]
-    pub choices: IsArray,
-    #[serde(default)]
-    pub data: IsArray,
-    #[serde(default)]
-    pub usage: Option<Value>,
-}
-
-/// Whether a JSON value is an array; its contents are skipped.
-#[derive(Default)]
-pub struct IsArray(pub bool);
-
-impl<'de> serde::Deserialize<'de> for IsArray {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = bool;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<bool, A::Error> {
-                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(true)
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<bool, A::Error> {
-                while m
-                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                    .is_some()
-                {}
-                Ok(false)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
-                Ok(false)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
-                Ok(false)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
-                Ok(false)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
-                Ok(false)
-            }
-            fn visit_str<E>(self, _: &str) -> Result<bool, E> {
-                Ok(false)
-            }
-            fn visit_unit<E>(self) -> Result<bool, E> {
-                Ok(false)
-            }
-            fn visit_none<E>(self) -> Result<bool, E> {
-                Ok(false)
-            }
-        }
-        d.deserialize_any(Visit).map(IsArray)
-    }
-}
-
 /// An error object sent in a stream, as our error.
 pub fn stream_error(e: &Value) -> ApiError {
     ApiError::Upstream {
@@ -131,20 +67,19 @@ pub fn pass(
             spans.push(start, end);
         }
     });
-    let found = match found {
-        Ok(f) => f,
+    // Parsed into a tree only when it may carry usage or an error.
+    let tree = match found {
+        Ok(f) => f.usage.is_some() || f.error.is_some(),
         Err(super::scan::Bad::Invalid) => return Err(Fault::Malformed),
         // Nested deeper than the scan goes: judged by serde_json (which skips any depth).
         Err(super::scan::Bad::Deep) => {
             serde_json::from_slice::<serde::de::IgnoredAny>(data).map_err(|_| Fault::Malformed)?;
             spans.full = true;
-            super::scan::Found {
-                usage: memchr::memmem::find(data, b"\"usage\"").is_some(),
-                error: memchr::memmem::find(data, b"\"error\"").is_some(),
-            }
+            memchr::memmem::find(data, b"\"usage\"").is_some()
+                || memchr::memmem::find(data, b"\"error\"").is_some()
         }
     };
-    if found.usage || found.error {
+    if tree {
         let v: Value = serde_json::from_slice(data).map_err(|_| Fault::Malformed)?;
         if let Some(e) = v.get("error").filter(|e| e.is_object()) {
             return Err(Fault::Upstream(stream_error(e)));

@@ -83,19 +83,29 @@ impl Dialect {
     /// of the whole body; one to translate is parsed whole.
     pub fn check_answer(self, client: Dialect, body: &[u8]) -> Result<Checked, String> {
         if self == client && matches!(self, Dialect::Chat | Dialect::Embeddings) {
-            let view: chat::AnswerView =
-                serde_json::from_slice(body).map_err(|_| NOT_JSON.to_owned())?;
-            if let Some(e) = view.error.filter(|e| !e.is_null()) {
+            let found = match scan::scan(body, &mut |_, _, _| {}) {
+                Ok(found) => found,
+                Err(scan::Bad::Invalid) => return Err(NOT_JSON.into()),
+                // Deeper than the scan goes: parsed whole.
+                Err(scan::Bad::Deep) => return self.checked_answer(body).map(Checked::Whole),
+            };
+            // A part the scan found is JSON already: parsing it alone cannot fail.
+            let part = |at: Option<scan::Span>| {
+                at.and_then(|(start, end)| serde_json::from_slice::<Value>(&body[start..end]).ok())
+            };
+            if let Some(e) = part(found.error).filter(|e| !e.is_null()) {
                 return Err(answered_error(&e));
             }
-            let fine = match self {
-                Dialect::Chat => view.choices.0,
-                _ => view.data.0,
+            let list = match self {
+                Dialect::Chat => found.choices,
+                _ => found.data,
             };
-            if !fine {
+            if list.is_none_or(|(start, _)| body[start] != b'[') {
                 return Err(format!("answered 200 without {}", self.what()));
             }
-            return Ok(Checked::Usage(view.usage.as_ref().and_then(chat::usage_in)));
+            return Ok(Checked::Usage(
+                part(found.usage).as_ref().and_then(chat::usage_in),
+            ));
         }
         self.checked_answer(body).map(Checked::Whole)
     }
@@ -658,6 +668,74 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_answer_passed_as_it_came_is_checked_and_its_usage_read_without_a_tree() {
+        let check = |d: Dialect, body: &str| d.check_answer(d, body.as_bytes());
+        let usage = |body: &str| match check(Dialect::Chat, body) {
+            Ok(Checked::Usage(u)) => u,
+            other => panic!("{body}: {other:?}"),
+        };
+        assert_eq!(
+            usage(
+                r#"{"id":"c","choices":[{"message":{"content":"hi"}}],"error":null,
+                    "usage":{"prompt_tokens":7,"completion_tokens":3,
+                             "prompt_tokens_details":{"cached_tokens":2}}}"#
+            ),
+            Some(Usage {
+                input_tokens: 7,
+                output_tokens: 3,
+                cached_input_tokens: 2,
+                ..Usage::default()
+            })
+        );
+        assert_eq!(usage(r#"{"choices":[]}"#), None);
+        // A key written twice counts as its last, as a parser reads it.
+        assert_eq!(
+            usage(r#"{"choices":[],"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":5}}"#)
+                .map(|u| u.input_tokens),
+            Some(5)
+        );
+        let refused = |d: Dialect, body: &str| check(d, body).expect_err(body);
+        assert_eq!(
+            refused(
+                Dialect::Chat,
+                r#"{"error":{"message":"overloaded"},"choices":[]}"#
+            ),
+            "answered 200 with an error: overloaded"
+        );
+        assert_eq!(
+            refused(Dialect::Chat, r#"{"choices":{}}"#),
+            "answered 200 without choices"
+        );
+        assert_eq!(
+            refused(Dialect::Chat, r#"{"data":[]}"#),
+            "answered 200 without choices"
+        );
+        assert_eq!(
+            refused(Dialect::Chat, r#"{"choices":[]"#),
+            "answered 200 with a body that is not JSON"
+        );
+        assert!(matches!(
+            check(
+                Dialect::Embeddings,
+                r#"{"data":[{"embedding":[0.1]}],"usage":{"prompt_tokens":4}}"#
+            ),
+            Ok(Checked::Usage(Some(Usage {
+                input_tokens: 4,
+                ..
+            })))
+        ));
+        assert_eq!(
+            refused(Dialect::Embeddings, r#"{"choices":[]}"#),
+            "answered 200 without data"
+        );
+        // Translated answers are parsed whole.
+        assert!(matches!(
+            Dialect::Chat.check_answer(Dialect::Messages, br#"{"choices":[]}"#),
+            Ok(Checked::Whole(_))
+        ));
     }
 
     #[test]

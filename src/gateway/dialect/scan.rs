@@ -1,8 +1,9 @@
-//! One pass over an event's JSON: whether it is JSON at all (exactly what
+//! One pass over an event's (or a whole answer's) JSON: whether it is JSON at all (exactly what
 //! `serde_json::from_slice::<IgnoredAny>` accepts, which is what "malformed" meant before this
-//! pass existed), which keys it has at its top level, and where the string values of the keys a
-//! relay reads are. A stream's events were each read three or four times (a JSON check, a search
-//! for `"usage"`, one for `"error"`, one for `"content"`); this reads them once.
+//! pass existed), where the values of the top-level keys a relay reads are, and where the string
+//! values of any key are. A stream's events were each read three or four times (a JSON check, a
+//! search for `"usage"`, one for `"error"`, one for `"content"`); this reads them once. A whole
+//! answer passed as it came is checked the same way, and only its `usage` and `error` parsed.
 //!
 //! What serde_json accepts, and so this: whitespace is space, tab, line feed and carriage
 //! return; numbers are `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`; strings refuse
@@ -24,13 +25,17 @@ pub enum Bad {
     Deep,
 }
 
-/// What [`scan`] found in a valid JSON text.
+/// Where a value is in the text: `json[start..end]`, as written.
+pub type Span = (usize, usize);
+
+/// What [`scan`] found in a valid JSON text: where the values of the top-level keys a relay
+/// reads are (the last, where a key is written twice, as a parser keeps the last).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Found {
-    /// The top-level object has a `usage` key.
-    pub usage: bool,
-    /// The top-level object has an `error` key.
-    pub error: bool,
+    pub usage: Option<Span>,
+    pub error: Option<Span>,
+    pub choices: Option<Span>,
+    pub data: Option<Span>,
 }
 
 /// Checks that `json` is one JSON value and reports each object key whose value is a string to
@@ -273,19 +278,23 @@ impl Scanner<'_, '_> {
             }
             self.i += 1;
             self.ws();
-            if top {
-                match &self.b[ks..ke] {
-                    b"usage" => self.found.usage = true,
-                    b"error" => self.found.error = true,
-                    _ => {}
-                }
-            }
+            let start = self.i;
             if self.peek()? == b'"' {
                 self.i += 1;
                 let (vs, ve) = self.string()?;
                 (self.on_string)(&self.b[ks..ke], vs, ve);
             } else {
                 self.value(false)?;
+            }
+            if top {
+                let at = Some((start, self.i));
+                match &self.b[ks..ke] {
+                    b"usage" => self.found.usage = at,
+                    b"error" => self.found.error = at,
+                    b"choices" => self.found.choices = at,
+                    b"data" => self.found.data = at,
+                    _ => {}
+                }
             }
             if self.after_item(b'}')? {
                 return Some(());
@@ -429,11 +438,17 @@ mod tests {
                 String::from_utf8_lossy(&json[s..e]).into_owned(),
             ))
         });
+        let at = |part: &str| {
+            let start = memchr::memmem::find(json, part.as_bytes()).expect("in the text");
+            Some((start, start + part.len()))
+        };
         assert_eq!(
             found,
             Ok(Found {
-                usage: true,
-                error: false
+                usage: at("null"),
+                error: None,
+                choices: at(r#"[{"delta":{"content":"a\"b"}}]"#),
+                data: None,
             })
         );
         assert_eq!(
